@@ -1,0 +1,140 @@
+//! [`FileDevice`]: a regular file or a host block device served through positioned reads and
+//! writes; flush is `fdatasync`, trim punches holes, write-zeroes uses `fallocate`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::device::{BlockDevice, Capabilities};
+
+/// A device backed by a file. Its size is the file's, rounded down to whole blocks.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    blocks: u64,
+    block_size: u32,
+    read_only: bool,
+}
+
+impl FileDevice {
+    /// Opens an existing file (or block device) read-write.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<FileDevice> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        FileDevice::from_file(file, 512, false)
+    }
+
+    /// Opens an existing file read-only; the device is advertised read-only.
+    pub fn open_read_only(path: impl AsRef<Path>) -> io::Result<FileDevice> {
+        let file = File::open(path)?;
+        FileDevice::from_file(file, 512, true)
+    }
+
+    /// Creates (or truncates) a sparse file of `size` bytes and opens it read-write.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> io::Result<FileDevice> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(size)?;
+        FileDevice::from_file(file, 512, false)
+    }
+
+    /// Serves an open file with the given block size.
+    pub fn from_file(mut file: File, block_size: u32, read_only: bool) -> io::Result<FileDevice> {
+        // Seeking to the end gives the size of block devices too, whose metadata length is 0.
+        let size = file.seek(SeekFrom::End(0))?;
+        let blocks = size / u64::from(block_size.max(1));
+        Ok(FileDevice {
+            file,
+            blocks,
+            block_size,
+            read_only,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn zero_by_writing(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate_or_write(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(22));
+        };
+        match fallocate(&self.file, mode, off, l) {
+            Ok(()) => Ok(()),
+            // The file system cannot do it: zeroes written are equally correct.
+            Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => {
+                self.zero_by_writing(offset, len)
+            }
+            Err(e) => Err(io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: self.read_only,
+            flush: true,
+            fua: false,
+            trim: true,
+            trim_zeroes: true,
+            write_zeroes: true,
+            rotational: false,
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate_or_write(
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        let mode = if may_trim {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        self.fallocate_or_write(mode, offset, len)
+    }
+}
