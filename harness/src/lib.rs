@@ -1,2 +1,7 @@
-//! userblk-harness: scripted request streams, a conformance suite, traces and a crash checker
-//! for [`userblk`] block devices.
+//! userblk-harness: what a driver author runs against their [`userblk::BlockDevice`] to know it
+//! is right: scripted request streams, a conformance suite, real-kernel traces and a
+//! crash-consistency checker, through the loopback fake kernel or a real `/dev/nbdN`.
+
+pub mod cli;
+pub mod spec;
+pub mod target;

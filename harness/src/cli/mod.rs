@@ -1,0 +1,6 @@
+//! The `userblk` command line: one module per subcommand, wired together in `src/main.rs`.
+
+pub mod check;
+pub mod record;
+pub mod replay;
+pub mod serve;

@@ -1,0 +1,35 @@
+//! `userblk`: serve a built-in device on /dev/nbdN, or check, replay and record block devices.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use userblk_harness::cli;
+
+/// User-space block devices through the Linux NBD driver, and a test harness for them.
+#[derive(Debug, Parser)]
+#[command(name = "userblk", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve a built-in device (ram:SIZE, file:PATH) on a real /dev/nbdN (needs root and the nbd module).
+    Serve(cli::serve::Args),
+    /// Run the conformance suite, random tests and shipped traces against a device, and report.
+    Check(cli::check::Args),
+    /// Replay a recorded trace against a device and check every read.
+    Replay(cli::replay::Args),
+    /// Serve a device on /dev/nbdN and record every request it receives into a trace file.
+    Record(cli::record::Args),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Serve(a) => cli::serve::run(a),
+        Cmd::Check(a) => cli::check::run(a),
+        Cmd::Replay(a) => cli::replay::run(a),
+        Cmd::Record(a) => cli::record::run(a),
+    }
+}

@@ -1,0 +1,137 @@
+//! [`Target`]: something block operations run against, the same way whoever is on the other end.
+//! [`Rig`] attaches a device and hands back a target: [`LoopbackRig`] through the fake kernel in
+//! `cargo test`; the real-kernel rig through `/dev/nbdN` in the VM. Conformance cases, scripts'
+//! block steps and trace replays are written against these two traits only, so one case list
+//! runs in both places.
+
+use std::fmt;
+
+use userblk::proto::TransmissionFlags;
+use userblk::{BlockDevice, LoopbackError, LoopbackKernel, LoopbackOptions};
+
+/// A failed block operation as the caller saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpError {
+    /// The errno seen, if any (through the real kernel, device errors arrive as EIO).
+    pub errno: Option<i32>,
+    /// What happened, for reports.
+    pub message: String,
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.errno {
+            Some(e) => write!(f, "errno {e}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for OpError {}
+
+impl From<LoopbackError> for OpError {
+    fn from(e: LoopbackError) -> OpError {
+        OpError {
+            errno: e.errno(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Block operations on a served device.
+pub trait Target {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Logical block size.
+    fn block_size(&self) -> u32;
+    /// The transmission flags the server advertised.
+    fn flags(&self) -> TransmissionFlags;
+    /// Whether device errors arrive with their own errno (loopback) or as EIO (real kernel).
+    fn sees_device_errno(&self) -> bool;
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, OpError>;
+    /// Writes `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), OpError>;
+    /// Writes with FUA.
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), OpError>;
+    /// Flushes.
+    fn flush(&self) -> Result<(), OpError>;
+    /// Discards a range.
+    fn trim(&self, offset: u64, len: u64) -> Result<(), OpError>;
+    /// Zeroes a range (`no_hole`: keep it allocated).
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), OpError>;
+}
+
+/// A target whose device is being served; [`detach`](Attached::detach) disconnects and reports
+/// how serving ended.
+pub trait Attached: Target {
+    /// Disconnects (DISC), waits for the server to stop, and returns its result.
+    fn detach(self: Box<Self>) -> Result<(), OpError>;
+}
+
+/// Serves devices and hands back targets.
+pub trait Rig {
+    /// A short name for reports, e.g. `loopback` or `/dev/nbd0`.
+    fn name(&self) -> String;
+    /// Serves `device` and returns the target driving it.
+    fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError>;
+}
+
+/// Attaches devices to a [`LoopbackKernel`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopbackRig {
+    /// The fake kernel's options.
+    pub options: LoopbackOptions,
+}
+
+impl Rig for LoopbackRig {
+    fn name(&self) -> String {
+        "loopback".into()
+    }
+
+    fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError> {
+        Ok(Box::new(LoopbackKernel::with_options(
+            device,
+            self.options,
+        )?))
+    }
+}
+
+impl Target for LoopbackKernel {
+    fn size(&self) -> u64 {
+        self.export().size
+    }
+    fn block_size(&self) -> u32 {
+        self.export().block_size
+    }
+    fn flags(&self) -> TransmissionFlags {
+        self.export().flags
+    }
+    fn sees_device_errno(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, OpError> {
+        Ok(LoopbackKernel::read(self, offset, len)?)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), OpError> {
+        Ok(LoopbackKernel::write(self, offset, data)?)
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), OpError> {
+        Ok(LoopbackKernel::write_fua(self, offset, data)?)
+    }
+    fn flush(&self) -> Result<(), OpError> {
+        Ok(LoopbackKernel::flush(self)?)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), OpError> {
+        Ok(LoopbackKernel::trim(self, offset, len)?)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), OpError> {
+        Ok(LoopbackKernel::write_zeroes(self, offset, len, no_hole)?)
+    }
+}
+
+impl Attached for LoopbackKernel {
+    fn detach(self: Box<Self>) -> Result<(), OpError> {
+        Ok(self.shutdown()?)
+    }
+}
