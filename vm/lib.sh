@@ -83,15 +83,15 @@ vm_ready() {
     fi
 }
 
-# Print the accelerator flags for KIMG: --disable-kvm unless VM_KVM=1 and a
-# probe boot with KVM works (cached per kernel for this shell).
+# Set VM__ACCEL to the accelerator flags for KIMG: --disable-kvm unless
+# VM_KVM=1 and a probe boot with KVM works (cached per kernel in this shell).
+# Here KVM fails fast: qemu asserts in kvm_buf_set_msrs (failed to set MSR 0x10a).
 declare -gA VM__KVM_OK=()
+VM__ACCEL=()
 vm__accel() {
     local kimg=$1 vng=$2
-    if [[ "${VM_KVM:-0}" != 1 ]]; then
-        echo --disable-kvm
-        return
-    fi
+    VM__ACCEL=(--disable-kvm)
+    [[ "${VM_KVM:-0}" == 1 ]] || return 0
     if [[ -z "${VM__KVM_OK[$kimg]:-}" ]]; then
         VM__KVM_OK[$kimg]=0
         if [[ -r /dev/kvm && -w /dev/kvm ]] &&
@@ -103,7 +103,9 @@ vm__accel() {
             vm__err "KVM requested but does not boot $kimg; using TCG"
         fi
     fi
-    (( VM__KVM_OK[$kimg] )) || echo --disable-kvm
+    if (( VM__KVM_OK[$kimg] )); then
+        VM__ACCEL=()
+    fi
 }
 
 # stdin: the VM's stderr (console + CMD's stderr). Append it all to $1; pass
@@ -132,7 +134,9 @@ vm_boot() {
         return 2
     fi
     kver=${kimg##*/vmlinuz-}
-    [[ -d "/lib/modules/$kver" ]] || vm__err "warning: no /lib/modules/$kver: modprobe will fail in the guest"
+    if [[ "$kver" == "$kimg" || ! -d "/lib/modules/$kver" ]]; then
+        vm__err "warning: no /lib/modules for $kimg: modprobe will fail in the guest"
+    fi
     if ! vng=$(vm_vng); then
         vm__err "vng not found; run: sudo vm/setup.sh"
         return 2
@@ -165,9 +169,9 @@ vm_boot() {
     } >"$state/guest.sh"
 
     local -a cmd
-    # shellcheck disable=SC2207 # vm__accel prints at most one word
+    vm__accel "$kimg" "$vng"
     cmd=(timeout --kill-after=20 "$timeout_s" "$vng" --verbose --run "$kimg"
-        $(vm__accel "$kimg" "$vng") --force-9p --memory "${VM_MEMORY:-2G}"
+        "${VM__ACCEL[@]}" --force-9p --memory "${VM_MEMORY:-2G}"
         --cpus "${VM_CPUS:-2}" --rwdir "$rwdir"
         --exec "/bin/bash $(printf %q "$state/guest.sh")")
     printf '# %s\n' "${cmd[*]}" >>"$log"

@@ -4,10 +4,11 @@
 # Installs on a Debian bookworm machine:
 #   - apt (bookworm): busybox-static kmod fio e2fsprogs nbdkit nbd-client
 #     util-linux python3-venv linux-image-amd64 (the 6.1 kernel)
-#   - apt (bookworm-backports, added here): qemu-system-x86 and the 6.12 kernel
-#     linux-image-6.12.*+deb12-amd64-unsigned
-#   - virtme-ng (PyPI, pinned) in a venv at $USERBLK_VM_PREFIX/venv, with a
-#     symlink /usr/local/bin/vng
+#   - the 6.12 kernel: the newest linux-image-6.12.*+deb12-amd64-unsigned
+#     (bookworm-security carries linux-6.12 as ~deb12uN; else backports ~bpo12)
+#   - apt (bookworm-backports, added here): qemu-system-x86
+#   - virtme-ng (PyPI, pinned) in a venv at $USERBLK_VM_PREFIX/venv, and a
+#     wrapper /usr/local/bin/vng that runs it
 #
 # A second run checks everything and exits without touching apt or pip.
 #
@@ -35,6 +36,7 @@ APT_PACKAGES=(busybox-static kmod fio e2fsprogs nbdkit nbd-client util-linux
 # the machine's qemu-utils is the backports one, which Breaks bookworm's
 # qemu-system-common.
 BPO_PACKAGES=(qemu-system-x86)
+APT_LOG=/var/log/userblk-vm-setup.log
 
 say() { printf 'setup.sh: %s\n' "$*"; }
 die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -69,16 +71,42 @@ candidate_612_package() {
         grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | sort -V | tail -n 1
 }
 
-apt_install() {
-    # Non-interactive, keep existing config files, no recommends; kernel
-    # postinst hooks must not build an initramfs (virtme-ng makes its own).
-    # policy-rc.d (set up by main) keeps services such as nbd-client from
-    # starting.
-    DEBIAN_FRONTEND=noninteractive INITRD=No \
-        apt-get install -y -q --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-        "$@"
+# Run a command with its output appended to $APT_LOG; show the end of it and
+# stop if it fails.
+logged() {
+    printf '\n### %s\n' "$*" >>"$APT_LOG"
+    if ! "$@" >>"$APT_LOG" 2>&1; then
+        tail -n 30 "$APT_LOG" >&2
+        die "failed: $* (full output: $APT_LOG)"
+    fi
 }
+
+# Like logged, but only returns non-zero on failure.
+logged_try() {
+    printf '\n### %s\n' "$*" >>"$APT_LOG"
+    "$@" >>"$APT_LOG" 2>&1
+}
+
+apt_args() {
+    # Non-interactive, keep existing config files, no recommends. INITRD=No:
+    # the kernel postinst hook skips update-initramfs (virtme-ng builds its
+    # own initramfs; no grub or initrd is needed). policy-rc.d (set up by
+    # main) keeps services such as nbd-client from starting.
+    APT_CMD=(env DEBIAN_FRONTEND=noninteractive INITRD=No
+        apt-get install -y -q --no-install-recommends
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@")
+}
+
+apt_install() {
+    apt_args "$@"
+    logged "${APT_CMD[@]}"
+}
+
+apt_try_install() {
+    apt_args "$@"
+    logged_try "${APT_CMD[@]}"
+}
+
 
 list_kernels() {
     local kver kimg
@@ -112,7 +140,7 @@ main() {
     if ! have_backports_source; then
         say "adding apt source bookworm-backports ($BACKPORTS_SOURCES)"
         cat >"$BACKPORTS_SOURCES" <<'EOF'
-# Added by userblk vm/setup.sh: the 6.12 kernel and QEMU come from here.
+# Added by userblk vm/setup.sh: QEMU (and maybe the 6.12 kernel) come from here.
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports
@@ -126,7 +154,7 @@ EOF
         cat >"$BACKPORTS_PIN" <<'EOF'
 # Added by userblk vm/setup.sh: keep the linux-image-amd64 metapackage (the
 # 6.1 kernel) on bookworm; the 6.12 kernel is installed by its own versioned
-# package name from bookworm-backports.
+# package name.
 Package: linux-image-amd64
 Pin: release n=bookworm-backports
 Pin-Priority: -1
@@ -140,11 +168,10 @@ EOF
             printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
             chmod 755 /usr/sbin/policy-rc.d
             made_policy=1
-            # shellcheck disable=SC2064 # expand now, the local is gone later
-            trap "rm -f /usr/sbin/policy-rc.d" EXIT
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
         fi
-        say "running apt-get update"
-        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+        say "running apt-get update (apt output goes to $APT_LOG)"
+        logged env DEBIAN_FRONTEND=noninteractive apt-get update -q
         if (( ${#missing_apt[@]} > 0 )); then
             for p in "${missing_apt[@]}"; do say "installing $p (bookworm)"; done
             apt_install "${missing_apt[@]}"
@@ -152,8 +179,15 @@ EOF
         if (( need_612 )); then
             local k612
             k612=$(candidate_612_package)
-            [[ -n "$k612" ]] || die "no linux-image-6.12.*+deb12-amd64-unsigned in bookworm-backports"
-            missing_bpo+=("$k612")
+            [[ -n "$k612" ]] || die "no linux-image-6.12.*+deb12-amd64-unsigned in the apt lists"
+            # bookworm(-security) itself now carries linux-6.12 (~deb12uN);
+            # older mirrors only have it in backports (~bpo12), where it
+            # needs backports' linux-base: then retry with -t.
+            say "installing $k612 (bookworm, else bookworm-backports)"
+            if ! apt_try_install "$k612"; then
+                say "retrying $k612 with -t bookworm-backports"
+                apt_install -t bookworm-backports "$k612"
+            fi
         fi
         if (( ${#missing_bpo[@]} > 0 )); then
             for p in "${missing_bpo[@]}"; do say "installing $p (bookworm-backports)"; done
@@ -170,26 +204,36 @@ EOF
     local venv=$prefix/venv
     if [[ "$("$venv/bin/vng" --version 2>/dev/null || true)" != *"$VNG_VERSION"* ]]; then
         say "installing virtme-ng==$VNG_VERSION (PyPI) in $venv"
-        [[ -x "$venv/bin/python3" ]] || /usr/bin/python3 -m venv "$venv"
-        "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
+        [[ -x "$venv/bin/python3" ]] || logged /usr/bin/python3 -m venv "$venv"
+        logged "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
             "virtme-ng==$VNG_VERSION"
         "$venv/bin/vng" --version >/dev/null || die "vng does not run from $venv"
     fi
-    if [[ "$(readlink /usr/local/bin/vng 2>/dev/null || true)" != "$venv/bin/vng" ]]; then
-        if [[ -e /usr/local/bin/vng && ! -L /usr/local/bin/vng ]]; then
+    # /usr/local/bin/vng for use by hand: a wrapper, because vng runs
+    # virtme-run by name from PATH.
+    local wrapper
+    # shellcheck disable=SC2016 # $PATH and $@ are for the wrapper
+    wrapper=$(printf '#!/bin/sh\n# Installed by userblk vm/setup.sh\nPATH=%s/bin:$PATH exec %s/bin/vng "$@"\n' "$venv" "$venv")
+    if [[ "$(cat /usr/local/bin/vng 2>/dev/null || true)" != "$wrapper" ]]; then
+        if [[ -e /usr/local/bin/vng && "$(readlink -f /usr/local/bin/vng)" != "$venv/bin/vng" ]] &&
+            ! grep -q 'userblk vm/setup.sh' /usr/local/bin/vng; then
             say "leaving /usr/local/bin/vng alone (not ours); lib.sh uses $venv/bin/vng"
         else
-            say "linking /usr/local/bin/vng -> $venv/bin/vng"
-            ln -sfn "$venv/bin/vng" /usr/local/bin/vng
+            say "writing /usr/local/bin/vng (runs $venv/bin/vng)"
+            rm -f /usr/local/bin/vng
+            printf '%s\n' "$wrapper" >/usr/local/bin/vng
+            chmod 755 /usr/local/bin/vng
         fi
     fi
 
-    # Final check: both kernels are there with their modules.
-    local n=0 kver kimg
+    # Final check: both kernels are there with their modules (nbd, brd).
+    local n=0 kver kimg m
     while read -r kver kimg; do
-        [[ -f "/lib/modules/$kver/kernel/drivers/block/nbd.ko" ||
-            -f "/lib/modules/$kver/kernel/drivers/block/nbd.ko.xz" ]] ||
-            die "nbd module missing for $kver"
+        [[ -s "/lib/modules/$kver/modules.dep" ]] || die "no modules.dep for $kver (depmod)"
+        for m in nbd brd; do
+            compgen -G "/lib/modules/$kver/kernel/drivers/block/$m.ko*" >/dev/null ||
+                die "module $m missing for $kver"
+        done
         n=$((n + 1))
     done < <(vm_kernels)
     (( n == 2 )) || die "expected the 6.1 and the 6.12 kernel, found $n: $(vm_kernels | tr '\n' ' ')"
