@@ -6,32 +6,49 @@
 //! of order and many requests are in flight. [`Server::handle_one`] does exactly one request,
 //! synchronously, for tests that drive the protocol step by step.
 //!
+//! The hot path, per request in steady state: no heap allocation (request buffers are recycled
+//! and bounded by permits: at most `queue_depth + workers` requests between their header and
+//! their reply, after which the reader stops reading and the kernel waits); no copy but the
+//! device's own (WRITE payloads are read from the socket straight into the buffer the device
+//! gets; READ data goes from that buffer to the socket); a reader takes every request that has
+//! arrived with one `read`; replies that complete together leave in one `writev`, header and READ
+//! data side by side, and no thread ever waits for another's `writev` unless it has large data
+//! of its own to send.
+//!
 //! The rules it keeps: the device never sees a request outside its size, misaligned, empty, or
 //! for a command it did not advertise; every request gets exactly one reply; no payload follows an
 //! error reply; nothing the socket brings makes it panic.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
+
+use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::device::{BlockDevice, Capabilities};
 use crate::link::{Export, KernelLink, LinkError};
 use crate::proto::{
     Command, CommandFlags, Cookie, Errno, ParseError, Reply, Request, TransmissionFlags,
-    MAX_IO_LEN, REQUEST_LEN,
+    MAX_IO_LEN, REPLY_LEN, REQUEST_LEN,
 };
 
 /// Tuning for a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Worker threads calling the device. Default: twice the CPUs, between 4 and 16.
+    ///
+    /// `0`: no workers; each connection's reader calls the device itself, one request at a
+    /// time, and writes the replies of a burst together. The least overhead per request for a
+    /// device that never blocks (RAM); concurrency then comes from the connections alone.
     pub workers: usize,
-    /// Requests read ahead of the workers, over all connections; the reader stops reading when
-    /// this many wait (back-pressure). Default: 256.
+    /// Requests read ahead of the workers, over all connections. At most this many plus
+    /// `workers` requests are between their header and their reply (each holding its data
+    /// buffer); then the readers stop reading until replies have gone out (back-pressure), so
+    /// memory stays bounded however long the run. Default: 256.
     pub queue_depth: usize,
     /// The largest READ or WRITE accepted; larger ones get EINVAL. Default: [`MAX_IO_LEN`].
     pub max_io_len: u32,
@@ -203,17 +220,7 @@ fn flush_if<D: BlockDevice + ?Sized>(device: &D, fua: bool) -> io::Result<()> {
 fn send_reply(w: &mut UnixStream, reply: Reply, data: &[u8]) -> io::Result<()> {
     let header = reply.encode();
     let data = if reply.error == 0 { data } else { &[] };
-    let mut bufs = [IoSlice::new(&header), IoSlice::new(data)];
-    let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    write_all_vectored(w, &mut [IoSlice::new(&header), IoSlice::new(data)])
 }
 
 /// A reply write that failed because the kernel side went away: nothing is left to tell it.
@@ -234,13 +241,18 @@ enum Incoming {
     Unknown { cookie: Cookie },
 }
 
+/// Reads exactly one request header, unbuffered (for [`Server::handle_one`]).
 fn read_header(r: &mut UnixStream, conn: usize) -> Result<Incoming, ServerError> {
     let mut header = [0u8; REQUEST_LEN];
     let got = read_full(r, &mut header).map_err(|source| ServerError::Io { conn, source })?;
     if got == 0 {
         return Ok(Incoming::Eof);
     }
-    match Request::parse(&header[..got]) {
+    parse_header(&header[..got], conn)
+}
+
+fn parse_header(header: &[u8], conn: usize) -> Result<Incoming, ServerError> {
+    match Request::parse(header) {
         Ok(req) => Ok(Incoming::Request(req)),
         Err(ParseError::UnknownCommand { cookie, .. }) => Ok(Incoming::Unknown { cookie }),
         Err(source) => Err(ServerError::Protocol { conn, source }),
@@ -301,38 +313,148 @@ fn skip_payload(r: &mut UnixStream, conn: usize, req: &Request) -> Result<(), Se
     Ok(())
 }
 
-/// Recycled request buffers, so that steady-state serving does not allocate per request.
+/// How many request bytes a reader takes from the socket at once: every header (and small
+/// payload) that has arrived, so that a deep queue costs one `read` for many requests.
+const READ_AHEAD: usize = 64 << 10;
+
+/// Free buffers kept for reuse beyond those in flight, in bytes: enough for a queue of 128 KiB
+/// requests (the kernel's default split) without allocating, and a bound on idle memory.
+const KEEP_FREE_BYTES: usize = 32 << 20;
+
+/// READ data from this size on is written by the worker that read it, not gathered with others.
+const WRITE_OWN_REPLY: usize = 64 << 10;
+
+/// The send buffer asked for on each connection.
+const SEND_BUFFER: usize = 4 << 20;
+
+/// Replies gathered into one `writev` (two slices each: header and READ data).
+const REPLIES_PER_WRITE: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes all of `bufs`, however the socket splits it.
+fn write_all_vectored(w: &mut UnixStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The permits that bound how many requests are in flight, and the recycled buffers they carry.
+///
+/// A reader takes a permit (with a buffer for READ or WRITE data) for every request it reads,
+/// and the permit comes back once the reply is written. So the memory held is at most `limit`
+/// requests' data whatever the length of the run, a reader out of permits waits (back-pressure:
+/// further requests stay in the socket), and buffers are reused, so steady-state serving does not
+/// allocate.
 struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
-    keep: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+    limit: usize,
+    keep_bytes: usize,
+}
+
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    free_bytes: usize,
+    in_use: usize,
+    /// Readers waiting for a permit: only then does `give` pay for a wake-up.
+    waiting: usize,
+    closed: bool,
 }
 
 impl BufferPool {
-    fn new(keep: usize) -> BufferPool {
+    fn new(limit: usize, keep_bytes: usize) -> BufferPool {
         BufferPool {
-            free: Mutex::new(Vec::new()),
-            keep,
+            state: Mutex::new(PoolState {
+                free: Vec::with_capacity(limit),
+                free_bytes: 0,
+                in_use: 0,
+                waiting: 0,
+                closed: false,
+            }),
+            freed: Condvar::new(),
+            limit: limit.max(1),
+            keep_bytes,
         }
     }
 
-    /// A buffer of exactly `len` bytes (contents unspecified).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut buf = match free.iter().position(|b| b.capacity() >= len) {
-            Some(i) => free.swap_remove(i),
-            None => free.pop().unwrap_or_default(),
-        };
-        drop(free);
+    /// Waits for a permit, then returns a buffer of exactly `len` bytes (contents unspecified).
+    /// `None` once the pool is closed.
+    fn take(&self, len: usize) -> Option<Vec<u8>> {
+        let mut st = lock(&self.state);
+        while st.in_use >= self.limit && !st.closed {
+            st.waiting += 1;
+            st = self.freed.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.waiting -= 1;
+        }
+        if st.closed {
+            return None;
+        }
+        st.in_use += 1;
+        let mut buf = Vec::new();
+        if len > 0 {
+            // The most recently returned buffer that fits: the same size in a steady workload,
+            // and still warm in the cache.
+            if let Some(i) = st.free.iter().rposition(|b| b.capacity() >= len) {
+                buf = st.free.swap_remove(i);
+                st.free_bytes -= buf.capacity();
+            }
+        }
+        drop(st);
         buf.resize(len, 0);
-        buf
+        Some(buf)
     }
 
-    fn give(&self, buf: Vec<u8>) {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < self.keep {
-            free.push(buf);
+    /// Returns the permits (and buffers) of finished requests.
+    fn give(&self, bufs: impl Iterator<Item = Vec<u8>>) {
+        let mut dropped = Vec::new();
+        let mut st = lock(&self.state);
+        for buf in bufs {
+            st.in_use -= 1;
+            let cap = buf.capacity();
+            if cap == 0 {
+                continue;
+            }
+            if st.free_bytes + cap <= self.keep_bytes {
+                st.free_bytes += cap;
+                st.free.push(buf);
+            } else if dropped.is_empty() {
+                // Freed outside the lock; rare (sizes changed), so the Vec may allocate.
+                dropped.push(buf);
+            }
         }
+        let wake = st.waiting > 0;
+        drop(st);
+        if wake {
+            self.freed.notify_one();
+        }
+        drop(dropped);
     }
+
+    /// Refuses further permits and wakes the readers waiting for one.
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.freed.notify_all();
+    }
+}
+
+/// What a connection's reader needs besides its socket.
+#[derive(Clone, Copy)]
+struct ReadParams {
+    export: Export,
+    max_io: u32,
+    /// No workers: the reader calls the device itself.
+    inline: bool,
+    /// Most replies a reader holds back before writing them.
+    batch: usize,
 }
 
 /// A validated request on its way to a worker.
@@ -342,109 +464,395 @@ struct Job {
     buf: Vec<u8>,
 }
 
+/// Requests read and not yet picked up by a worker. Bounded by the pool's permits, so it never
+/// grows past its initial capacity.
+struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Workers asleep: a push wakes one only if there is one.
+    idle: usize,
+    /// Readers still reading; workers stop when none is left and the queue is empty.
+    open_readers: usize,
+}
+
+impl JobQueue {
+    fn new(capacity: usize, readers: usize) -> JobQueue {
+        JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::with_capacity(capacity),
+                idle: 0,
+                open_readers: readers,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn push(&self, job: Job) {
+        let mut st = lock(&self.state);
+        st.jobs.push_back(job);
+        let wake = st.idle > 0;
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next job; `None` when every reader has stopped and nothing is left.
+    fn pop(&self) -> Option<Job> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if st.open_readers == 0 {
+                return None;
+            }
+            st.idle += 1;
+            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle -= 1;
+        }
+    }
+
+    fn reader_done(&self) {
+        let mut st = lock(&self.state);
+        st.open_readers = st.open_readers.saturating_sub(1);
+        let last = st.open_readers == 0;
+        drop(st);
+        if last {
+            self.ready.notify_all();
+        }
+    }
+}
+
+/// A reply ready to go out, with the permit (and buffer) of its request.
+struct Done {
+    header: [u8; REPLY_LEN],
+    /// Whether `buf` is the READ data that follows the header. Never after an error.
+    with_data: bool,
+    buf: Vec<u8>,
+}
+
+impl Done {
+    fn error(cookie: Cookie, errno: Errno, buf: Vec<u8>) -> Done {
+        Done {
+            header: Reply::error(cookie, errno).encode(),
+            with_data: false,
+            buf,
+        }
+    }
+}
+
+/// Writes replies in as few `writev` calls as the slices allow.
+fn write_replies(w: &mut UnixStream, replies: &[Done]) -> io::Result<()> {
+    let mut iov = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
+    for group in replies.chunks(REPLIES_PER_WRITE) {
+        let mut n = 0;
+        for d in group {
+            iov[n] = IoSlice::new(&d.header);
+            n += 1;
+            if d.with_data && !d.buf.is_empty() {
+                iov[n] = IoSlice::new(&d.buf);
+                n += 1;
+            }
+        }
+        write_all_vectored(w, &mut iov[..n])?;
+    }
+    Ok(())
+}
+
+/// The sending side of one connection.
+///
+/// Whoever has a reply puts it in `pending` and, if `writer` is free, writes everything pending
+/// in one go; if `writer` is busy its holder writes the new reply too before it lets go. So no
+/// thread waits for another's `writev`, and replies that complete together leave together.
+struct Outbox {
+    writer: Mutex<UnixStream>,
+    pending: Mutex<Vec<Done>>,
+}
+
+/// Reads one connection's requests through a buffer, so that a queue of small requests costs
+/// one `read` for many; large payloads go straight from the socket into their request's buffer.
+struct RequestReader {
+    sock: UnixStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RequestReader {
+    fn new(sock: UnixStream) -> RequestReader {
+        RequestReader {
+            sock,
+            buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads whatever the socket has (at least one byte, or 0 at EOF) after the buffered bytes.
+    fn fill(&mut self, conn: usize) -> Result<usize, ServerError> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        loop {
+            match self.sock.read(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(ServerError::Io { conn, source }),
+            }
+        }
+    }
+
+    /// Whether a whole request header is buffered (the next one needs no `read`).
+    fn has_header(&self) -> bool {
+        self.end - self.start >= REQUEST_LEN
+    }
+
+    fn next_header(&mut self, conn: usize) -> Result<Incoming, ServerError> {
+        while self.end - self.start < REQUEST_LEN {
+            if self.fill(conn)? == 0 {
+                if self.start == self.end {
+                    return Ok(Incoming::Eof);
+                }
+                let source = ParseError::ShortHeader {
+                    len: self.end - self.start,
+                };
+                return Err(ServerError::Protocol { conn, source });
+            }
+        }
+        let header = &self.buf[self.start..self.start + REQUEST_LEN];
+        self.start += REQUEST_LEN;
+        parse_header(header, conn)
+    }
+
+    /// Fills `out` with a WRITE's payload: what is buffered, then straight from the socket.
+    fn payload(&mut self, conn: usize, req: &Request, out: &mut [u8]) -> Result<(), ServerError> {
+        let have = (self.end - self.start).min(out.len());
+        out[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
+        self.start += have;
+        let got = read_full(&mut self.sock, &mut out[have..])
+            .map_err(|source| ServerError::Io { conn, source })?;
+        if have + got < out.len() {
+            return Err(ServerError::TruncatedPayload {
+                conn,
+                cookie: req.cookie,
+                expected: req.len,
+                got: have + got,
+            });
+        }
+        Ok(())
+    }
+
+    /// Discards the payload of a rejected WRITE, to keep the stream in sync.
+    fn skip(&mut self, conn: usize, req: &Request) -> Result<(), ServerError> {
+        let len = req.payload_len();
+        let mut done = 0;
+        while done < len {
+            if self.start == self.end && self.fill(conn)? == 0 {
+                return Err(ServerError::TruncatedPayload {
+                    conn,
+                    cookie: req.cookie,
+                    expected: req.len,
+                    got: done,
+                });
+            }
+            let n = (self.end - self.start).min(len - done);
+            self.start += n;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 /// State shared by the readers and workers of one [`Server::run`].
 struct Shared<'a, D: ?Sized> {
     device: &'a D,
-    writers: Vec<Mutex<UnixStream>>,
+    outboxes: Vec<Outbox>,
+    /// Clones of the connections, to shut them down without waiting for a writer.
+    closers: Vec<UnixStream>,
     pool: BufferPool,
+    queue: JobQueue,
     /// Set when serving must stop early (a fatal error on any connection).
     stop: AtomicBool,
     error: Mutex<Option<ServerError>>,
 }
 
 impl<D: BlockDevice + ?Sized> Shared<'_, D> {
-    fn reply(&self, conn: usize, reply: Reply, data: &[u8]) {
-        let mut w = self.writers[conn]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = send_reply(&mut w, reply, data) {
-            if !peer_gone(&e) {
-                self.fail(ServerError::Io { conn, source: e });
+    /// Queues a reply on its connection and writes what is pending unless another thread is at
+    /// it. `spare` is the caller's own (empty) list, swapped with the pending one.
+    fn reply(&self, conn: usize, done: Done, spare: &mut Vec<Done>) {
+        if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
+            // Large data is written by the thread that just produced it, from its warm cache.
+            self.flush(conn, Some(done), spare);
+        } else {
+            self.defer(conn, done);
+            self.flush(conn, None, spare);
+        }
+    }
+
+    /// Queues a reply on its connection for the next [`flush`](Self::flush).
+    fn defer(&self, conn: usize, done: Done) {
+        lock(&self.outboxes[conn].pending).push(done);
+    }
+
+    /// Writes the connection's pending replies (and `own`, first) unless another thread is at it
+    /// (then that thread writes them); waits for the writer only when there is `own` to write.
+    fn flush(&self, conn: usize, mut own: Option<Done>, spare: &mut Vec<Done>) {
+        let outbox = &self.outboxes[conn];
+        loop {
+            let mut w = match own {
+                Some(_) => lock(&outbox.writer),
+                None => match outbox.writer.try_lock() {
+                    Ok(w) => w,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    // The holder writes our reply before it lets go (it checks `pending` after).
+                    Err(TryLockError::WouldBlock) => return,
+                },
+            };
+            let mut result = Ok(());
+            if let Some(done) = own.take() {
+                result = write_replies(&mut w, std::slice::from_ref(&done));
+                self.pool.give(std::iter::once(done.buf));
+            }
+            loop {
+                std::mem::swap(&mut *lock(&outbox.pending), spare);
+                if spare.is_empty() {
+                    break;
+                }
+                if result.is_ok() {
+                    result = write_replies(&mut w, spare);
+                }
+                // After a failed write the rest are dropped: the connection is finished.
+                self.pool.give(spare.drain(..).map(|d| d.buf));
+            }
+            drop(w);
+            if let Err(e) = result {
+                if !peer_gone(&e) {
+                    self.fail(ServerError::Io { conn, source: e });
+                }
+            }
+            // A reply queued while we were letting go would otherwise be stranded.
+            if lock(&outbox.pending).is_empty() {
+                return;
             }
         }
     }
 
     /// Records the first fatal error and closes every connection, so all readers stop.
     fn fail(&self, err: ServerError) {
-        let mut slot = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = lock(&self.error);
         if slot.is_none() {
             *slot = Some(err);
         }
         drop(slot);
         self.stop.store(true, Ordering::SeqCst);
-        for w in &self.writers {
-            let w = w.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = w.shutdown(std::net::Shutdown::Both);
+        self.pool.close();
+        for s in &self.closers {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn work(&self, jobs: &Mutex<Receiver<Job>>) {
-        loop {
-            let job = {
-                let rx = jobs.lock().unwrap_or_else(PoisonError::into_inner);
-                rx.recv()
-            };
-            let Ok(mut job) = job else { return };
-            let reply = match execute(self.device, &job.req, &mut job.buf) {
-                Ok(()) => Reply::ok(job.req.cookie),
-                Err(errno) => Reply::error(job.req.cookie, errno),
-            };
-            let data: &[u8] = if job.req.command == Command::Read {
-                &job.buf
-            } else {
-                &[]
-            };
-            self.reply(job.conn, reply, data);
-            self.pool.give(job.buf);
+    /// Calls the device for a request and makes its reply.
+    fn complete(&self, req: &Request, mut buf: Vec<u8>) -> Done {
+        match execute(self.device, req, &mut buf) {
+            Ok(()) => Done {
+                header: Reply::ok(req.cookie).encode(),
+                with_data: req.command == Command::Read,
+                buf,
+            },
+            Err(errno) => Done::error(req.cookie, errno, buf),
         }
     }
 
-    /// Reads one connection until DISC, EOF or a fatal error.
-    fn read_loop(
-        &self,
-        conn: usize,
-        mut r: UnixStream,
-        export: &Export,
-        max_io: u32,
-        jobs: &SyncSender<Job>,
-    ) {
+    fn work(&self) {
+        let mut spare = Vec::with_capacity(REPLIES_PER_WRITE);
+        while let Some(job) = self.queue.pop() {
+            let done = self.complete(&job.req, job.buf);
+            self.reply(job.conn, done, &mut spare);
+        }
+    }
+
+    /// Reads one connection until DISC, EOF or a fatal error, then writes what it left pending.
+    ///
+    /// Replies the reader makes itself (errors; every reply when `inline`) are held back while
+    /// more requests are already buffered, up to `batch`, and go out together before the reader
+    /// waits on the socket again.
+    fn read_loop(&self, conn: usize, mut r: RequestReader, params: ReadParams) {
+        let mut spare = Vec::with_capacity(REPLIES_PER_WRITE);
+        let mut deferred = 0;
         loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return;
+            if deferred > 0 && (deferred >= params.batch || !r.has_header()) {
+                self.flush(conn, None, &mut spare);
+                deferred = 0;
             }
-            let req = match read_header(&mut r, conn) {
-                Ok(Incoming::Eof) => return,
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let req = match r.next_header(conn) {
+                Ok(Incoming::Eof) => break,
                 Ok(Incoming::Unknown { cookie }) => {
-                    self.reply(conn, Reply::error(cookie, Errno::EINVAL), &[]);
+                    let Some(buf) = self.pool.take(0) else { break };
+                    self.defer(conn, Done::error(cookie, Errno::EINVAL, buf));
+                    deferred += 1;
                     continue;
                 }
                 Ok(Incoming::Request(req)) => req,
-                Err(e) => return self.fail_unless_stopping(e),
+                Err(e) => {
+                    self.fail_unless_stopping(e);
+                    break;
+                }
             };
             if req.command == Command::Disc {
-                return;
+                break;
             }
-            if let Err(errno) = validate(&req, export, max_io) {
-                if let Err(e) = skip_payload(&mut r, conn, &req) {
-                    return self.fail_unless_stopping(e);
+            if let Err(errno) = validate(&req, &params.export, params.max_io) {
+                if let Err(e) = r.skip(conn, &req) {
+                    self.fail_unless_stopping(e);
+                    break;
                 }
-                self.reply(conn, Reply::error(req.cookie, errno), &[]);
+                let Some(buf) = self.pool.take(0) else { break };
+                self.defer(conn, Done::error(req.cookie, errno, buf));
+                deferred += 1;
                 continue;
             }
             let len = match req.command {
                 Command::Read | Command::Write => req.len as usize,
                 _ => 0,
             };
-            let mut buf = self.pool.take(len);
+            let Some(mut buf) = self.pool.take(len) else {
+                break;
+            };
             if req.command == Command::Write {
-                if let Err(e) = read_payload(&mut r, conn, &req, &mut buf) {
-                    return self.fail_unless_stopping(e);
+                if let Err(e) = r.payload(conn, &req, &mut buf) {
+                    self.pool.give(std::iter::once(buf));
+                    self.fail_unless_stopping(e);
+                    break;
                 }
             }
-            if jobs.send(Job { conn, req, buf }).is_err() {
-                return;
+            if !params.inline {
+                self.queue.push(Job { conn, req, buf });
+                continue;
+            }
+            let done = self.complete(&req, buf);
+            if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
+                self.flush(conn, Some(done), &mut spare);
+                deferred = 0;
+            } else {
+                self.defer(conn, done);
+                deferred += 1;
             }
         }
+        self.flush(conn, None, &mut spare);
     }
 
     fn fail_unless_stopping(&self, err: ServerError) {
@@ -607,53 +1015,76 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
         if self.finished {
             return Ok(());
         }
-        let mut readers = Vec::with_capacity(self.conns.len());
-        let mut writers = Vec::with_capacity(self.conns.len());
+        let n = self.conns.len();
+        let mut readers = Vec::with_capacity(n);
+        let mut outboxes = Vec::with_capacity(n);
+        let mut closers = Vec::with_capacity(n);
         for (conn, s) in self.conns.iter().enumerate() {
-            let w = s
-                .try_clone()
-                .map_err(|source| ServerError::Io { conn, source })?;
-            readers.push(
+            let clone = || {
                 s.try_clone()
-                    .map_err(|source| ServerError::Io { conn, source })?,
-            );
-            writers.push(Mutex::new(w));
+                    .map_err(|source| ServerError::Io { conn, source })
+            };
+            // Room for a large READ reply in one write: fewer wake-ups of the kernel's receiver
+            // per byte. Capped by net.core.wmem_max; where that is lower it stays as it was.
+            let _ = setsockopt(s, sockopt::SndBuf, &SEND_BUFFER);
+            readers.push(RequestReader::new(clone()?));
+            outboxes.push(Outbox {
+                writer: Mutex::new(clone()?),
+                pending: Mutex::new(Vec::with_capacity(REPLIES_PER_WRITE)),
+            });
+            closers.push(clone()?);
         }
+        let workers = self.options.workers;
+        // Every request between its header and its reply holds a permit: those waiting for a
+        // worker (`queue_depth`), one per worker, and their replies being written.
+        let in_flight = self.options.queue_depth.max(1) + workers.max(1);
+        let params = ReadParams {
+            export: self.export,
+            max_io: self.options.max_io_len,
+            inline: workers == 0,
+            // Below the permits, so that a reader never waits for a permit it holds itself.
+            batch: REPLIES_PER_WRITE.min(in_flight),
+        };
         let shared = Shared {
             device: &self.device,
-            writers,
-            pool: BufferPool::new(self.options.queue_depth + self.options.workers),
+            outboxes,
+            closers,
+            pool: BufferPool::new(in_flight, KEEP_FREE_BYTES),
+            queue: JobQueue::new(in_flight, n),
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
         };
-        let (tx, rx) = mpsc::sync_channel::<Job>(self.options.queue_depth.max(1));
-        let rx = Mutex::new(rx);
-        let export = self.export;
-        let max_io = self.options.max_io_len;
         thread::scope(|s| {
-            for _ in 0..self.options.workers.max(1) {
-                let (shared, rx) = (&shared, &rx);
+            for _ in 0..workers {
+                let shared = &shared;
                 let spawned = thread::Builder::new()
                     .name("userblk-worker".into())
-                    .spawn_scoped(s, move || shared.work(rx));
+                    .spawn_scoped(s, move || shared.work());
                 if let Err(source) = spawned {
                     shared.fail(ServerError::Io { conn: 0, source });
                     break;
                 }
             }
-            for (conn, r) in readers.into_iter().enumerate() {
-                let (shared, tx, export) = (&shared, tx.clone(), &export);
+            let mut readers = readers.into_iter().enumerate();
+            for (conn, r) in readers.by_ref() {
+                let shared = &shared;
                 let spawned = thread::Builder::new()
                     .name(format!("userblk-conn{conn}"))
-                    .spawn_scoped(s, move || shared.read_loop(conn, r, export, max_io, &tx));
+                    .spawn_scoped(s, move || {
+                        shared.read_loop(conn, r, params);
+                        shared.queue.reader_done();
+                    });
                 if let Err(source) = spawned {
                     // Closing every connection makes the readers already running stop too.
                     shared.fail(ServerError::Io { conn, source });
+                    shared.queue.reader_done();
                     break;
                 }
             }
-            // Workers drain the queue and exit once every reader has dropped its sender.
-            drop(tx);
+            // Readers never started count as done, so that the workers can finish.
+            for _ in readers {
+                shared.queue.reader_done();
+            }
         });
         let error = shared
             .error
@@ -771,12 +1202,103 @@ mod tests {
 
     #[test]
     fn buffer_pool_reuses() {
-        let pool = BufferPool::new(2);
-        let b = pool.take(4096);
+        let pool = BufferPool::new(2, 1 << 20);
+        let b = pool.take(4096).unwrap();
         let ptr = b.as_ptr();
-        pool.give(b);
-        let b = pool.take(1024);
+        pool.give(std::iter::once(b));
+        let b = pool.take(1024).unwrap();
         assert_eq!(b.as_ptr(), ptr);
         assert_eq!(b.len(), 1024);
+    }
+
+    #[test]
+    fn buffer_pool_bounds_permits_and_closes() {
+        let pool = BufferPool::new(1, 0);
+        let b = pool.take(512).unwrap();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| pool.take(512).map(|b| b.len()));
+            // The waiter has no permit until `b` comes back.
+            pool.give(std::iter::once(b));
+            assert_eq!(waiter.join().unwrap(), Some(512));
+        });
+        pool.close();
+        assert!(pool.take(0).is_none());
+    }
+
+    /// A pipelined burst: errors get no payload, every request one reply, in either mode.
+    #[rstest]
+    #[case::workers(4, 256)]
+    #[case::inline(0, 256)]
+    #[case::inline_one_permit(0, 1)]
+    fn burst_of_good_and_bad_requests(#[case] workers: usize, #[case] queue_depth: usize) {
+        use crate::link::loopback::RawKernel;
+        use crate::proto::encode_request;
+        use crate::MemDevice;
+
+        let options = ServerOptions {
+            workers,
+            queue_depth,
+            ..ServerOptions::default()
+        };
+        let mut raw = RawKernel::with_options(MemDevice::new(1 << 20), options).unwrap();
+        let mut burst = Vec::new();
+        burst.extend(Request::new(Command::Read, Cookie(1), 1 << 20, 512).encode());
+        burst.extend(encode_request(0x2560_9513, 42, Cookie(2), 0, 512));
+        burst.extend(Request::new(Command::Write, Cookie(3), 4096, 512).encode());
+        burst.extend([0x5a; 512]);
+        burst.extend(Request::new(Command::Write, Cookie(4), 1 << 20, 512).encode());
+        burst.extend([0xee; 512]);
+        raw.send(&burst).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for _ in 0..4 {
+            let reply = raw.recv_reply().unwrap();
+            got.insert(reply.cookie.0, reply.errno());
+        }
+        let want = [
+            (1, Some(Errno::EINVAL)),
+            (2, Some(Errno::EINVAL)),
+            (3, None),
+            (4, Some(Errno::ENOSPC)),
+        ];
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), want);
+        // The write landed, and a read returns it right behind its header.
+        raw.send_request(&Request::new(Command::Read, Cookie(5), 4096, 512), &[])
+            .unwrap();
+        assert_eq!(raw.recv_reply().unwrap().errno(), None);
+        assert_eq!(raw.recv_data(512).unwrap(), vec![0x5a; 512]);
+        raw.disconnect().unwrap();
+    }
+
+    #[test]
+    fn reader_handles_headers_and_payloads_split_anywhere() {
+        let (mut kernel, server) = UnixStream::pair().unwrap();
+        let mut r = RequestReader::new(server);
+        let mut bytes = Vec::new();
+        bytes.extend(Request::new(Command::Write, Cookie(1), 0, 4096).encode());
+        bytes.extend((0..4096).map(|i| i as u8));
+        bytes.extend(Request::new(Command::Read, Cookie(2), 0, 512).encode());
+        // Header and payload arrive in pieces that cut both.
+        let cuts = [0, 10, 30, 1000, 4124, 4130, bytes.len()];
+        let writer = std::thread::spawn(move || {
+            for w in cuts.windows(2) {
+                kernel.write_all(&bytes[w[0]..w[1]]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            kernel
+        });
+        let Incoming::Request(write) = r.next_header(0).unwrap() else {
+            panic!("expected a request")
+        };
+        assert_eq!((write.command, write.cookie), (Command::Write, Cookie(1)));
+        let mut payload = vec![0u8; 4096];
+        r.payload(0, &write, &mut payload).unwrap();
+        assert!(payload.iter().enumerate().all(|(i, &b)| b == i as u8));
+        let Incoming::Request(read) = r.next_header(0).unwrap() else {
+            panic!("expected a request")
+        };
+        assert_eq!((read.command, read.cookie), (Command::Read, Cookie(2)));
+        assert!(!r.has_header());
+        drop(writer.join().unwrap());
+        assert!(matches!(r.next_header(0), Ok(Incoming::Eof)));
     }
 }

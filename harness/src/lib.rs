@@ -3,5 +3,11 @@
 //! crash-consistency checker, through the loopback fake kernel or a real `/dev/nbdN`.
 
 pub mod cli;
+pub mod conformance;
+pub mod crash;
+pub mod nbd_rig;
+pub mod random;
+pub mod script;
 pub mod spec;
 pub mod target;
+pub mod trace;

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -247,6 +247,8 @@ struct Slot {
     req: Request,
     seq: u64,
     result: Option<Result<Vec<u8>, LoopbackError>>,
+    /// Someone sleeps in `wait` for this slot: only then does its reply cost a wake-up.
+    waited: bool,
 }
 
 struct ConnState {
@@ -263,13 +265,20 @@ struct State {
     next_conn: usize,
     stats: LoopbackStats,
     violations: Vec<Violation>,
+    /// Threads asleep in `submit` until a tag is free.
+    submitters_waiting: usize,
 }
 
 struct Inner {
     state: Mutex<State>,
     changed: Condvar,
     writers: Vec<Mutex<UnixStream>>,
+    /// Buffers handed back with [`LoopbackKernel::recycle`], for READ data.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Most buffers kept by [`LoopbackKernel::recycle`].
+const KEEP_SPARE: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -305,7 +314,10 @@ impl Inner {
     }
 
     /// Reads replies on one connection until EOF or a violation.
-    fn read_replies(&self, conn: usize, mut sock: UnixStream) {
+    fn read_replies(&self, conn: usize, sock: UnixStream) {
+        // Buffered: replies that arrive together cost one `read`; large READ data bypasses the
+        // buffer and goes straight into its `Vec`.
+        let mut sock = BufReader::with_capacity(64 << 10, sock);
         let mut last: Option<(Request, u32)> = None;
         loop {
             let mut header = [0u8; REPLY_LEN];
@@ -373,7 +385,8 @@ impl Inner {
                     errno,
                 }),
                 None if req.command == Command::Read => {
-                    let mut data = vec![0u8; req.len as usize];
+                    let mut data = lock(&self.spare).pop().unwrap_or_default();
+                    data.resize(req.len as usize, 0);
                     match read_full(&mut sock, &mut data) {
                         Ok(n) if n == data.len() => Ok(data),
                         Ok(n) => {
@@ -391,16 +404,20 @@ impl Inner {
             };
             last = Some((req, reply.error));
             let mut st = lock(&self.state);
+            let mut wake = false;
             if let Some(slot) = st.conns[conn].slots[tag].as_mut() {
                 slot.result = Some(result);
+                wake = slot.waited;
             }
             drop(st);
-            self.changed.notify_all();
+            if wake {
+                self.changed.notify_all();
+            }
         }
     }
 }
 
-fn read_full(r: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -469,11 +486,29 @@ impl LoopbackKernel {
         options: LoopbackOptions,
     ) -> Result<LoopbackKernel, LoopbackError> {
         let export = export_of(&device)?;
+        let server_options = options.server;
+        LoopbackKernel::with_server(export, options, move |link| {
+            Server::with_options(device, link, server_options)?.run()
+        })
+    }
+
+    /// Starts the fake kernel in front of a server of the caller's own: `serve` runs in a thread
+    /// with the link (whose [`KernelLink::start`] hands over the server ends of the connections)
+    /// and returns when it has stopped serving. `export` is what the kernel side assumes was
+    /// advertised. This puts another NBD server behind exactly the same kernel side, to check it
+    /// or to compare its speed with [`Server`]'s. (`options.server` is not used.)
+    pub fn with_server<F>(
+        export: Export,
+        options: LoopbackOptions,
+        serve: F,
+    ) -> Result<LoopbackKernel, LoopbackError>
+    where
+        F: FnOnce(LoopbackLink) -> Result<(), ServerError> + Send + 'static,
+    {
         let (link, kernel_ends) = LoopbackLink::new(options.connections)?;
-        let mut server = Server::with_options(device, link, options.server)?;
         let server = thread::Builder::new()
             .name("userblk-loopback-server".into())
-            .spawn(move || server.run())?;
+            .spawn(move || serve(link))?;
         let depth = usize::from(options.queue_depth.max(1));
         let mut writers = Vec::new();
         let mut reader_socks = Vec::new();
@@ -496,9 +531,11 @@ impl LoopbackKernel {
                 next_conn: 0,
                 stats: LoopbackStats::default(),
                 violations: Vec::new(),
+                submitters_waiting: 0,
             }),
             changed: Condvar::new(),
             writers,
+            spare: Mutex::new(Vec::new()),
         });
         let mut readers = Vec::new();
         for (conn, sock) in reader_socks.into_iter().enumerate() {
@@ -568,11 +605,13 @@ impl LoopbackKernel {
                     .map_or(LoopbackError::Disconnected { conn: 0 }, clone_error);
                 return Err(why);
             }
+            st.submitters_waiting += 1;
             st = self
                 .inner
                 .changed
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
+            st.submitters_waiting -= 1;
         };
         st.next_conn = (conn + 1) % st.conns.len();
         let seq = st.next_seq;
@@ -591,6 +630,7 @@ impl LoopbackKernel {
             req,
             seq,
             result: None,
+            waited: false,
         });
         c.in_flight += 1;
         let in_flight = c.in_flight;
@@ -618,6 +658,15 @@ impl LoopbackKernel {
         Ok(ticket)
     }
 
+    /// Hands back a buffer returned by [`wait`](Self::wait) (or any `Vec`), to hold a later READ's
+    /// data. Optional: it spares a benchmark from measuring the allocator.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let mut spare = lock(&self.inner.spare);
+        if spare.len() < KEEP_SPARE && buf.capacity() > 0 {
+            spare.push(buf);
+        }
+    }
+
     /// Waits for a request's reply: its data (empty but for READ) or its error.
     pub fn wait(&self, ticket: Ticket) -> Result<Vec<u8>, LoopbackError> {
         let mut st = lock(&self.inner.state);
@@ -629,11 +678,14 @@ impl LoopbackKernel {
                     let result = s.result.take().unwrap_or(Ok(Vec::new()));
                     *slot = None;
                     c.in_flight -= 1;
+                    let wake = st.submitters_waiting > 0;
                     drop(st);
-                    self.inner.changed.notify_all();
+                    if wake {
+                        self.inner.changed.notify_all();
+                    }
                     return result;
                 }
-                Some(s) if s.req.cookie == ticket.cookie => {}
+                Some(s) if s.req.cookie == ticket.cookie => s.waited = true,
                 _ => {
                     return Err(LoopbackError::Io(io::Error::other(
                         "ticket already waited for",

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use crate::proto::TransmissionFlags;
 
 pub mod loopback;
+pub mod nbd;
 
 /// What the kernel is told about the export when a link starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,12 @@ pub enum LinkError {
     #[error("{device} is not an NBD device (expected /dev/nbdN)")]
     NotNbdDevice {
         /// The path given.
+        device: String,
+    },
+    /// The device is not being served (not started yet, or already unmounted).
+    #[error("{device} is not connected: it was never started or is already unmounted")]
+    NotConnected {
+        /// The device, or "nbd" when none was chosen.
         device: String,
     },
     /// The link was started twice.

@@ -1,0 +1,779 @@
+//! [`NbdLink`]: the [`KernelLink`] for `/dev/nbdN`, and [`MountHandle`], its remote control.
+//!
+//! `start` makes one socketpair per connection, hands the kernel one end of each (netlink
+//! CONNECT, or the ioctls on their own thread) and gives the server the others. `finish` leaves
+//! the device free for the next user: netlink DISCONNECT if nobody sent it yet, or the end of
+//! DO_IT and CLEAR_SOCK, and the last descriptor on the device node closed.
+
+use std::fs::File;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use super::ioctl::{self, IoctlConfig, SetupError};
+use super::mount::MountOptions;
+use super::netlink::{ConnectRequest, NbdNetlink, RequestError};
+use super::sys::{self, nbd_ioctl, NbdIoctl};
+use super::{
+    block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
+    request_error, Context, Setup, Step, EBUSY,
+};
+use crate::link::{Export, KernelLink, LinkError};
+use crate::proto::TransmissionFlags;
+
+/// How long a device may stay busy before it is reported so. A device keeps its configuration
+/// (and its `pid` attribute, and CONNECT's EBUSY) until its last opener closes it, and udev
+/// probes a device after every change: right after one user leaves, the next may have to wait.
+const BUSY_GRACE: Duration = Duration::from_secs(5);
+/// How long the kernel may take to start a device after DO_IT was called.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a link is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Idle,
+    Starting,
+    Running,
+    Failed,
+    Ended,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    phase: Phase,
+    index: Option<u32>,
+    setup: Option<Setup>,
+    /// What the kernel was told.
+    export: Option<Export>,
+    /// The device node, open while DO_IT runs (ioctl set-up only).
+    ioctl_fd: Option<Arc<OwnedFd>>,
+    disconnect_sent: bool,
+    unmount_requested: bool,
+    io_flusher: bool,
+    signal: Option<&'static str>,
+}
+
+/// State shared by a link and its handles.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.lock().phase = phase;
+        self.changed.notify_all();
+    }
+}
+
+/// A handle on a served NBD device: which device it is, and a way to unmount it or change its
+/// timeout from any thread. Cloning is cheap; dropping a clone does nothing.
+///
+/// Never call [`unmount`](Self::unmount) or [`flush`](Self::flush) from inside a
+/// [`BlockDevice`](crate::BlockDevice) method: they do I/O on the device, which needs the server.
+#[derive(Clone, Debug)]
+pub struct MountHandle {
+    control: Arc<Control>,
+}
+
+impl MountHandle {
+    /// The device's index (`N` in `/dev/nbdN`), once the kernel has it.
+    pub fn index(&self) -> Option<u32> {
+        self.control.lock().index
+    }
+
+    /// The device node, e.g. `/dev/nbd0`; empty before the kernel has the device.
+    pub fn device(&self) -> PathBuf {
+        self.index().map(device_path).unwrap_or_default()
+    }
+
+    /// How the driver was configured (netlink or ioctl), once it was.
+    pub fn setup(&self) -> Option<Setup> {
+        self.control.lock().setup
+    }
+
+    /// What the kernel was told: size, block size and transmission flags.
+    pub fn export(&self) -> Option<Export> {
+        self.control.lock().export
+    }
+
+    /// Whether the device is being served.
+    pub fn is_mounted(&self) -> bool {
+        self.control.lock().phase == Phase::Running
+    }
+
+    /// Whether the serving threads run with `PR_SET_IO_FLUSHER` (false where not permitted:
+    /// without CAP_SYS_RESOURCE, or before Linux 5.6).
+    pub fn io_flusher(&self) -> bool {
+        self.control.lock().io_flusher
+    }
+
+    /// The signal that asked for the unmount, when
+    /// [`unmount_on_signals`](MountOptions::unmount_on_signals) did: `"SIGINT"` or `"SIGTERM"`.
+    pub fn signal(&self) -> Option<&'static str> {
+        self.control.lock().signal
+    }
+
+    pub(crate) fn record_signal(&self, name: &'static str) {
+        self.control.lock().signal.get_or_insert(name);
+    }
+
+    /// Blocks until the link has started or failed to; true if it is running.
+    pub(crate) fn wait_started(&self, give_up: impl Fn() -> bool) -> bool {
+        let mut st = self.control.lock();
+        loop {
+            match st.phase {
+                Phase::Running => return true,
+                Phase::Failed | Phase::Ended => return false,
+                Phase::Idle | Phase::Starting if give_up() => return false,
+                Phase::Idle | Phase::Starting => {}
+            }
+            st = self
+                .control
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Makes every completed write durable: fsync on the device node, which sends FLUSH when
+    /// the device advertises it. Opens the node (netlink set-up) from the calling thread.
+    pub fn flush(&self) -> Result<(), LinkError> {
+        let (index, fd) = {
+            let st = self.control.lock();
+            if st.phase != Phase::Running || st.disconnect_sent {
+                return Ok(());
+            }
+            match st.index {
+                Some(i) => (i, st.ioctl_fd.clone()),
+                None => return Ok(()),
+            }
+        };
+        let op = "flushing the device (fsync)";
+        match fd {
+            Some(fd) => nix::unistd::fsync(fd.as_fd()).map_err(|e| LinkError::io(op, e.into())),
+            None => File::open(device_path(index))
+                .and_then(|f| f.sync_all())
+                .map_err(|e| LinkError::io(op, e)),
+        }
+    }
+
+    /// Unmounts cleanly: [`flush`](Self::flush), then [`disconnect`](Self::disconnect). The
+    /// server then sees DISC, answers what is in flight, calls the device's `unmount` and
+    /// returns; the device node is free again once it has. Disconnects even when the flush
+    /// fails, and returns the flush's error then. Unmounting twice is harmless.
+    pub fn unmount(&self) -> Result<(), LinkError> {
+        let flushed = self.flush();
+        self.disconnect()?;
+        flushed
+    }
+
+    /// Asks the kernel to disconnect at once, without flushing: it sends DISC on every
+    /// connection (netlink DISCONNECT also shuts them down, failing requests still in flight).
+    /// Before the link has started, the disconnect happens as soon as it has.
+    pub fn disconnect(&self) -> Result<(), LinkError> {
+        let (index, setup, fd) = {
+            let mut st = self.control.lock();
+            match st.phase {
+                Phase::Idle | Phase::Starting => {
+                    st.unmount_requested = true;
+                    return Ok(());
+                }
+                Phase::Failed | Phase::Ended => return Ok(()),
+                Phase::Running if st.disconnect_sent => return Ok(()),
+                Phase::Running => {}
+            }
+            let (Some(index), Some(setup)) = (st.index, st.setup) else {
+                return Ok(());
+            };
+            st.disconnect_sent = true;
+            (index, setup, st.ioctl_fd.clone())
+        };
+        let result = send_disconnect(index, setup, fd.as_deref());
+        if result.is_err() {
+            self.control.lock().disconnect_sent = false;
+        }
+        result
+    }
+
+    /// Changes the request timeout of the running device (0: none). The kernel counts whole
+    /// seconds; a fraction rounds up.
+    pub fn set_timeout(&self, timeout: Duration) -> Result<(), LinkError> {
+        let (index, setup, fd) = {
+            let st = self.control.lock();
+            match (st.phase, st.index, st.setup) {
+                (Phase::Running, Some(i), Some(s)) => (i, s, st.ioctl_fd.clone()),
+                _ => {
+                    return Err(LinkError::NotConnected {
+                        device: st
+                            .index
+                            .map_or("nbd".into(), |i| device_path(i).display().to_string()),
+                    })
+                }
+            }
+        };
+        let secs = whole_seconds(timeout);
+        let cx = context(Some(index), 512);
+        match (setup, fd) {
+            (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd.as_fd(), NbdIoctl::SetTimeout, secs)
+                .map_err(|e| io_error(Step::Other(NbdIoctl::SetTimeout.name()), e, &cx)),
+            _ => NbdNetlink::open()
+                .and_then(|mut nl| nl.set_timeout(index, secs))
+                .map_err(|e| request_error(Step::Other("netlink NBD_CMD_RECONFIGURE"), e, &cx)),
+        }
+    }
+}
+
+fn send_disconnect(index: u32, setup: Setup, fd: Option<&OwnedFd>) -> Result<(), LinkError> {
+    let cx = context(Some(index), 512);
+    match (setup, fd) {
+        (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd.as_fd(), NbdIoctl::Disconnect, 0)
+            .map_err(|e| io_error(Step::Other(NbdIoctl::Disconnect.name()), e, &cx)),
+        _ => NbdNetlink::open()
+            .and_then(|mut nl| nl.disconnect(index))
+            .map_err(|e| request_error(Step::Other("netlink NBD_CMD_DISCONNECT"), e, &cx)),
+    }
+}
+
+/// A timeout in the kernel's whole seconds, rounding a fraction up.
+pub(crate) fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn context(index: Option<u32>, block_size: u32) -> Context {
+    Context {
+        device: index.map_or_else(|| "nbd".into(), |i| device_path(i).display().to_string()),
+        block_size,
+        page_size: sys::page_size(),
+        driver_loaded: driver_loaded(),
+    }
+}
+
+/// What a started link holds until it finishes.
+#[derive(Debug)]
+enum Running {
+    Netlink {
+        index: u32,
+    },
+    Ioctl {
+        index: u32,
+        thread: JoinHandle<io::Result<()>>,
+    },
+}
+
+/// The [`KernelLink`] for a real `/dev/nbdN`. Build one with [`MountOptions::link`] (or use
+/// [`MountOptions::mount`], which does it all) and serve it with
+/// [`Server`](crate::Server); [`handle`](Self::handle) gives the remote control.
+///
+/// Dropping a started link disconnects the device and waits for the kernel to let it go.
+#[derive(Debug)]
+pub struct NbdLink {
+    options: MountOptions,
+    control: Arc<Control>,
+    /// Clones of the server's ends: shutting them down is how `finish` makes sure the kernel
+    /// sees the connections end even while the server still holds its descriptors.
+    server_ends: Vec<UnixStream>,
+    running: Option<Running>,
+}
+
+impl NbdLink {
+    /// A link with these options; nothing happens until the server starts it.
+    pub fn new(options: &MountOptions) -> NbdLink {
+        NbdLink {
+            options: options.clone(),
+            control: Arc::new(Control::default()),
+            server_ends: Vec::new(),
+            running: None,
+        }
+    }
+
+    /// The handle that unmounts the device or changes its timeout, from any thread.
+    pub fn handle(&self) -> MountHandle {
+        MountHandle {
+            control: Arc::clone(&self.control),
+        }
+    }
+
+    /// What the kernel is told for `export`: the override block size, READ_ONLY, CAN_MULTI_CONN.
+    fn kernel_export(&self, export: &Export) -> Result<Export, LinkError> {
+        let o = &self.options;
+        let block_size = o.block_size_override().unwrap_or(export.block_size);
+        // A larger block size keeps every request aligned for the device; a smaller one would not.
+        if !block_size.is_power_of_two() || block_size < 512 || block_size % export.block_size != 0
+        {
+            return Err(LinkError::InvalidBlockSize { block_size });
+        }
+        let mut flags = export.flags;
+        if o.is_read_only() {
+            flags = TransmissionFlags(
+                (flags.0 | TransmissionFlags::READ_ONLY.0)
+                    & !(TransmissionFlags::SEND_TRIM.0 | TransmissionFlags::SEND_WRITE_ZEROES.0),
+            );
+        }
+        if o.connection_count() > 1 {
+            // Every connection serves the same device, so a FLUSH on one covers writes done on
+            // any: what CAN_MULTI_CONN promises.
+            flags |= TransmissionFlags::CAN_MULTI_CONN;
+        }
+        Ok(Export {
+            size: export.size - export.size % u64::from(block_size),
+            block_size,
+            flags,
+        })
+    }
+
+    fn start_inner(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+        let export = self.kernel_export(export)?;
+        // Protect the serving threads (created after this, from this thread) from the reclaim
+        // deadlock; not permitted everywhere, and then only reported by `io_flusher()`.
+        if self.options.wants_io_flusher() {
+            let ok = sys::set_io_flusher().is_ok();
+            self.control.lock().io_flusher = ok;
+        }
+        if self.options.wants_mlock() {
+            use nix::sys::mman::{mlockall, MlockAllFlags};
+            mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
+                .map_err(|e| LinkError::io("mlockall", e.into()))?;
+        }
+        let wanted = match self.options.device_path() {
+            Some(p) => Some(device_index(p)?),
+            None => None,
+        };
+        let setup = match self.options.setup_method() {
+            Setup::Auto => match NbdNetlink::open() {
+                Ok(nl) => SetupWith::Netlink(nl),
+                Err(RequestError::Errno(_) | RequestError::Io(_)) if driver_loaded() => {
+                    SetupWith::Ioctl
+                }
+                Err(e) => {
+                    return Err(request_error(
+                        Step::Family,
+                        e,
+                        &context(wanted, export.block_size),
+                    ))
+                }
+            },
+            Setup::Netlink => SetupWith::Netlink(NbdNetlink::open().map_err(|e| {
+                request_error(Step::Family, e, &context(wanted, export.block_size))
+            })?),
+            Setup::Ioctl => SetupWith::Ioctl,
+        };
+        let mut server_ends = Vec::new();
+        let mut kernel_ends = Vec::new();
+        for _ in 0..self.options.connection_count() {
+            let (server, kernel) =
+                UnixStream::pair().map_err(|e| LinkError::io("socketpair", e))?;
+            server_ends.push(server);
+            kernel_ends.push(kernel);
+        }
+        let clones = server_ends
+            .iter()
+            .map(UnixStream::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| LinkError::io("duplicating a socket", e))?;
+        let (index, setup, running) = match setup {
+            SetupWith::Netlink(mut nl) => {
+                let index = self.connect_netlink(&mut nl, wanted, &export, kernel_ends)?;
+                wait_ready(index, &export, || false);
+                (index, Setup::Netlink, Running::Netlink { index })
+            }
+            SetupWith::Ioctl => {
+                let (index, doit) = self.connect_ioctl(wanted, &export, kernel_ends)?;
+                self.control.lock().ioctl_fd = Some(doit.fd);
+                (
+                    index,
+                    Setup::Ioctl,
+                    Running::Ioctl {
+                        index,
+                        thread: doit.thread,
+                    },
+                )
+            }
+        };
+        self.server_ends = clones;
+        self.running = Some(running);
+        let pending_unmount = {
+            let mut st = self.control.lock();
+            st.index = Some(index);
+            st.setup = Some(setup);
+            st.export = Some(export);
+            st.phase = Phase::Running;
+            st.unmount_requested
+        };
+        self.control.changed.notify_all();
+        if pending_unmount {
+            // Asked for before the device existed: nothing can have been written yet.
+            self.handle().disconnect()?;
+        }
+        Ok(server_ends)
+    }
+
+    fn connect_netlink(
+        &self,
+        nl: &mut NbdNetlink,
+        wanted: Option<u32>,
+        export: &Export,
+        kernel_ends: Vec<UnixStream>,
+    ) -> Result<u32, LinkError> {
+        let cx = context(wanted, export.block_size);
+        if !block_size_ok(export.block_size, 65536) {
+            return Err(LinkError::InvalidBlockSize {
+                block_size: export.block_size,
+            });
+        }
+        let fds = kernel_ends
+            .iter()
+            .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
+            .collect();
+        let req = ConnectRequest {
+            index: wanted,
+            size: export.size,
+            block_size: u64::from(export.block_size),
+            flags: u64::from(export.flags.0),
+            timeout: self.options.timeout_value().map(whole_seconds),
+            dead_conn_timeout: self.options.dead_conn_timeout_value().map(whole_seconds),
+            fds,
+        };
+        let deadline = Instant::now() + BUSY_GRACE;
+        let result = loop {
+            match nl.connect(&req) {
+                // The kernel cannot tell a device in use from one that udev holds open for a
+                // moment after its last user left: give it the grace period.
+                Err(RequestError::Errno(EBUSY))
+                    if wanted.is_some() && Instant::now() < deadline =>
+                {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        // The kernel holds its own references to the sockets now (or none, on failure).
+        drop(kernel_ends);
+        result.map_err(|e| request_error(Step::Connect, e, &cx))
+    }
+
+    fn connect_ioctl(
+        &self,
+        wanted: Option<u32>,
+        export: &Export,
+        kernel_ends: Vec<UnixStream>,
+    ) -> Result<(u32, ioctl::DoIt), LinkError> {
+        let config = IoctlConfig {
+            block_size: export.block_size,
+            size: export.size,
+            flags: u64::from(export.flags.0),
+            timeout: self.options.timeout_value().map_or(0, whole_seconds),
+        };
+        let candidates = match wanted {
+            Some(i) => vec![i],
+            None => free_devices(),
+        };
+        if candidates.is_empty() {
+            return Err(if driver_loaded() {
+                LinkError::Busy {
+                    device: "every /dev/nbdN".into(),
+                }
+            } else {
+                LinkError::ModuleNotLoaded
+            });
+        }
+        let deadline = Instant::now() + BUSY_GRACE;
+        let mut last = None;
+        for index in candidates {
+            let cx = context(Some(index), export.block_size);
+            // Never configure a device that has a server: the ioctls (CLEAR_SOCK first of all)
+            // would break it. One that only lingers, held open by udev, frees up soon.
+            if wanted.is_some() && !wait_until_free(index, deadline) {
+                return Err(classify(Step::Other("NBD_SET_SOCK"), EBUSY, &cx));
+            }
+            loop {
+                match try_ioctl(index, config, export, &kernel_ends, &cx) {
+                    Ok(doit) => return Ok((index, doit)),
+                    Err(LinkError::Busy { .. })
+                        if wanted.is_some() && Instant::now() < deadline =>
+                    {
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    // With auto-pick, a device taken meanwhile is no reason to give up.
+                    Err(e @ LinkError::Busy { .. }) if wanted.is_none() => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(last.unwrap_or(LinkError::ModuleNotLoaded))
+    }
+
+    /// Releases the kernel side; idempotent.
+    fn release(&mut self) -> Result<(), LinkError> {
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        let result = match running {
+            Running::Netlink { index } => {
+                let already = std::mem::replace(&mut self.control.lock().disconnect_sent, true);
+                let r = if already {
+                    Ok(())
+                } else {
+                    send_disconnect(index, Setup::Netlink, None)
+                };
+                self.shutdown_server_ends();
+                r
+            }
+            Running::Ioctl { index, thread } => {
+                let requested = self.control.lock().disconnect_sent;
+                // DO_IT returns once the kernel sees every connection end.
+                self.shutdown_server_ends();
+                let r = match thread.join() {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) if requested => Ok(()),
+                    Ok(Err(e)) => Err(io_error(
+                        Step::Other(NbdIoctl::DoIt.name()),
+                        e,
+                        &context(Some(index), 512),
+                    )),
+                    Err(_) => Err(LinkError::io(
+                        NbdIoctl::DoIt.name(),
+                        io::Error::other("the DO_IT thread panicked"),
+                    )),
+                };
+                let fd = self.control.lock().ioctl_fd.take();
+                close_last(fd);
+                r
+            }
+        };
+        // Leave the device free for the next user: the kernel lets it go once udev, which
+        // probes it after every change, closes it too.
+        let index = self.control.lock().index;
+        if let Some(index) = index {
+            wait_until_free(index, Instant::now() + BUSY_GRACE);
+        }
+        self.control.set_phase(Phase::Ended);
+        result
+    }
+
+    fn shutdown_server_ends(&mut self) {
+        for s in self.server_ends.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+enum SetupWith {
+    Netlink(NbdNetlink),
+    Ioctl,
+}
+
+fn setup_error(e: SetupError, cx: &Context) -> LinkError {
+    let step = match e.ioctl {
+        None => Step::Open,
+        Some(i @ (NbdIoctl::SetBlksize | NbdIoctl::SetSizeBlocks)) => Step::SetSize(i.name()),
+        Some(i) => Step::Other(i.name()),
+    };
+    io_error(step, e.source, cx)
+}
+
+/// NBD devices that exist and are not connected, lowest index first.
+fn free_devices() -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/sys/block")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| device_index(Path::new(&e.file_name())).ok())
+                .filter(|&i| !device_connected(i))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// One attempt at the ioctl set-up of `/dev/nbd{index}`, up to the device running.
+fn try_ioctl(
+    index: u32,
+    config: IoctlConfig,
+    export: &Export,
+    kernel_ends: &[UnixStream],
+    cx: &Context,
+) -> Result<ioctl::DoIt, LinkError> {
+    let ends = kernel_ends
+        .iter()
+        .map(UnixStream::try_clone)
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| LinkError::io("duplicating a socket", e))?;
+    let doit = ioctl::start(&device_path(index), config, ends).map_err(|e| setup_error(e, cx))?;
+    if wait_ready(index, export, || doit.thread.is_finished()) {
+        return Ok(doit);
+    }
+    Err(match doit.thread.join() {
+        Ok(Err(e)) => io_error(Step::Other(NbdIoctl::DoIt.name()), e, cx),
+        _ => LinkError::io(
+            NbdIoctl::DoIt.name(),
+            io::Error::other("the device stopped as soon as it started"),
+        ),
+    })
+}
+
+fn sysfs_u64(index: u32, attr: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/{attr}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until the kernel shows the device running with the export's size and block size (it
+/// applies them after it publishes the `pid` attribute), or `stopped()`. After
+/// [`START_TIMEOUT`] it gives up waiting and lets I/O find out.
+fn wait_ready(index: u32, export: &Export, stopped: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if stopped() {
+            return false;
+        }
+        let ready = device_connected(index)
+            && sysfs_u64(index, "size") == Some(export.size / 512)
+            && sysfs_u64(index, "queue/logical_block_size") == Some(u64::from(export.block_size));
+        if ready || Instant::now() >= deadline {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `/dev/nbd{index}` has no configuration left (no `pid` attribute); false if it
+/// still has one at `deadline`.
+fn wait_until_free(index: u32, deadline: Instant) -> bool {
+    while device_connected(index) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Closes the device node once no handle still uses it (a flush or timeout change in flight
+/// holds a reference for the length of one call).
+fn close_last(fd: Option<Arc<OwnedFd>>) {
+    let Some(mut fd) = fd else { return };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(fd) {
+            Ok(owned) => return drop(owned),
+            Err(shared) if Instant::now() < deadline => {
+                fd = shared;
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+impl KernelLink for NbdLink {
+    fn start(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+        {
+            let mut st = self.control.lock();
+            if st.phase != Phase::Idle {
+                return Err(LinkError::AlreadyStarted);
+            }
+            st.phase = Phase::Starting;
+        }
+        let result = self.start_inner(export);
+        if result.is_err() {
+            self.control.set_phase(Phase::Failed);
+        }
+        result
+    }
+
+    fn finish(&mut self) -> Result<(), LinkError> {
+        self.release()
+    }
+}
+
+impl Drop for NbdLink {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(block_size: u32, flags: u16) -> Export {
+        Export {
+            size: (64 << 20) + 512,
+            block_size,
+            flags: TransmissionFlags(flags),
+        }
+    }
+
+    #[test]
+    fn kernel_export_applies_options() {
+        let link = NbdLink::new(
+            &MountOptions::new()
+                .read_only(true)
+                .connections(2)
+                .block_size(4096),
+        );
+        let e = link.kernel_export(&export(512, 0b110_0101)).unwrap();
+        assert_eq!(e.block_size, 4096);
+        assert_eq!(e.size, 64 << 20, "rounded down to the block size");
+        let f = e.flags;
+        assert!(f.contains(TransmissionFlags::READ_ONLY));
+        assert!(f.contains(TransmissionFlags::CAN_MULTI_CONN));
+        assert!(!f.contains(TransmissionFlags::SEND_TRIM));
+        assert!(!f.contains(TransmissionFlags::SEND_WRITE_ZEROES));
+        assert!(f.contains(TransmissionFlags::SEND_FLUSH));
+    }
+
+    #[test]
+    fn block_size_below_the_devices_is_invalid() {
+        let link = NbdLink::new(&MountOptions::new().block_size(512));
+        let e = link.kernel_export(&export(4096, 1)).unwrap_err();
+        assert!(
+            matches!(e, LinkError::InvalidBlockSize { block_size: 512 }),
+            "{e:?}"
+        );
+        let link = NbdLink::new(&MountOptions::new().block_size(3000));
+        assert!(matches!(
+            link.kernel_export(&export(512, 1)),
+            Err(LinkError::InvalidBlockSize { block_size: 3000 })
+        ));
+    }
+
+    #[test]
+    fn a_handle_before_start_knows_nothing_and_does_nothing() {
+        let link = NbdLink::new(&MountOptions::new());
+        let h = link.handle();
+        assert_eq!(h.index(), None);
+        assert!(!h.is_mounted());
+        h.unmount().unwrap();
+        assert!(matches!(
+            h.set_timeout(Duration::from_secs(1)),
+            Err(LinkError::NotConnected { .. })
+        ));
+    }
+
+    #[test]
+    fn timeouts_round_up_to_seconds() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
+        assert_eq!(whole_seconds(Duration::from_millis(30_001)), 31);
+    }
+}

@@ -1,0 +1,772 @@
+//! Generic netlink for the NBD driver (family "nbd", include/uapi/linux/nbd-netlink.h), hand-rolled
+//! on a raw `NETLINK_GENERIC` socket: the handful of messages needed does not justify a netlink
+//! crate. The wire format (message building and parsing) is pure and apart from the socket, so
+//! tests check it against byte fixtures.
+//!
+//! Layout, all integers in host byte order, every part padded to 4 bytes:
+//! `nlmsghdr { len u32, type u16, flags u16, seq u32, pid u32 }`,
+//! `genlmsghdr { cmd u8, version u8, reserved u16 }`, then attributes
+//! `nlattr { len u16, type u16 }` + payload (`len` counts the 4-byte header, not the padding).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::sys::socket::{
+    bind, recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
+};
+use nix::sys::time::TimeVal;
+
+/// `nlmsghdr` length.
+const NLMSG_HDRLEN: usize = 16;
+/// `genlmsghdr` length.
+const GENL_HDRLEN: usize = 4;
+/// `nlattr` header length.
+const NLA_HDRLEN: usize = 4;
+
+/// `NLMSG_ERROR`: an error or, with error 0, an acknowledgement.
+const NLMSG_ERROR: u16 = 2;
+/// `NLMSG_DONE`: the end of a multi-part reply.
+const NLMSG_DONE: u16 = 3;
+/// `NLM_F_REQUEST`.
+const NLM_F_REQUEST: u16 = 1;
+/// `NLM_F_ACK`: ask for an acknowledgement, so that every request ends with an `NLMSG_ERROR`.
+const NLM_F_ACK: u16 = 4;
+/// Attribute type bits that are flags (`NLA_F_NESTED`, `NLA_F_NET_BYTEORDER`), not the type.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The generic netlink controller's fixed family id (`GENL_ID_CTRL`).
+pub(crate) const GENL_ID_CTRL: u16 = 0x10;
+/// `CTRL_CMD_NEWFAMILY`: the controller's answer to GETFAMILY.
+const CTRL_CMD_NEWFAMILY: u8 = 1;
+/// `CTRL_CMD_GETFAMILY`.
+const CTRL_CMD_GETFAMILY: u8 = 3;
+/// `CTRL_ATTR_FAMILY_ID` (u16).
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+/// `CTRL_ATTR_FAMILY_NAME` (string).
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+
+/// The NBD family's name and version (`NBD_GENL_FAMILY_NAME`, `NBD_GENL_VERSION`).
+pub(crate) const NBD_FAMILY: &str = "nbd";
+const NBD_GENL_VERSION: u8 = 1;
+
+/// NBD generic netlink commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NbdCmd {
+    /// `NBD_CMD_CONNECT`.
+    Connect = 1,
+    /// `NBD_CMD_DISCONNECT`.
+    Disconnect = 2,
+    /// `NBD_CMD_RECONFIGURE`.
+    Reconfigure = 3,
+    /// `NBD_CMD_STATUS`.
+    Status = 5,
+}
+
+impl NbdCmd {
+    /// The command's name, for error messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            NbdCmd::Connect => "netlink NBD_CMD_CONNECT",
+            NbdCmd::Disconnect => "netlink NBD_CMD_DISCONNECT",
+            NbdCmd::Reconfigure => "netlink NBD_CMD_RECONFIGURE",
+            NbdCmd::Status => "netlink NBD_CMD_STATUS",
+        }
+    }
+}
+
+/// `NBD_ATTR_*`.
+pub(crate) mod attr {
+    pub(crate) const INDEX: u16 = 1;
+    pub(crate) const SIZE_BYTES: u16 = 2;
+    pub(crate) const BLOCK_SIZE_BYTES: u16 = 3;
+    pub(crate) const TIMEOUT: u16 = 4;
+    pub(crate) const SERVER_FLAGS: u16 = 5;
+    pub(crate) const SOCKETS: u16 = 7;
+    pub(crate) const DEAD_CONN_TIMEOUT: u16 = 8;
+    pub(crate) const DEVICE_LIST: u16 = 9;
+    /// `NBD_SOCK_ITEM`, inside SOCKETS.
+    pub(crate) const SOCK_ITEM: u16 = 1;
+    /// `NBD_SOCK_FD` (u32), inside SOCK_ITEM.
+    pub(crate) const SOCK_FD: u16 = 1;
+    /// `NBD_DEVICE_ITEM`, inside DEVICE_LIST.
+    pub(crate) const DEVICE_ITEM: u16 = 1;
+    /// `NBD_DEVICE_INDEX` (u32), inside DEVICE_ITEM.
+    pub(crate) const DEVICE_INDEX: u16 = 1;
+    /// `NBD_DEVICE_CONNECTED` (u8), inside DEVICE_ITEM.
+    pub(crate) const DEVICE_CONNECTED: u16 = 2;
+}
+
+/// An attribute to encode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Attr {
+    /// A u32 payload.
+    U32(u16, u32),
+    /// A u64 payload.
+    U64(u16, u64),
+    /// A NUL-terminated string.
+    Str(u16, String),
+    /// Attributes nested inside this one.
+    Nested(u16, Vec<Attr>),
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn put_attr_header(buf: &mut Vec<u8>, kind: u16, payload_len: usize) {
+    // Lengths are bounded by what this module builds (a few hundred bytes).
+    let len = u16::try_from(NLA_HDRLEN + payload_len).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+}
+
+fn pad(buf: &mut Vec<u8>) {
+    buf.resize(align4(buf.len()), 0);
+}
+
+impl Attr {
+    fn encode(&self, buf: &mut Vec<u8>) {
+        match self {
+            Attr::U32(kind, v) => {
+                put_attr_header(buf, *kind, 4);
+                buf.extend_from_slice(&v.to_ne_bytes());
+            }
+            Attr::U64(kind, v) => {
+                put_attr_header(buf, *kind, 8);
+                buf.extend_from_slice(&v.to_ne_bytes());
+            }
+            Attr::Str(kind, s) => {
+                put_attr_header(buf, *kind, s.len() + 1);
+                buf.extend_from_slice(s.as_bytes());
+                buf.push(0);
+            }
+            Attr::Nested(kind, children) => {
+                let start = buf.len();
+                put_attr_header(buf, *kind, 0);
+                for c in children {
+                    c.encode(buf);
+                }
+                let len = u16::try_from(buf.len() - start).unwrap_or(u16::MAX);
+                buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+            }
+        }
+        pad(buf);
+    }
+}
+
+/// Builds one generic netlink request: headers and attributes, asking for an acknowledgement.
+pub(crate) fn encode_request(
+    family: u16,
+    seq: u32,
+    cmd: u8,
+    version: u8,
+    attrs: &[Attr],
+) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64);
+    buf.extend_from_slice(&[0; NLMSG_HDRLEN]);
+    buf.extend_from_slice(&[cmd, version, 0, 0]);
+    for a in attrs {
+        a.encode(&mut buf);
+    }
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    buf[0..4].copy_from_slice(&len.to_ne_bytes());
+    buf[4..6].copy_from_slice(&family.to_ne_bytes());
+    buf[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // pid 0: the kernel fills in our port id.
+    buf
+}
+
+/// The GETFAMILY request that resolves a family name to its id.
+pub(crate) fn get_family_request(seq: u32, name: &str) -> Vec<u8> {
+    encode_request(
+        GENL_ID_CTRL,
+        seq,
+        CTRL_CMD_GETFAMILY,
+        1,
+        &[Attr::Str(CTRL_ATTR_FAMILY_NAME, name.to_string())],
+    )
+}
+
+/// Why bytes from the netlink socket could not be understood.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DecodeError {
+    /// A header or attribute runs past the end of the buffer, or claims a length below its own
+    /// header.
+    #[error("truncated or malformed netlink message at byte {0}")]
+    Malformed(usize),
+    /// A reply lacked an attribute the request's answer must carry.
+    #[error("netlink reply without attribute {0}")]
+    MissingAttr(u16),
+}
+
+/// One netlink message as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Message<'a> {
+    /// `nlmsg_type`: a family id, or NLMSG_ERROR / NLMSG_DONE.
+    pub(crate) kind: u16,
+    /// `nlmsg_seq`.
+    pub(crate) seq: u32,
+    /// Everything after the netlink header.
+    pub(crate) payload: &'a [u8],
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Splits a datagram into its messages.
+pub(crate) fn parse_messages(buf: &[u8]) -> Result<Vec<Message<'_>>, DecodeError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + NLMSG_HDRLEN <= buf.len() {
+        let len = u32_at(buf, at).ok_or(DecodeError::Malformed(at))? as usize;
+        if len < NLMSG_HDRLEN || at + len > buf.len() {
+            return Err(DecodeError::Malformed(at));
+        }
+        out.push(Message {
+            kind: u16_at(buf, at + 4).ok_or(DecodeError::Malformed(at))?,
+            seq: u32_at(buf, at + 8).ok_or(DecodeError::Malformed(at))?,
+            payload: &buf[at + NLMSG_HDRLEN..at + len],
+        });
+        at += align4(len);
+    }
+    Ok(out)
+}
+
+/// Attributes as (type, payload) pairs, the flag bits masked off the type.
+pub(crate) fn parse_attrs(buf: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + NLA_HDRLEN <= buf.len() {
+        let len = usize::from(u16_at(buf, at).ok_or(DecodeError::Malformed(at))?);
+        if len < NLA_HDRLEN || at + len > buf.len() {
+            return Err(DecodeError::Malformed(at));
+        }
+        let kind = u16_at(buf, at + 2).ok_or(DecodeError::Malformed(at))? & NLA_TYPE_MASK;
+        out.push((kind, &buf[at + NLA_HDRLEN..at + len]));
+        at += align4(len);
+    }
+    Ok(out)
+}
+
+/// The attributes of a generic netlink message's payload (after its `genlmsghdr`).
+pub(crate) fn genl_attrs(payload: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
+    let body = payload
+        .get(GENL_HDRLEN..)
+        .ok_or(DecodeError::Malformed(0))?;
+    parse_attrs(body)
+}
+
+fn find<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
+    attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
+}
+
+fn attr_u32(attrs: &[(u16, &[u8])], kind: u16) -> Result<u32, DecodeError> {
+    find(attrs, kind)
+        .and_then(|v| u32_at(v, 0))
+        .ok_or(DecodeError::MissingAttr(kind))
+}
+
+/// The family id in the controller's answer to GETFAMILY.
+pub(crate) fn parse_family_id(payload: &[u8]) -> Result<u16, DecodeError> {
+    let attrs = genl_attrs(payload)?;
+    find(&attrs, CTRL_ATTR_FAMILY_ID)
+        .and_then(|v| u16_at(v, 0))
+        .ok_or(DecodeError::MissingAttr(CTRL_ATTR_FAMILY_ID))
+}
+
+/// The device index in the kernel's answer to CONNECT.
+pub(crate) fn parse_connect_reply(payload: &[u8]) -> Result<u32, DecodeError> {
+    attr_u32(&genl_attrs(payload)?, attr::INDEX)
+}
+
+/// One device in a STATUS answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// The device's index: `/dev/nbd{index}`.
+    pub index: u32,
+    /// Whether the device has a configuration: connected, being set up, or merely held open
+    /// (the kernel counts any opener). A device that is not connected is free to use.
+    pub connected: bool,
+}
+
+/// The devices in the kernel's answer to STATUS.
+pub(crate) fn parse_status_reply(payload: &[u8]) -> Result<Vec<DeviceStatus>, DecodeError> {
+    let attrs = genl_attrs(payload)?;
+    let Some(list) = find(&attrs, attr::DEVICE_LIST) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (kind, item) in parse_attrs(list)? {
+        if kind != attr::DEVICE_ITEM {
+            continue;
+        }
+        let fields = parse_attrs(item)?;
+        out.push(DeviceStatus {
+            index: attr_u32(&fields, attr::DEVICE_INDEX)?,
+            connected: find(&fields, attr::DEVICE_CONNECTED)
+                .and_then(|v| v.first())
+                .ok_or(DecodeError::MissingAttr(attr::DEVICE_CONNECTED))?
+                != &0,
+        });
+    }
+    Ok(out)
+}
+
+/// What a request's answer was: the messages that came before the acknowledgement, or the
+/// kernel's errno.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Acknowledged; the payloads of the replies that came first.
+    Ok(Vec<Vec<u8>>),
+    /// The kernel answered with this (positive) errno.
+    Errno(i32),
+}
+
+/// Feeds received datagrams for request `seq` into an outcome; `None` until the
+/// acknowledgement (or error) arrives.
+#[derive(Debug, Default)]
+pub(crate) struct Collector {
+    replies: Vec<Vec<u8>>,
+}
+
+impl Collector {
+    pub(crate) fn feed(
+        &mut self,
+        seq: u32,
+        datagram: &[u8],
+    ) -> Result<Option<Outcome>, DecodeError> {
+        for m in parse_messages(datagram)? {
+            if m.seq != seq {
+                continue;
+            }
+            match m.kind {
+                NLMSG_ERROR => {
+                    let raw = u32_at(m.payload, 0).ok_or(DecodeError::Malformed(0))? as i32;
+                    return Ok(Some(if raw == 0 {
+                        Outcome::Ok(std::mem::take(&mut self.replies))
+                    } else {
+                        Outcome::Errno(raw.saturating_neg())
+                    }));
+                }
+                NLMSG_DONE => return Ok(Some(Outcome::Ok(std::mem::take(&mut self.replies)))),
+                _ => self.replies.push(m.payload.to_vec()),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A connected generic netlink socket.
+#[derive(Debug)]
+pub(crate) struct GenlSocket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+/// A failed request: the socket broke, or the kernel said no.
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    /// The kernel's errno.
+    Errno(i32),
+    /// The socket failed or the answer was not understood.
+    Io(io::Error),
+}
+
+impl GenlSocket {
+    /// Opens and binds a socket; answers are awaited at most 30 s (CONNECT may wait for the
+    /// kernel to add a device).
+    pub(crate) fn open() -> io::Result<GenlSocket> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkGeneric,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(30, 0))?;
+        Ok(GenlSocket { fd, seq: 0 })
+    }
+
+    /// Sends a request built by `build(seq)` and waits for its acknowledgement.
+    pub(crate) fn request(
+        &mut self,
+        build: impl FnOnce(u32) -> Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, RequestError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let msg = build(seq);
+        send(self.fd.as_raw_fd(), &msg, MsgFlags::empty())
+            .map_err(|e| RequestError::Io(e.into()))?;
+        let mut collector = Collector::default();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(RequestError::Io(e.into())),
+            };
+            match collector.feed(seq, &buf[..n]) {
+                Ok(Some(Outcome::Ok(replies))) => return Ok(replies),
+                Ok(Some(Outcome::Errno(e))) => return Err(RequestError::Errno(e)),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(RequestError::Io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        e,
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Resolves a generic netlink family's id (ENOENT: no such family).
+    pub(crate) fn family(&mut self, name: &str) -> Result<u16, RequestError> {
+        let replies = self.request(|seq| get_family_request(seq, name))?;
+        replies
+            .iter()
+            .find_map(|p| match p.first() {
+                Some(&CTRL_CMD_NEWFAMILY) => parse_family_id(p).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                RequestError::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    DecodeError::MissingAttr(CTRL_ATTR_FAMILY_ID),
+                ))
+            })
+    }
+}
+
+/// The NBD family on a generic netlink socket.
+#[derive(Debug)]
+pub(crate) struct NbdNetlink {
+    sock: GenlSocket,
+    family: u16,
+}
+
+/// What CONNECT tells the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ConnectRequest {
+    /// The device, or `None` to let the kernel pick a free one.
+    pub(crate) index: Option<u32>,
+    pub(crate) size: u64,
+    pub(crate) block_size: u64,
+    pub(crate) flags: u64,
+    /// Request timeout in seconds, if any.
+    pub(crate) timeout: Option<u64>,
+    /// Dead-connection timeout in seconds, if any.
+    pub(crate) dead_conn_timeout: Option<u64>,
+    /// The kernel's ends of the connections.
+    pub(crate) fds: Vec<u32>,
+}
+
+impl ConnectRequest {
+    /// Its attributes, in the order nbd-client sends them.
+    pub(crate) fn attrs(&self) -> Vec<Attr> {
+        let mut attrs = Vec::new();
+        if let Some(i) = self.index {
+            attrs.push(Attr::U32(attr::INDEX, i));
+        }
+        attrs.push(Attr::U64(attr::SIZE_BYTES, self.size));
+        attrs.push(Attr::U64(attr::BLOCK_SIZE_BYTES, self.block_size));
+        attrs.push(Attr::U64(attr::SERVER_FLAGS, self.flags));
+        if let Some(t) = self.timeout {
+            attrs.push(Attr::U64(attr::TIMEOUT, t));
+        }
+        if let Some(t) = self.dead_conn_timeout {
+            attrs.push(Attr::U64(attr::DEAD_CONN_TIMEOUT, t));
+        }
+        let socks = self
+            .fds
+            .iter()
+            .map(|&fd| Attr::Nested(attr::SOCK_ITEM, vec![Attr::U32(attr::SOCK_FD, fd)]))
+            .collect();
+        attrs.push(Attr::Nested(attr::SOCKETS, socks));
+        attrs
+    }
+}
+
+impl NbdNetlink {
+    /// Opens a socket and resolves the "nbd" family (loading the module if root and it is
+    /// installed: the kernel asks for `net-pf-16-proto-16-family-nbd`).
+    pub(crate) fn open() -> Result<NbdNetlink, RequestError> {
+        let mut sock = GenlSocket::open().map_err(RequestError::Io)?;
+        let family = sock.family(NBD_FAMILY)?;
+        Ok(NbdNetlink { sock, family })
+    }
+
+    fn call(&mut self, cmd: NbdCmd, attrs: &[Attr]) -> Result<Vec<Vec<u8>>, RequestError> {
+        let family = self.family;
+        self.sock
+            .request(|seq| encode_request(family, seq, cmd as u8, NBD_GENL_VERSION, attrs))
+    }
+
+    /// CONNECT; returns the device's index.
+    pub(crate) fn connect(&mut self, req: &ConnectRequest) -> Result<u32, RequestError> {
+        let replies = self.call(NbdCmd::Connect, &req.attrs())?;
+        for p in &replies {
+            if let Ok(i) = parse_connect_reply(p) {
+                return Ok(i);
+            }
+        }
+        // A kernel that acknowledged without saying which device: only possible with an index.
+        req.index.ok_or_else(|| {
+            RequestError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                DecodeError::MissingAttr(attr::INDEX),
+            ))
+        })
+    }
+
+    /// DISCONNECT: DISC on every socket, then the sockets are shut down.
+    pub(crate) fn disconnect(&mut self, index: u32) -> Result<(), RequestError> {
+        self.call(NbdCmd::Disconnect, &[Attr::U32(attr::INDEX, index)])
+            .map(drop)
+    }
+
+    /// RECONFIGURE with a new request timeout (seconds).
+    pub(crate) fn set_timeout(&mut self, index: u32, seconds: u64) -> Result<(), RequestError> {
+        self.call(
+            NbdCmd::Reconfigure,
+            &[
+                Attr::U32(attr::INDEX, index),
+                Attr::U64(attr::TIMEOUT, seconds),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// STATUS of one device, or of all.
+    pub(crate) fn status(&mut self, index: Option<u32>) -> Result<Vec<DeviceStatus>, RequestError> {
+        let attrs: Vec<Attr> = index
+            .map(|i| Attr::U32(attr::INDEX, i))
+            .into_iter()
+            .collect();
+        let replies = self.call(NbdCmd::Status, &attrs)?;
+        let mut out = Vec::new();
+        for p in &replies {
+            out.extend(
+                parse_status_reply(p)
+                    .map_err(|e| RequestError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_family_request_bytes() {
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            0x1c, 0x00, 0x00, 0x00, // nlmsg_len 28
+            0x10, 0x00,             // nlmsg_type GENL_ID_CTRL
+            0x05, 0x00,             // flags REQUEST | ACK
+            0x07, 0x00, 0x00, 0x00, // seq 7
+            0x00, 0x00, 0x00, 0x00, // pid 0 (the kernel fills it in)
+            0x03,                   // cmd CTRL_CMD_GETFAMILY
+            0x01,                   // version 1
+            0x00, 0x00,             // reserved
+            0x08, 0x00,             // nla_len 8 (4 header + "nbd\0")
+            0x02, 0x00,             // nla_type CTRL_ATTR_FAMILY_NAME
+            b'n', b'b', b'd', 0x00, // "nbd", NUL-terminated, already 4-aligned
+        ];
+        assert_eq!(get_family_request(7, "nbd"), want);
+    }
+
+    #[test]
+    fn connect_request_bytes() {
+        let req = ConnectRequest {
+            index: Some(3),
+            size: 64 << 20,
+            block_size: 4096,
+            flags: 0x10d,
+            timeout: Some(30),
+            dead_conn_timeout: None,
+            fds: vec![5, 6],
+        };
+        let bytes = encode_request(
+            0x1a,
+            1,
+            NbdCmd::Connect as u8,
+            NBD_GENL_VERSION,
+            &req.attrs(),
+        );
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            0x68, 0x00, 0x00, 0x00, // nlmsg_len 104
+            0x1a, 0x00,             // nlmsg_type: the nbd family's id
+            0x05, 0x00,             // flags REQUEST | ACK
+            0x01, 0x00, 0x00, 0x00, // seq 1
+            0x00, 0x00, 0x00, 0x00, // pid
+            0x01, 0x01, 0x00, 0x00, // cmd CONNECT, version 1, reserved
+            0x08, 0x00, 0x01, 0x00, // NBD_ATTR_INDEX, 8 bytes
+            0x03, 0x00, 0x00, 0x00, //   3
+            0x0c, 0x00, 0x02, 0x00, // NBD_ATTR_SIZE_BYTES, 12 bytes
+            0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, // 64 MiB
+            0x0c, 0x00, 0x03, 0x00, // NBD_ATTR_BLOCK_SIZE_BYTES
+            0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // 4096
+            0x0c, 0x00, 0x05, 0x00, // NBD_ATTR_SERVER_FLAGS
+            0x0d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // HAS_FLAGS|SEND_FLUSH|SEND_FUA|CAN_MULTI_CONN
+            0x0c, 0x00, 0x04, 0x00, // NBD_ATTR_TIMEOUT
+            0x1e, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // 30 s
+            0x1c, 0x00, 0x07, 0x00, // NBD_ATTR_SOCKETS, 28 bytes, nested:
+            0x0c, 0x00, 0x01, 0x00, //   NBD_SOCK_ITEM, 12 bytes, nested:
+            0x08, 0x00, 0x01, 0x00, //     NBD_SOCK_FD
+            0x05, 0x00, 0x00, 0x00, //     fd 5
+            0x0c, 0x00, 0x01, 0x00, //   NBD_SOCK_ITEM
+            0x08, 0x00, 0x01, 0x00, //     NBD_SOCK_FD
+            0x06, 0x00, 0x00, 0x00, //     fd 6
+        ];
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn parses_family_reply() {
+        #[rustfmt::skip]
+        let datagram: &[u8] = &[
+            0x24, 0x00, 0x00, 0x00, // nlmsg_len 36
+            0x10, 0x00, 0x00, 0x00, // GENL_ID_CTRL, flags 0
+            0x01, 0x00, 0x00, 0x00, // seq 1
+            0x99, 0x00, 0x00, 0x00, // pid
+            0x01, 0x02, 0x00, 0x00, // cmd NEWFAMILY, version 2
+            0x06, 0x00, 0x01, 0x00, // CTRL_ATTR_FAMILY_ID, 6 bytes
+            0x1a, 0x00, 0x00, 0x00, //   0x1a, then 2 bytes padding
+            0x08, 0x00, 0x02, 0x00, // CTRL_ATTR_FAMILY_NAME
+            b'n', b'b', b'd', 0x00, //   "nbd"
+        ];
+        let msgs = parse_messages(datagram).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].kind, GENL_ID_CTRL);
+        assert_eq!(parse_family_id(msgs[0].payload), Ok(0x1a));
+    }
+
+    #[test]
+    fn collects_reply_then_ack() {
+        #[rustfmt::skip]
+        let datagram: &[u8] = &[
+            // The CONNECT reply.
+            0x1c, 0x00, 0x00, 0x00, // nlmsg_len 28
+            0x1a, 0x00, 0x00, 0x00, // nbd family
+            0x04, 0x00, 0x00, 0x00, // seq 4
+            0x00, 0x00, 0x00, 0x00, // pid
+            0x01, 0x01, 0x00, 0x00, // cmd CONNECT, version 1
+            0x08, 0x00, 0x01, 0x00, // NBD_ATTR_INDEX
+            0x02, 0x00, 0x00, 0x00, //   nbd2
+            // The acknowledgement.
+            0x24, 0x00, 0x00, 0x00, // nlmsg_len 36
+            0x02, 0x00, 0x00, 0x01, // NLMSG_ERROR, flags NLM_F_CAPPED
+            0x04, 0x00, 0x00, 0x00, // seq 4
+            0x00, 0x00, 0x00, 0x00, // pid
+            0x00, 0x00, 0x00, 0x00, // error 0: success
+            0x6c, 0x00, 0x00, 0x00, // the request's header, echoed
+            0x1a, 0x00, 0x05, 0x00,
+            0x04, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00,
+        ];
+        let mut c = Collector::default();
+        let Some(Outcome::Ok(replies)) = c.feed(4, datagram).unwrap() else {
+            panic!("no outcome");
+        };
+        assert_eq!(replies.len(), 1);
+        assert_eq!(parse_connect_reply(&replies[0]), Ok(2));
+    }
+
+    #[test]
+    fn error_reply_carries_positive_errno() {
+        #[rustfmt::skip]
+        let datagram: &[u8] = &[
+            0x24, 0x00, 0x00, 0x00, // nlmsg_len 36
+            0x02, 0x00, 0x00, 0x01, // NLMSG_ERROR
+            0x09, 0x00, 0x00, 0x00, // seq 9
+            0x00, 0x00, 0x00, 0x00, // pid
+            0xf0, 0xff, 0xff, 0xff, // error -16 (EBUSY)
+            0x1c, 0x00, 0x00, 0x00, // echoed header
+            0x1a, 0x00, 0x05, 0x00,
+            0x09, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00,
+        ];
+        let mut c = Collector::default();
+        assert_eq!(
+            c.feed(8, datagram).unwrap(),
+            None,
+            "other sequence numbers are ignored"
+        );
+        assert_eq!(c.feed(9, datagram).unwrap(), Some(Outcome::Errno(16)));
+    }
+
+    #[test]
+    fn parses_status_list() {
+        #[rustfmt::skip]
+        let payload: &[u8] = &[
+            0x05, 0x01, 0x00, 0x00, // cmd STATUS, version 1
+            0x2c, 0x00, 0x09, 0x00, // NBD_ATTR_DEVICE_LIST, 44 bytes
+            0x14, 0x00, 0x01, 0x00, //   NBD_DEVICE_ITEM, 20 bytes (padding included)
+            0x08, 0x00, 0x01, 0x00, //     NBD_DEVICE_INDEX
+            0x00, 0x00, 0x00, 0x00, //     0
+            0x05, 0x00, 0x02, 0x00, //     NBD_DEVICE_CONNECTED, 5 bytes
+            0x01, 0x00, 0x00, 0x00, //     1, then padding
+            0x14, 0x00, 0x01, 0x80, //   NBD_DEVICE_ITEM with NLA_F_NESTED set
+            0x08, 0x00, 0x01, 0x00, //     NBD_DEVICE_INDEX
+            0x01, 0x00, 0x00, 0x00, //     1
+            0x05, 0x00, 0x02, 0x00, //     NBD_DEVICE_CONNECTED
+            0x00, 0x00, 0x00, 0x00, //     0
+        ];
+        assert_eq!(
+            parse_status_reply(payload),
+            Ok(vec![
+                DeviceStatus {
+                    index: 0,
+                    connected: true
+                },
+                DeviceStatus {
+                    index: 1,
+                    connected: false
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        assert_eq!(
+            parse_messages(&[0x30, 0, 0, 0, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::Malformed(0)),
+            "nlmsg_len beyond the datagram"
+        );
+        assert_eq!(
+            parse_messages(&[0x02, 0, 0, 0, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::Malformed(0)),
+            "nlmsg_len below the header"
+        );
+        assert_eq!(
+            parse_attrs(&[0x02, 0, 1, 0]),
+            Err(DecodeError::Malformed(0))
+        );
+        assert_eq!(
+            parse_attrs(&[0x09, 0, 1, 0, 0]),
+            Err(DecodeError::Malformed(0))
+        );
+        assert_eq!(genl_attrs(&[1, 1]), Err(DecodeError::Malformed(0)));
+        assert_eq!(
+            parse_connect_reply(&[1, 1, 0, 0]),
+            Err(DecodeError::MissingAttr(attr::INDEX))
+        );
+        for n in 0..64 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37 + n) as u8).collect();
+            let _ = parse_messages(&junk);
+            let _ = parse_attrs(&junk);
+            let _ = parse_status_reply(&junk);
+        }
+    }
+}
