@@ -1,25 +1,25 @@
 //! [`Server`]: reads NBD requests from a [`KernelLink`]'s sockets, validates them, calls the
 //! [`BlockDevice`] and writes the replies.
 //!
-//! [`Server::run`] serves every connection at once: one reader thread per connection hands valid
-//! requests to a pool of workers, which reply as soon as the device answers, so replies go out
-//! of order and many requests are in flight. [`Server::handle_one`] does exactly one request,
-//! synchronously, for tests that drive the protocol step by step.
+//! [`Server::run`] serves every connection at once, each with threads of its own (as nbdkit
+//! does): the threads of a connection take turns reading the next request; the one that read it
+//! lets go, so that another reads while it calls the device, and replies as soon as the device
+//! answers. So replies go out of order, many requests are in flight, and no request waits for a
+//! hand-off between threads. [`Server::handle_one`] does exactly one request, synchronously, for
+//! tests that drive the protocol step by step.
 //!
 //! The hot path, per request in steady state: no heap allocation (request buffers are recycled
-//! and bounded by permits: at most `queue_depth + workers` requests between their header and
-//! their reply, after which the reader stops reading and the kernel waits); no copy but the
-//! device's own (WRITE payloads are read from the socket straight into the buffer the device
-//! gets; READ data goes from that buffer to the socket); a reader takes every request that has
-//! arrived with one `read`; replies that complete together leave in one `writev`, header and READ
-//! data side by side, and no thread ever waits for another's `writev` unless it has large data
-//! of its own to send.
+//! and bounded by permits: at most `queue_depth` plus one per thread between their header and
+//! their reply, after which reading stops and the kernel waits); no copy but the device's own
+//! (WRITE payloads go from the socket straight into the buffer the device gets, READ data from
+//! that buffer to the socket); one `read` takes every request that has arrived; replies that
+//! complete together leave in one `writev`, header and READ data side by side, and no thread
+//! waits for another's `writev` unless it has large data of its own to send.
 //!
 //! The rules it keeps: the device never sees a request outside its size, misaligned, empty, or
 //! for a command it did not advertise; every request gets exactly one reply; no payload follows an
 //! error reply; nothing the socket brings makes it panic.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
@@ -39,16 +39,17 @@ use crate::proto::{
 /// Tuning for a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
-    /// Worker threads calling the device. Default: twice the CPUs, between 4 and 16.
+    /// Threads serving each connection, each calling the device for one request at a time.
+    /// Default: twice the CPUs, between 4 and 16.
     ///
-    /// `0`: no workers; each connection's reader calls the device itself, one request at a
-    /// time, and writes the replies of a burst together. The least overhead per request for a
+    /// `0` or `1`: one thread per connection, which also holds replies back while more requests
+    /// are already buffered and writes them together. The least overhead per request for a
     /// device that never blocks (RAM); concurrency then comes from the connections alone.
     pub workers: usize,
-    /// Requests read ahead of the workers, over all connections. At most this many plus
-    /// `workers` requests are between their header and their reply (each holding its data
-    /// buffer); then the readers stop reading until replies have gone out (back-pressure), so
-    /// memory stays bounded however long the run. Default: 256.
+    /// Replies that may wait to be written, over all connections. At most this many requests
+    /// plus one per thread are between their header and their reply (each holding its data
+    /// buffer); then reading stops until replies have gone out (back-pressure), so memory stays
+    /// bounded however long the run. Default: 256.
     pub queue_depth: usize,
     /// The largest READ or WRITE accepted; larger ones get EINVAL. Default: [`MAX_IO_LEN`].
     pub max_io_len: u32,
@@ -387,9 +388,16 @@ impl BufferPool {
     }
 
     /// Waits for a permit, then returns a buffer of exactly `len` bytes (contents unspecified).
-    /// `None` once the pool is closed.
-    fn take(&self, len: usize) -> Option<Vec<u8>> {
+    /// `None` once the pool is closed. `before_wait` runs (once, without the pool's lock) before
+    /// waiting: the caller writes the replies it holds back, whose permits may be the ones
+    /// missing.
+    fn take(&self, len: usize, before_wait: impl FnOnce()) -> Option<Vec<u8>> {
         let mut st = lock(&self.state);
+        if st.in_use >= self.limit && !st.closed {
+            drop(st);
+            before_wait();
+            st = lock(&self.state);
+        }
         while st.in_use >= self.limit && !st.closed {
             st.waiting += 1;
             st = self.freed.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -446,86 +454,40 @@ impl BufferPool {
     }
 }
 
-/// What a connection's reader needs besides its socket.
+/// How the threads of a connection serve it.
 #[derive(Clone, Copy)]
-struct ReadParams {
+struct ConnParams {
     export: Export,
     max_io: u32,
-    /// No workers: the reader calls the device itself.
-    inline: bool,
-    /// Most replies a reader holds back before writing them.
+    /// One thread per connection: it holds replies back while more requests are buffered, and
+    /// writes them together before it waits on the socket again. (With several threads a held
+    /// reply could wait behind a thread blocked reading, so they never hold one back.)
+    hold_replies: bool,
+    /// Most replies held back before writing them; below the permits, so that a thread never
+    /// waits for a permit it holds itself.
     batch: usize,
 }
 
-/// A validated request on its way to a worker.
-struct Job {
-    conn: usize,
-    req: Request,
-    buf: Vec<u8>,
+/// What a thread got from its turn at reading a connection.
+enum Next {
+    /// A valid request, with its permit and buffer (a WRITE's payload in it).
+    Request(Request, Vec<u8>),
+    /// A request answered without the device: an error reply.
+    Answered(Done),
+    /// DISC, EOF, a fatal error, or serving is stopping.
+    Stop,
 }
 
-/// Requests read and not yet picked up by a worker. Bounded by the pool's permits, so it never
-/// grows past its initial capacity.
-struct JobQueue {
-    state: Mutex<QueueState>,
-    ready: Condvar,
+/// The reading side of one connection: one thread at a time reads the next request, then lets
+/// go, so that another reads while it calls the device.
+struct Inbox {
+    reading: Mutex<Reading>,
 }
 
-struct QueueState {
-    jobs: VecDeque<Job>,
-    /// Workers asleep: a push wakes one only if there is one.
-    idle: usize,
-    /// Readers still reading; workers stop when none is left and the queue is empty.
-    open_readers: usize,
-}
-
-impl JobQueue {
-    fn new(capacity: usize, readers: usize) -> JobQueue {
-        JobQueue {
-            state: Mutex::new(QueueState {
-                jobs: VecDeque::with_capacity(capacity),
-                idle: 0,
-                open_readers: readers,
-            }),
-            ready: Condvar::new(),
-        }
-    }
-
-    fn push(&self, job: Job) {
-        let mut st = lock(&self.state);
-        st.jobs.push_back(job);
-        let wake = st.idle > 0;
-        drop(st);
-        if wake {
-            self.ready.notify_one();
-        }
-    }
-
-    /// The next job; `None` when every reader has stopped and nothing is left.
-    fn pop(&self) -> Option<Job> {
-        let mut st = lock(&self.state);
-        loop {
-            if let Some(job) = st.jobs.pop_front() {
-                return Some(job);
-            }
-            if st.open_readers == 0 {
-                return None;
-            }
-            st.idle += 1;
-            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
-            st.idle -= 1;
-        }
-    }
-
-    fn reader_done(&self) {
-        let mut st = lock(&self.state);
-        st.open_readers = st.open_readers.saturating_sub(1);
-        let last = st.open_readers == 0;
-        drop(st);
-        if last {
-            self.ready.notify_all();
-        }
-    }
+struct Reading {
+    r: RequestReader,
+    /// The stream has ended for every thread of this connection.
+    finished: bool,
 }
 
 /// A reply ready to go out, with the permit (and buffer) of its request.
@@ -677,11 +639,11 @@ impl RequestReader {
 /// State shared by the readers and workers of one [`Server::run`].
 struct Shared<'a, D: ?Sized> {
     device: &'a D,
+    inboxes: Vec<Inbox>,
     outboxes: Vec<Outbox>,
     /// Clones of the connections, to shut them down without waiting for a writer.
     closers: Vec<UnixStream>,
     pool: BufferPool,
-    queue: JobQueue,
     /// Set when serving must stop early (a fatal error on any connection).
     stop: AtomicBool,
     error: Mutex<Option<ServerError>>,
@@ -774,85 +736,105 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
         }
     }
 
-    fn work(&self) {
+    /// One thread's share of serving a connection, until DISC, EOF or a fatal error: take a turn
+    /// at reading the next request, let go, call the device, reply; again.
+    fn serve(&self, conn: usize, params: ConnParams) {
         let mut spare = Vec::with_capacity(REPLIES_PER_WRITE);
-        while let Some(job) = self.queue.pop() {
-            let done = self.complete(&job.req, job.buf);
-            self.reply(job.conn, done, &mut spare);
-        }
-    }
-
-    /// Reads one connection until DISC, EOF or a fatal error, then writes what it left pending.
-    ///
-    /// Replies the reader makes itself (errors; every reply when `inline`) are held back while
-    /// more requests are already buffered, up to `batch`, and go out together before the reader
-    /// waits on the socket again.
-    fn read_loop(&self, conn: usize, mut r: RequestReader, params: ReadParams) {
-        let mut spare = Vec::with_capacity(REPLIES_PER_WRITE);
-        let mut deferred = 0;
+        let mut held = 0;
         loop {
-            if deferred > 0 && (deferred >= params.batch || !r.has_header()) {
+            let mut reading = lock(&self.inboxes[conn].reading);
+            if held > 0 && (held >= params.batch || !reading.r.has_header()) {
+                // About to wait on the socket, or enough gathered: out they go.
                 self.flush(conn, None, &mut spare);
-                deferred = 0;
+                held = 0;
             }
-            if self.stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let req = match r.next_header(conn) {
-                Ok(Incoming::Eof) => break,
-                Ok(Incoming::Unknown { cookie }) => {
-                    let Some(buf) = self.pool.take(0) else { break };
-                    self.defer(conn, Done::error(cookie, Errno::EINVAL, buf));
-                    deferred += 1;
-                    continue;
-                }
-                Ok(Incoming::Request(req)) => req,
-                Err(e) => {
-                    self.fail_unless_stopping(e);
-                    break;
-                }
+            let next = if reading.finished {
+                Next::Stop
+            } else {
+                let spare = &mut spare;
+                let flush_held = move || {
+                    if held > 0 {
+                        self.flush(conn, None, spare);
+                    }
+                };
+                self.next(conn, &mut reading.r, &params, flush_held)
             };
-            if req.command == Command::Disc {
-                break;
+            if matches!(next, Next::Stop) {
+                reading.finished = true;
             }
-            if let Err(errno) = validate(&req, &params.export, params.max_io) {
-                if let Err(e) = r.skip(conn, &req) {
-                    self.fail_unless_stopping(e);
-                    break;
-                }
-                let Some(buf) = self.pool.take(0) else { break };
-                self.defer(conn, Done::error(req.cookie, errno, buf));
-                deferred += 1;
-                continue;
-            }
-            let len = match req.command {
-                Command::Read | Command::Write => req.len as usize,
-                _ => 0,
+            drop(reading);
+            let done = match next {
+                Next::Stop => break,
+                Next::Answered(done) => done,
+                Next::Request(req, buf) => self.complete(&req, buf),
             };
-            let Some(mut buf) = self.pool.take(len) else {
-                break;
-            };
-            if req.command == Command::Write {
-                if let Err(e) = r.payload(conn, &req, &mut buf) {
-                    self.pool.give(std::iter::once(buf));
-                    self.fail_unless_stopping(e);
-                    break;
-                }
-            }
-            if !params.inline {
-                self.queue.push(Job { conn, req, buf });
-                continue;
-            }
-            let done = self.complete(&req, buf);
             if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
                 self.flush(conn, Some(done), &mut spare);
-                deferred = 0;
-            } else {
+                held = 0;
+            } else if params.hold_replies {
                 self.defer(conn, done);
-                deferred += 1;
+                held += 1;
+            } else {
+                self.reply(conn, done, &mut spare);
             }
         }
         self.flush(conn, None, &mut spare);
+    }
+
+    /// Reads the next request of a connection (the caller holds its reading turn) and checks
+    /// it. `flush_held` runs before waiting for a permit.
+    fn next(
+        &self,
+        conn: usize,
+        r: &mut RequestReader,
+        params: &ConnParams,
+        flush_held: impl FnOnce(),
+    ) -> Next {
+        if self.stop.load(Ordering::Relaxed) {
+            return Next::Stop;
+        }
+        let req = match r.next_header(conn) {
+            Ok(Incoming::Eof) => return Next::Stop,
+            Ok(Incoming::Unknown { cookie }) => {
+                return match self.pool.take(0, flush_held) {
+                    Some(buf) => Next::Answered(Done::error(cookie, Errno::EINVAL, buf)),
+                    None => Next::Stop,
+                };
+            }
+            Ok(Incoming::Request(req)) => req,
+            Err(e) => {
+                self.fail_unless_stopping(e);
+                return Next::Stop;
+            }
+        };
+        if req.command == Command::Disc {
+            return Next::Stop;
+        }
+        if let Err(errno) = validate(&req, &params.export, params.max_io) {
+            if let Err(e) = r.skip(conn, &req) {
+                self.fail_unless_stopping(e);
+                return Next::Stop;
+            }
+            return match self.pool.take(0, flush_held) {
+                Some(buf) => Next::Answered(Done::error(req.cookie, errno, buf)),
+                None => Next::Stop,
+            };
+        }
+        let len = match req.command {
+            Command::Read | Command::Write => req.len as usize,
+            _ => 0,
+        };
+        let Some(mut buf) = self.pool.take(len, flush_held) else {
+            return Next::Stop;
+        };
+        if req.command == Command::Write {
+            if let Err(e) = r.payload(conn, &req, &mut buf) {
+                self.pool.give(std::iter::once(buf));
+                self.fail_unless_stopping(e);
+                return Next::Stop;
+            }
+        }
+        Next::Request(req, buf)
     }
 
     fn fail_unless_stopping(&self, err: ServerError) {
@@ -1016,7 +998,7 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
             return Ok(());
         }
         let n = self.conns.len();
-        let mut readers = Vec::with_capacity(n);
+        let mut inboxes = Vec::with_capacity(n);
         let mut outboxes = Vec::with_capacity(n);
         let mut closers = Vec::with_capacity(n);
         for (conn, s) in self.conns.iter().enumerate() {
@@ -1027,63 +1009,50 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
             // Room for a large READ reply in one write: fewer wake-ups of the kernel's receiver
             // per byte. Capped by net.core.wmem_max; where that is lower it stays as it was.
             let _ = setsockopt(s, sockopt::SndBuf, &SEND_BUFFER);
-            readers.push(RequestReader::new(clone()?));
+            inboxes.push(Inbox {
+                reading: Mutex::new(Reading {
+                    r: RequestReader::new(clone()?),
+                    finished: false,
+                }),
+            });
             outboxes.push(Outbox {
                 writer: Mutex::new(clone()?),
                 pending: Mutex::new(Vec::with_capacity(REPLIES_PER_WRITE)),
             });
             closers.push(clone()?);
         }
-        let workers = self.options.workers;
-        // Every request between its header and its reply holds a permit: those waiting for a
-        // worker (`queue_depth`), one per worker, and their replies being written.
-        let in_flight = self.options.queue_depth.max(1) + workers.max(1);
-        let params = ReadParams {
+        let per_conn = self.options.workers.max(1);
+        // Every request between its header and its reply holds a permit: one per thread, and
+        // `queue_depth` more for replies waiting to be written.
+        let in_flight = self.options.queue_depth.max(1) + n * per_conn;
+        let params = ConnParams {
             export: self.export,
             max_io: self.options.max_io_len,
-            inline: workers == 0,
-            // Below the permits, so that a reader never waits for a permit it holds itself.
+            hold_replies: per_conn == 1,
             batch: REPLIES_PER_WRITE.min(in_flight),
         };
         let shared = Shared {
             device: &self.device,
+            inboxes,
             outboxes,
             closers,
             pool: BufferPool::new(in_flight, KEEP_FREE_BYTES),
-            queue: JobQueue::new(in_flight, n),
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
         };
         thread::scope(|s| {
-            for _ in 0..workers {
-                let shared = &shared;
-                let spawned = thread::Builder::new()
-                    .name("userblk-worker".into())
-                    .spawn_scoped(s, move || shared.work());
-                if let Err(source) = spawned {
-                    shared.fail(ServerError::Io { conn: 0, source });
-                    break;
+            'spawn: for conn in 0..n {
+                for _ in 0..per_conn {
+                    let shared = &shared;
+                    let spawned = thread::Builder::new()
+                        .name(format!("userblk-conn{conn}"))
+                        .spawn_scoped(s, move || shared.serve(conn, params));
+                    if let Err(source) = spawned {
+                        // Closing every connection makes the threads already running stop too.
+                        shared.fail(ServerError::Io { conn, source });
+                        break 'spawn;
+                    }
                 }
-            }
-            let mut readers = readers.into_iter().enumerate();
-            for (conn, r) in readers.by_ref() {
-                let shared = &shared;
-                let spawned = thread::Builder::new()
-                    .name(format!("userblk-conn{conn}"))
-                    .spawn_scoped(s, move || {
-                        shared.read_loop(conn, r, params);
-                        shared.queue.reader_done();
-                    });
-                if let Err(source) = spawned {
-                    // Closing every connection makes the readers already running stop too.
-                    shared.fail(ServerError::Io { conn, source });
-                    shared.queue.reader_done();
-                    break;
-                }
-            }
-            // Readers never started count as done, so that the workers can finish.
-            for _ in readers {
-                shared.queue.reader_done();
             }
         });
         let error = shared
@@ -1203,10 +1172,10 @@ mod tests {
     #[test]
     fn buffer_pool_reuses() {
         let pool = BufferPool::new(2, 1 << 20);
-        let b = pool.take(4096).unwrap();
+        let b = pool.take(4096, || {}).unwrap();
         let ptr = b.as_ptr();
         pool.give(std::iter::once(b));
-        let b = pool.take(1024).unwrap();
+        let b = pool.take(1024, || {}).unwrap();
         assert_eq!(b.as_ptr(), ptr);
         assert_eq!(b.len(), 1024);
     }
@@ -1214,15 +1183,15 @@ mod tests {
     #[test]
     fn buffer_pool_bounds_permits_and_closes() {
         let pool = BufferPool::new(1, 0);
-        let b = pool.take(512).unwrap();
+        let b = pool.take(512, || {}).unwrap();
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| pool.take(512).map(|b| b.len()));
+            let waiter = s.spawn(|| pool.take(512, || {}).map(|b| b.len()));
             // The waiter has no permit until `b` comes back.
             pool.give(std::iter::once(b));
             assert_eq!(waiter.join().unwrap(), Some(512));
         });
         pool.close();
-        assert!(pool.take(0).is_none());
+        assert!(pool.take(0, || {}).is_none());
     }
 
     /// A pipelined burst: errors get no payload, every request one reply, in either mode.

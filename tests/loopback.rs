@@ -357,3 +357,21 @@ fn a_panicking_device_gets_eio_and_the_server_goes_on() {
     assert_eq!(k.read(512, 512).unwrap(), vec![1; 512]);
     k.shutdown().unwrap();
 }
+
+#[test]
+fn operations_larger_than_all_tags_complete() {
+    // 4 tags × 128 KiB: a 2 MiB write needs 16 requests, four times what can be in flight.
+    // Sending them all before reaping any deadlocked here once.
+    let options = LoopbackOptions {
+        queue_depth: 4,
+        ..LoopbackOptions::default()
+    };
+    let k = LoopbackKernel::with_options(MemDevice::new(SIZE), options).unwrap();
+    let data = pattern(9, 2 << 20);
+    k.write(0, &data).unwrap();
+    assert_eq!(k.read(0, data.len()).unwrap(), data);
+    let stats = k.stats();
+    assert_eq!(stats.requests, 32);
+    assert!(stats.max_in_flight <= 4, "{stats:?}");
+    k.shutdown().unwrap();
+}

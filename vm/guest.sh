@@ -222,21 +222,34 @@ if ! modprobe nbd; then
     exit 1
 fi
 
-# The same conformance cases cargo test runs through the loopback, through /dev/nbd0.
-say "guest: kernel tests ($USERBLK_KERNEL_TESTS)"
-env USERBLK_TEST_NBD="$NBD" RUST_BACKTRACE=1 "$USERBLK_KERNEL_TESTS" --test-threads=1 \
-    >"$RESULTS/logs/kernel-tests.log" 2>&1
-kt=$?
-grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$RESULTS/logs/kernel-tests.log" | while read -r _ name _ verdict; do
-    case $verdict in
-        ok) result "PASS $name" ;;
-        FAILED) result "FAIL $name (see logs/kernel-tests.log)" ;;
-        ignored) result "SKIP $name" ;;
-    esac
+# The same conformance cases cargo test runs through the loopback, through /dev/nbd0, once with
+# each way of configuring the driver.
+for setup in netlink ioctl; do
+    say "guest: kernel tests, $setup set-up ($USERBLK_KERNEL_TESTS)"
+    log="$RESULTS/logs/kernel-tests-$setup.log"
+    env USERBLK_TEST_NBD="$NBD" USERBLK_TEST_NBD_SETUP="$setup" RUST_BACKTRACE=1 \
+        "$USERBLK_KERNEL_TESTS" --test-threads=1 --include-ignored --show-output >"$log" 2>&1
+    kt=$?
+    before=$(grep -c '^FAIL ' "$RESULTS/results")
+    while read -r _ name _ verdict; do
+        case $verdict in
+            ok) result "PASS ${name}[$setup]" ;;
+            FAILED) result "FAIL ${name}[$setup] (see logs/kernel-tests-$setup.log)" ;;
+            ignored) result "SKIP ${name}[$setup]" ;;
+        esac
+    done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
+    # Each conformance case on its own line, from the suite's report.
+    while read -r verdict name _; do
+        case $verdict in
+            ok) result "PASS conformance:${name}[$setup]" ;;
+            FAIL) result "FAIL conformance:${name}[$setup] (see logs/kernel-tests-$setup.log)" ;;
+            skip) result "SKIP conformance:${name}[$setup]" ;;
+        esac
+    done < <(grep -E '^  (ok|FAIL|skip) +[a-z_0-9]+' "$log")
+    if ((kt != 0)) && (($(grep -c '^FAIL ' "$RESULTS/results") == before)); then
+        result "FAIL kernel-tests[$setup] exited with status $kt without a failing case (see $log)"
+    fi
 done
-if ((kt != 0)) && ! grep -q '^FAIL ' "$RESULTS/results"; then
-    result "FAIL kernel-tests exited with status $kt without a failing case (see logs/kernel-tests.log)"
-fi
 # Each case leaves /dev/nbd0 free; if a case left it busy, the workloads below would fail.
 [[ $(nbd_size "$NBD") == 0 ]] || result "FAIL kernel-tests left $NBD connected"
 

@@ -1,7 +1,8 @@
 //! Tests against the real kernel's NBD driver. They need root, the nbd module and a device to
 //! use: `USERBLK_TEST_NBD=/dev/nbd0` (or `auto`), set by the VM runner, with
-//! `USERBLK_TEST_NBD_SETUP=netlink|ioctl` to pick the set-up. Without it each test prints
-//! "skipped: <reason>" and passes, so plain `cargo test` stays green.
+//! `USERBLK_TEST_NBD_SETUP=netlink|ioctl` to pick the set-up. They are `#[ignore]`d, with the
+//! reason, so plain `cargo test` lists them as skipped; `vm/run.sh` runs them in the VM with
+//! `--include-ignored`. Run by hand without the variable, each prints "skipped: <reason>".
 //!
 //! The tests share the machine's NBD devices, so they take turns (a lock), whatever
 //! `--test-threads` says.
@@ -60,6 +61,7 @@ fn attach(rig: &NbdRig, device: impl BlockDevice + 'static) -> NbdTarget {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn conformance_suite_on_the_real_kernel() {
     let Some((rig, _turn)) = setup("conformance") else {
         return;
@@ -80,6 +82,7 @@ fn conformance_suite_on_the_real_kernel() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn block_operations_reach_the_device() {
     let Some((rig, _turn)) = setup("block operations") else {
         return;
@@ -110,6 +113,7 @@ fn block_operations_reach_the_device() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn busy_when_the_device_is_in_use() {
     let Some((rig, _turn)) = setup("busy") else {
         return;
@@ -136,6 +140,7 @@ fn busy_when_the_device_is_in_use() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn invalid_block_size_is_reported() {
     let Some((rig, _turn)) = setup("block size") else {
         return;
@@ -166,6 +171,7 @@ fn invalid_block_size_is_reported() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn auto_picks_a_free_device_and_says_which() {
     let Some((rig, _turn)) = setup("auto") else {
         return;
@@ -191,6 +197,7 @@ fn auto_picks_a_free_device_and_says_which() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn serve_twice_in_a_row_on_the_same_device() {
     let Some((rig, _turn)) = setup("reuse") else {
         return;
@@ -208,6 +215,7 @@ fn serve_twice_in_a_row_on_the_same_device() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn dropping_or_panicking_disconnects() {
     let Some((rig, _turn)) = setup("drop") else {
         return;
@@ -231,6 +239,7 @@ fn dropping_or_panicking_disconnects() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn timeout_changes_and_status_while_running() {
     let Some((rig, _turn)) = setup("timeout") else {
         return;
@@ -260,6 +269,7 @@ fn timeout_changes_and_status_while_running() {
 }
 
 #[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
 fn read_only_export_refuses_writes_in_the_kernel() {
     let Some((rig, _turn)) = setup("read-only") else {
         return;

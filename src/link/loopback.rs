@@ -121,7 +121,7 @@ pub enum LoopbackError {
         errno: Errno,
     },
     /// The kernel would refuse the operation without sending anything.
-    #[error("refused by the block layer ({errno}): {reason}")]
+    #[error("refused by the block layer ({}): {reason}", Errno(*errno as u32))]
     Refused {
         /// The errno the application would see (e.g. 95, EOPNOTSUPP).
         errno: i32,
@@ -578,6 +578,12 @@ impl LoopbackKernel {
     /// Sends one request as the kernel would, without the block layer's checks or splitting,
     /// and returns its ticket. Waits while every tag of every connection is in flight.
     pub fn submit(&self, op: Op<'_>) -> Result<Ticket, LoopbackError> {
+        self.send(op, true)?
+            .ok_or_else(|| LoopbackError::Io(io::Error::other("no tag free")))
+    }
+
+    /// Sends one request if a tag is free (`Ok(None)` if not and `block` is false).
+    fn send(&self, op: Op<'_>, block: bool) -> Result<Option<Ticket>, LoopbackError> {
         let mut st = lock(&self.inner.state);
         let (conn, tag) = loop {
             let n = st.conns.len();
@@ -604,6 +610,9 @@ impl LoopbackKernel {
                     .as_ref()
                     .map_or(LoopbackError::Disconnected { conn: 0 }, clone_error);
                 return Err(why);
+            }
+            if !block {
+                return Ok(None);
             }
             st.submitters_waiting += 1;
             st = self
@@ -655,7 +664,7 @@ impl LoopbackKernel {
                 slot.result.get_or_insert(Err(LoopbackError::Io(e)));
             }
         }
-        Ok(ticket)
+        Ok(Some(ticket))
     }
 
     /// Hands back a buffer returned by [`wait`](Self::wait) (or any `Vec`), to hold a later READ's
@@ -707,24 +716,39 @@ impl LoopbackKernel {
         ops: impl IntoIterator<Item = Op<'a>>,
     ) -> Result<Vec<Vec<u8>>, LoopbackError> {
         let mut pending = VecDeque::new();
+        let mut out = Vec::new();
         let mut first_err = None;
-        for op in ops {
-            match self.submit(op) {
-                Ok(t) => pending.push_back(t),
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(pending.len());
-        for t in pending {
-            match self.wait(t) {
+        let reap =
+            |t, out: &mut Vec<Vec<u8>>, first_err: &mut Option<LoopbackError>| match self.wait(t) {
                 Ok(d) => out.push(d),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
+            };
+        // When every tag is taken, complete our oldest request before sending more: blocking for
+        // a tag while holding unreaped tickets deadlocks once an operation needs more requests
+        // than there are tags (over 16 MiB with the defaults).
+        'ops: for op in ops {
+            loop {
+                match self.send(op, pending.is_empty()) {
+                    Ok(Some(t)) => {
+                        pending.push_back(t);
+                        continue 'ops;
+                    }
+                    Ok(None) => {
+                        if let Some(t) = pending.pop_front() {
+                            reap(t, &mut out, &mut first_err);
+                        }
+                    }
+                    Err(e) => {
+                        first_err = Some(e);
+                        break 'ops;
+                    }
+                }
             }
+        }
+        for t in pending {
+            reap(t, &mut out, &mut first_err);
         }
         match first_err {
             Some(e) => Err(e),

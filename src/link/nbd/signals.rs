@@ -101,3 +101,29 @@ impl SignalWatch {
         let _ = self.previous_mask.thread_set_mask();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::nbd::MountOptions;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_signal_asks_for_the_unmount_and_stop_ends_the_waiter() {
+        let link = MountOptions::new().link();
+        let handle = link.handle();
+        let watch = SignalWatch::start(handle.clone()).unwrap();
+        // Directed at the waiter: a process-wide SIGINT would reach the test harness's threads.
+        sys::signal_thread(watch.waiter, Signal::SIGINT).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while handle.signal().is_none() {
+            assert!(Instant::now() < deadline, "the waiter never saw SIGINT");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(handle.signal(), Some("SIGINT"));
+        watch.stop();
+        // The mask is back: SIGINT is not blocked in this thread any more.
+        let mask = SigSet::thread_get_mask().unwrap();
+        assert!(!mask.contains(Signal::SIGINT));
+    }
+}

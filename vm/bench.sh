@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# vm/bench.sh - the VM benchmark: boots one kernel under QEMU (virtme-ng, TCG) and runs fio
+# (libaio, O_DIRECT, time-based) against RAM-backed block devices in the guest:
+#   userblk-1c, userblk-2c   `userblk serve ram:SIZE` on /dev/nbd0 (1 connection), /dev/nbd1 (2)
+#   nbdkit                   nbdkit's memory plugin over a Unix socket, attached by nbd-client
+#   sequential               examples/sequential_server (vblk-shaped, one request at a time)
+#   brd                      the kernel's own RAM disk, the ceiling
+# Workloads: 4 KiB randread and randwrite at QD 32, 1 MiB sequential read and write at QD 8,
+# each after a prefill of the whole device. Prints a table, the ratios userblk/nbdkit,
+# userblk/sequential and userblk/brd, the performance targets, and the peak RSS of userblk serve.
+# Under TCG absolute numbers are slow and noisy: the ratios are the result.
+#
+# Usage: vm/bench.sh [--kernel 6.1|6.12|VMLINUZ] [--runtime SECONDS] [--ramp SECONDS]
+#                    [--size SIZE] [--targets "NAME..."] [--no-setup] [--keep]
+#   --kernel    kernel series or image (default 6.1)
+#   --runtime   seconds measured per workload (default 10); --ramp: seconds before (default 2)
+#   --size      size of every RAM disk, with K/M/G suffix (default 256M)
+#   --targets   a subset, e.g. "userblk-1c brd" (default: all five)
+#   --no-setup  don't run vm/setup.sh first; --keep: keep the results directory
+# Environment: VM_MEMORY (default 2G, more for big --size), VM_CPUS (default 2); see vm/lib.sh.
+# Needs root. Exit status 1 if a target failed to come up or a fio run failed.
+set -euo pipefail
+
+VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$VM_DIR")
+# shellcheck source=vm/lib.sh
+source "$VM_DIR/lib.sh"
+
+kernel=6.1
+runtime=10
+ramp=2
+size=256M
+targets=
+setup=1
+keep=0
+while (($#)); do
+    case $1 in
+        --kernel) kernel=${2:?--kernel needs a series (6.1, 6.12) or an image path}; shift 2 ;;
+        --runtime) runtime=${2:?--runtime needs seconds}; shift 2 ;;
+        --ramp) ramp=${2:?--ramp needs seconds}; shift 2 ;;
+        --size) size=${2:?--size needs a size such as 256M}; shift 2 ;;
+        --targets) targets=${2:?--targets needs names}; shift 2 ;;
+        --no-setup) setup=0; shift ;;
+        --keep) keep=1; shift ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "vm/bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || { echo "vm/bench.sh: --runtime must be a positive integer" >&2; exit 2; }
+[[ $ramp =~ ^[0-9]+$ ]] || { echo "vm/bench.sh: --ramp must be an integer" >&2; exit 2; }
+if [[ $size =~ ^([0-9]+)([KkMmGg]?)$ ]]; then
+    case ${BASH_REMATCH[2]} in
+        K|k) size_bytes=$((BASH_REMATCH[1] << 10)) ;;
+        M|m) size_bytes=$((BASH_REMATCH[1] << 20)) ;;
+        G|g) size_bytes=$((BASH_REMATCH[1] << 30)) ;;
+        *) size_bytes=${BASH_REMATCH[1]} ;;
+    esac
+else
+    echo "vm/bench.sh: --size: expected a number with an optional K, M or G suffix, got $size" >&2
+    exit 2
+fi
+if ((size_bytes < (16 << 20) || size_bytes % (1 << 20))); then
+    echo "vm/bench.sh: --size must be a whole number of MiB, at least 16M" >&2
+    exit 2
+fi
+
+if ((EUID != 0)); then
+    echo "vm/bench.sh: needs root (it installs QEMU, kernels and virtme-ng, and boots VMs); run it with sudo" >&2
+    exit 2
+fi
+if ((setup)); then
+    "$VM_DIR/setup.sh"
+fi
+vm_ready
+
+if [[ -f $kernel ]]; then
+    kimg=$kernel
+    kver=${kernel#/boot/vmlinuz-}
+else
+    line=$(vm_kernels "$kernel" | head -n1)
+    [[ -n $line ]] || { echo "vm/bench.sh: no installed kernel for series $kernel" >&2; exit 2; }
+    read -r kver kimg <<<"$line"
+fi
+
+echo "== building on the host (the guest runs these binaries from the host's file system)"
+cd "$ROOT"
+# BENCH_TARGET_DIR: build elsewhere than target/ (e.g. not to contend with other builds).
+export CARGO_TARGET_DIR="${BENCH_TARGET_DIR:-$ROOT/target}"
+cargo build --release --quiet -p userblk-harness --bin userblk
+cargo build --release --quiet -p userblk --example sequential_server
+bin=$CARGO_TARGET_DIR/release/userblk
+examples=$CARGO_TARGET_DIR/release/examples
+[[ -x $bin && -x $examples/sequential_server ]] || { echo "vm/bench.sh: build produced no binaries" >&2; exit 1; }
+
+# Guest memory: two copies of the device may be resident at once (a server's RAM disk and the
+# page cache or brd being freed), plus the guest itself.
+size_mib=$((size_bytes >> 20))
+if [[ -z ${VM_MEMORY:-} ]]; then
+    mem_mib=$((size_mib * 3 + 1024))
+    ((mem_mib < 2048)) && mem_mib=2048
+    export VM_MEMORY="${mem_mib}M"
+fi
+ntargets=5
+[[ -n $targets ]] && ntargets=$(wc -w <<<"$targets")
+# Per target: set-up, prefill (TCG: ~100 MB/s), 4 × (ramp + runtime + fio start), teardown.
+export VM_TIMEOUT=$((180 + ntargets * (90 + size_mib / 20 + 4 * (runtime + ramp + 15))))
+
+results=$(mktemp -d /tmp/userblk-bench.XXXXXX)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== kernel $kver: booting $kimg (${VM_CPUS:-2} vCPUs, $VM_MEMORY, TCG); ${runtime}s per workload after ${ramp}s ramp, $size devices"
+echo "   host: $(nproc) CPUs, load average $load_before; up to ${VM_TIMEOUT}s; results in $results"
+guest_env=(USERBLK_BIN="$bin" USERBLK_EXAMPLES="$examples" RESULTS="$results"
+    RUNTIME="$runtime" RAMP="$ramp" SIZE_BYTES="$size_bytes")
+[[ -n $targets ]] && guest_env+=(TARGETS="$targets")
+t0=$SECONDS
+set +e
+vm_boot "$kimg" "$results" env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh"
+rc=$?
+set -e
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== VM finished in $((SECONDS - t0))s (status $rc); host load average before $load_before, after $load_after"
+
+status=0
+if [[ ! -s $results/targets ]]; then
+    echo "vm/bench.sh: the VM did not run the benchmark (vm_boot status $rc); console log: $results/vm-console.log" >&2
+    tail -n 30 "$results/vm-console.log" >&2 || true
+    status=1
+fi
+if grep -q ' FAIL ' "$results/targets" 2>/dev/null; then
+    status=1
+    grep ' FAIL ' "$results/targets" | while read -r name _; do
+        echo "--- $name failed; last lines of its log:"
+        tail -n 15 "$results/logs/$name.log" 2>/dev/null || true
+    done
+fi
+
+python3 - "$results" "$kver" "$runtime" "$ramp" "$size_bytes" "$load_before" "$load_after" \
+    <<'PY' | tee "$results/report.txt"
+import json, os, sys
+
+res, kver, runtime, ramp, size, load0, load1 = sys.argv[1:]
+size = int(size)
+W = [("randread-4k", "read", "4 KiB randread QD32"), ("randwrite-4k", "write", "4 KiB randwrite QD32"),
+     ("seqread-1m", "read", "1 MiB read QD8"), ("seqwrite-1m", "write", "1 MiB write QD8")]
+T = ["userblk-1c", "userblk-2c", "nbdkit", "sequential", "brd"]
+status = {}
+try:
+    for line in open(os.path.join(res, "targets")):
+        name, _, rest = line.strip().partition(" ")
+        status[name] = rest
+except FileNotFoundError:
+    pass
+
+def load(t, w):
+    try:
+        j = json.load(open(os.path.join(res, t, w + ".json")))
+    except (OSError, ValueError):
+        return None
+    return j["jobs"][0]
+
+def metric(t, w, d):
+    job = load(t, w)
+    if job is None:
+        return None
+    s = job[d]
+    return {"iops": s["iops"], "bw": s["bw_bytes"], "lat": s["lat_ns"]["mean"] / 1e3}
+
+def cpu(t, w):
+    try:
+        kv = dict(l.strip().split("=", 1) for l in open(os.path.join(res, t, w + ".cpu")) if "=" in l)
+    except OSError:
+        return None
+    wall, tck = float(kv["wall"]), int(kv["clk_tck"])
+    busy, idle = int(kv["guest_busy"]), int(kv["guest_idle"])
+    return {"server": int(kv["server_ticks"]) / tck / wall * 100,
+            "guest": busy / max(1, busy + idle) * 100}
+
+M = {(t, w): metric(t, w, d) for t in T for (w, d, _) in W}
+
+def fmt_iops(x):
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+def cell(t, w):
+    m = M[(t, w)]
+    if m is None:
+        return "FAILED" if status.get(t, "").startswith("FAIL") else "-"
+    if w.endswith("4k"):
+        return f"{fmt_iops(m['iops'])} IOPS"
+    return f"{m['bw'] / 1e6:.0f} MB/s"
+
+print(f"\nkernel {kver}, TCG; {runtime} s per workload after {ramp} s ramp; {size >> 20} MiB devices; "
+      f"host load average {load0} -> {load1}")
+cw = 22
+print("\n" + "target".ljust(12) + "".join(h.rjust(cw) for _, _, h in W))
+for t in T:
+    if t not in status:
+        continue
+    print(t.ljust(12) + "".join(cell(t, w).rjust(cw) for w, _, _ in W))
+
+print("\nmean latency (us) | server CPU (% of one vCPU) | guest CPU busy (% of all vCPUs)")
+for t in T:
+    if t not in status:
+        continue
+    cells = []
+    for w, _, _ in W:
+        m, c = M[(t, w)], cpu(t, w)
+        if m is None or c is None:
+            cells.append("-")
+        else:
+            srv = f"{c['server']:.0f}%" if t != "brd" else "n/a"
+            cells.append(f"{m['lat']:.0f} | {srv} | {c['guest']:.0f}%")
+    print(t.ljust(12) + "".join(x.rjust(cw) for x in cells))
+
+def ratio(a, b, w):
+    ma, mb = M[(a, w)], M[(b, w)]
+    if ma is None or mb is None or mb["bw"] == 0:
+        return None
+    return ma["bw"] / mb["bw"]
+
+print("\nratios (throughput)")
+for a in ("userblk-1c", "userblk-2c"):
+    for b in ("nbdkit", "sequential", "brd"):
+        if a not in status or b not in status:
+            continue
+        cells = [ratio(a, b, w) for w, _, _ in W]
+        print(f"{a}/{b}".ljust(22) + "".join(("-" if r is None else f"{r:.2f}x").rjust(cw - 2) for r in cells))
+
+print("\ntargets")
+goals = [("nbdkit", "randread-4k", 2.0), ("nbdkit", "seqread-1m", 2.0),
+         ("sequential", "randread-4k", 1.5), ("sequential", "seqread-1m", 1.5)]
+for b, w, need in goals:
+    parts = []
+    for a in ("userblk-1c", "userblk-2c"):
+        r = ratio(a, b, w)
+        if r is not None:
+            parts.append(f"{a} {r:.2f}x {'met' if r >= need else 'MISSED'}")
+    print(f"  userblk >= {need}x {b} on {w}: " + ("; ".join(parts) if parts else "not measured"))
+
+limit = (size >> 10) + 64 * 1024
+for t in ("userblk-1c", "userblk-2c", "nbdkit", "sequential"):
+    try:
+        kv = dict(l.split(":", 1) for l in open(os.path.join(res, t, "hwm")))
+    except OSError:
+        continue
+    hwm = int(kv["VmHWM"].split()[0])
+    line = f"  peak RSS (VmHWM) of {t}: {hwm / 1024:.1f} MiB"
+    if t.startswith("userblk"):
+        line += f" (limit {limit // 1024} MiB: {'met' if hwm <= limit else 'MISSED'})"
+    print(line)
+bad = {t: s for t, s in status.items() if s.startswith("FAIL")}
+for t, s in bad.items():
+    print(f"  {t}: {s}")
+PY
+
+if ((keep || status)); then
+    echo "results and logs: $results"
+else
+    rm -rf "$results"
+fi
+exit "$status"
