@@ -11,7 +11,10 @@ mkdir -p "$RESULTS/logs"
 : >"$RESULTS/results"
 NBD=/dev/nbd0
 WORK=/tmp/userblk-guest
-mkdir -p "$WORK" /mnt/userblk
+MNT=$WORK/mnt
+mkdir -p "$WORK" "$MNT"
+# fio writes its verify state files into the current directory; the host's tree is read-only.
+cd "$WORK" || exit 1
 SERVE_PID=
 
 say() { printf '%s\n' "$*" >&2; }
@@ -24,7 +27,7 @@ run_test() {
     local name=$1 fn=$2 log="$RESULTS/logs/$1.log" rc
     (
         set -e
-        trap 'stop_serve KILL >/dev/null 2>&1; umount -l /mnt/userblk >/dev/null 2>&1; true' EXIT
+        trap cleanup EXIT
         "$fn"
     ) >"$log" 2>&1
     rc=$?
@@ -35,10 +38,30 @@ run_test() {
     fi
 }
 
+# After a test, pass or fail: unmount the file system, stop the server gracefully (a SIGKILLed
+# server leaves a netlink-configured device connected to nothing), and free the device if it is
+# still connected, so that one failing test cannot fail the ones after it.
+cleanup() {
+    umount -l "$MNT" >/dev/null 2>&1
+    if [[ -n $SERVE_PID ]]; then
+        kill -INT "$SERVE_PID" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SERVE_PID" 2>/dev/null
+        wait "$SERVE_PID" 2>/dev/null
+        SERVE_PID=
+    fi
+    if [[ $(nbd_size "$NBD") != 0 ]]; then
+        echo "cleanup: $NBD still connected, disconnecting it"
+        nbd-client -d "$NBD" >/dev/null 2>&1
+    fi
+    true
+}
+
 nbd_size() { cat "/sys/block/${1#/dev/}/size" 2>/dev/null || echo 0; }
 
 # serve ARGS...: starts `userblk serve ARGS... --nbd $NBD` and waits until the device has a size.
 serve() {
+    [[ $(nbd_size "$NBD") == 0 ]] || { echo "$NBD is already connected before serve"; return 1; }
     "$USERBLK_BIN" serve "$@" --nbd "$NBD" >"$WORK/serve.out" 2>&1 &
     SERVE_PID=$!
     wait_connected "$NBD"
@@ -80,17 +103,17 @@ assert_free() {
 
 fs_roundtrip() {
     mkfs.ext4 -q -F "$NBD"
-    mount "$NBD" /mnt/userblk
+    mount "$NBD" "$MNT"
     dd if=/dev/urandom of="$WORK/payload" bs=1M count=8 status=none
-    cp "$WORK/payload" /mnt/userblk/a
-    mkdir /mnt/userblk/dir
-    for i in $(seq 50); do echo "file $i" >"/mnt/userblk/dir/f$i"; done
+    cp "$WORK/payload" "$MNT/a"
+    mkdir "$MNT/dir"
+    for i in $(seq 50); do echo "file $i" >"$MNT/dir/f$i"; done
     sync
-    umount /mnt/userblk
-    mount "$NBD" /mnt/userblk
-    cmp "$WORK/payload" /mnt/userblk/a
-    [[ $(cat /mnt/userblk/dir/f42) == "file 42" ]]
-    umount /mnt/userblk
+    umount "$MNT"
+    mount "$NBD" "$MNT"
+    cmp "$WORK/payload" "$MNT/a"
+    [[ $(cat "$MNT/dir/f42") == "file 42" ]]
+    umount "$MNT"
     fsck.ext4 -fn "$NBD"
 }
 
@@ -136,7 +159,7 @@ t_fio_verify_two_connections() {
 
 t_read_only() {
     serve ram:16M --read-only
-    [[ $(blockdev --getro "$NBD") == 1 ]]
+    [[ $(blockdev --getro "$NBD") == 1 ]] || { echo "$NBD is not read-only"; return 1; }
     dd if="$NBD" of=/dev/null bs=4k count=16 iflag=direct status=none
     if dd if=/dev/zero of="$NBD" bs=4k count=1 oflag=direct status=none; then
         echo "a write to a read-only device succeeded"
@@ -168,19 +191,19 @@ t_sigterm_under_load() {
     truncate -s 128M "$WORK/load.img"
     serve "file:$WORK/load.img"
     mkfs.ext4 -q -F "$NBD"
-    mount "$NBD" /mnt/userblk
-    fio --name=load --directory=/mnt/userblk --ioengine=libaio --direct=1 --rw=randwrite \
+    mount "$NBD" "$MNT"
+    fio --name=load --directory="$MNT" --ioengine=libaio --direct=1 --rw=randwrite \
         --bs=4k --iodepth=16 --size=32M --time_based --runtime=60 >"$WORK/fio.out" 2>&1 &
     local fio=$!
     sleep 5
     stop_serve TERM
     wait "$fio" || true
-    umount -l /mnt/userblk 2>/dev/null || true
+    umount -l "$MNT" 2>/dev/null || true
     assert_free
     # Serve the same file again: journal recovery on mount, then a clean check.
     serve "file:$WORK/load.img"
-    mount "$NBD" /mnt/userblk
-    umount /mnt/userblk
+    mount "$NBD" "$MNT"
+    umount "$MNT"
     fsck.ext4 -fn "$NBD"
     stop_serve INT
     assert_free
