@@ -34,7 +34,7 @@ if ((EUID != 0)); then
     exit 2
 fi
 if ((setup)); then
-    "$VM_DIR/setup.sh"
+    bash "$VM_DIR/setup.sh"
 fi
 vm_ready
 
