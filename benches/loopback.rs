@@ -1,7 +1,9 @@
 //! Loopback benchmark: `MemDevice` served through `LoopbackKernel`, no root needed.
 //!
-//! Each workload runs against three things, in the same process, interleaved round by round:
-//! - `userblk`: [`userblk::Server`] with its default options;
+//! Each workload runs against four things, in the same process, interleaved round by round:
+//! - `userblk`: [`userblk::Server`] with its default options (a few threads per connection);
+//! - `userblk-inline`: the same with `workers: 0`, one thread per connection that reads, calls
+//!   the device and writes replies in batches (the setting for a device that never blocks);
 //! - `sequential`: the vblk/buse-go-shaped baseline in `common/sequential.rs`, behind the very
 //!   same fake kernel (so the kernel side costs the same for both);
 //! - `memcpy`: a plain copy of the same bytes at the same offsets, the ceiling.
@@ -10,10 +12,14 @@
 //! reads and writes at queue depth 8. A single driver thread keeps `qd` requests in flight with
 //! the fake kernel's `submit`/`wait` tickets. Each measurement runs for a fixed duration after a
 //! warm-up; the table shows the median over the rounds, and the ratios are of those medians.
+//! `srv_cpu_us` and `kern_cpu_us` are CPU microseconds per request spent by the server's threads
+//! and by everything else (fake kernel and driver; for memcpy, the copying thread), read from
+//! `/proc/self/task/*/schedstat`: less sensitive to other load on the machine than req/s.
 //!
 //! ```text
 //! cargo bench --bench loopback                      # 3 rounds of 1 s per cell
-//! cargo bench --bench loopback -- --secs 2 --rounds 5 --filter rand4k
+//! cargo bench --bench loopback -- --secs 1 --rounds 5 --filter 4k
+//! cargo bench --bench loopback -- --only userblk --workers 2   # one server, for profiling
 //! ```
 
 #[path = "common/sequential.rs"]
@@ -121,7 +127,7 @@ impl Sample {
 }
 
 /// CPU time consumed so far by this process's threads, in nanoseconds, split into the server's
-/// threads (userblk's readers and workers, the baseline's `sequential` thread) and the rest (the
+/// threads (userblk's `userblk-connN` threads, the baseline's `sequential` thread) and the rest (the
 /// fake kernel and the driving thread). From `/proc/self/task/*/schedstat`; zeroes where absent.
 fn cpu_ns() -> (u64, u64) {
     let (mut server, mut rest) = (0, 0);
@@ -136,10 +142,7 @@ fn cpu_ns() -> (u64, u64) {
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
         let comm = comm.trim();
-        if comm.starts_with("userblk-worker")
-            || comm.starts_with("userblk-conn")
-            || comm == "sequential"
-        {
+        if comm.starts_with("userblk-conn") || comm == "sequential" {
             server += ns;
         } else {
             rest += ns;

@@ -33,6 +33,10 @@ pub struct Capabilities {
     pub write_zeroes: bool,
     /// The device is rotational (the I/O scheduler may merge more). Default: `false`.
     pub rotational: bool,
+    /// Every call returns quickly and never waits for another request (RAM, a memory-mapped
+    /// cache): the server then serves each connection with one thread and no hand-offs, the
+    /// cheapest path per request. Default: `false`, for devices that do I/O or wait.
+    pub never_blocks: bool,
 }
 
 impl Default for Capabilities {
@@ -45,6 +49,7 @@ impl Default for Capabilities {
             trim_zeroes: false,
             write_zeroes: false,
             rotational: false,
+            never_blocks: false,
         }
     }
 }

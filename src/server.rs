@@ -27,8 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 
-use nix::sys::socket::{setsockopt, sockopt};
-
 use crate::device::{BlockDevice, Capabilities};
 use crate::link::{Export, KernelLink, LinkError};
 use crate::proto::{
@@ -53,6 +51,9 @@ pub struct ServerOptions {
     pub queue_depth: usize,
     /// The largest READ or WRITE accepted; larger ones get EINVAL. Default: [`MAX_IO_LEN`].
     pub max_io_len: u32,
+    /// Serve a device whose capabilities say [`never_blocks`](Capabilities::never_blocks) with
+    /// one thread per connection, whatever `workers` says. Default: `true`.
+    pub inline_never_blocks: bool,
 }
 
 impl Default for ServerOptions {
@@ -62,6 +63,7 @@ impl Default for ServerOptions {
             workers: (2 * cpus).clamp(4, 16),
             queue_depth: 256,
             max_io_len: MAX_IO_LEN,
+            inline_never_blocks: true,
         }
     }
 }
@@ -322,11 +324,8 @@ const READ_AHEAD: usize = 64 << 10;
 /// requests (the kernel's default split) without allocating, and a bound on idle memory.
 const KEEP_FREE_BYTES: usize = 32 << 20;
 
-/// READ data from this size on is written by the worker that read it, not gathered with others.
+/// READ data from this size on is written by the thread that read it, not gathered with others.
 const WRITE_OWN_REPLY: usize = 64 << 10;
-
-/// The send buffer asked for on each connection.
-const SEND_BUFFER: usize = 4 << 20;
 
 /// Replies gathered into one `writev` (two slices each: header and READ data).
 const REPLIES_PER_WRITE: usize = 32;
@@ -423,7 +422,8 @@ impl BufferPool {
 
     /// Returns the permits (and buffers) of finished requests.
     fn give(&self, bufs: impl Iterator<Item = Vec<u8>>) {
-        let mut dropped = Vec::new();
+        // A buffer beyond `keep_bytes` (rare: sizes changed) is freed after the lock is released.
+        let mut surplus = None;
         let mut st = lock(&self.state);
         for buf in bufs {
             st.in_use -= 1;
@@ -434,9 +434,8 @@ impl BufferPool {
             if st.free_bytes + cap <= self.keep_bytes {
                 st.free_bytes += cap;
                 st.free.push(buf);
-            } else if dropped.is_empty() {
-                // Freed outside the lock; rare (sizes changed), so the Vec may allocate.
-                dropped.push(buf);
+            } else {
+                surplus = Some(buf);
             }
         }
         let wake = st.waiting > 0;
@@ -444,7 +443,7 @@ impl BufferPool {
         if wake {
             self.freed.notify_one();
         }
-        drop(dropped);
+        drop(surplus);
     }
 
     /// Refuses further permits and wakes the readers waiting for one.
@@ -636,7 +635,7 @@ impl RequestReader {
     }
 }
 
-/// State shared by the readers and workers of one [`Server::run`].
+/// State shared by the threads of one [`Server::run`].
 struct Shared<'a, D: ?Sized> {
     device: &'a D,
     inboxes: Vec<Inbox>,
@@ -1006,9 +1005,6 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
                 s.try_clone()
                     .map_err(|source| ServerError::Io { conn, source })
             };
-            // Room for a large READ reply in one write: fewer wake-ups of the kernel's receiver
-            // per byte. Capped by net.core.wmem_max; where that is lower it stays as it was.
-            let _ = setsockopt(s, sockopt::SndBuf, &SEND_BUFFER);
             inboxes.push(Inbox {
                 reading: Mutex::new(Reading {
                     r: RequestReader::new(clone()?),
@@ -1021,7 +1017,12 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
             });
             closers.push(clone()?);
         }
-        let per_conn = self.options.workers.max(1);
+        let inline = self.options.inline_never_blocks && self.device.capabilities().never_blocks;
+        let per_conn = if inline {
+            1
+        } else {
+            self.options.workers.max(1)
+        };
         // Every request between its header and its reply holds a permit: one per thread, and
         // `queue_depth` more for replies waiting to be written.
         let in_flight = self.options.queue_depth.max(1) + n * per_conn;
@@ -1269,5 +1270,31 @@ mod tests {
         assert!(!r.has_header());
         drop(writer.join().unwrap());
         assert!(matches!(r.next_header(0), Ok(Incoming::Eof)));
+    }
+
+    /// Few permits shared by connections whose threads hold replies back: whoever runs short
+    /// writes what it holds before waiting, so nobody waits for permits it holds itself.
+    #[rstest]
+    #[case::inline(0)]
+    #[case::threads(3)]
+    fn scarce_permits_over_several_connections(#[case] workers: usize) {
+        use crate::link::loopback::LoopbackKernel;
+        use crate::{LoopbackOptions, MemDevice};
+
+        let options = LoopbackOptions {
+            connections: 3,
+            max_request: 4096,
+            server: ServerOptions {
+                workers,
+                queue_depth: 1,
+                ..ServerOptions::default()
+            },
+            ..LoopbackOptions::default()
+        };
+        let k = LoopbackKernel::with_options(MemDevice::new(4 << 20), options).unwrap();
+        let data: Vec<u8> = (0..2 << 20).map(|i| (i % 253) as u8).collect();
+        k.write(0, &data).unwrap();
+        assert_eq!(k.read(0, data.len()).unwrap(), data);
+        k.shutdown().unwrap();
     }
 }

@@ -375,3 +375,66 @@ fn operations_larger_than_all_tags_complete() {
     assert!(stats.max_in_flight <= 4, "{stats:?}");
     k.shutdown().unwrap();
 }
+
+/// Records how many calls are inside the device at once; with `wait_for_company`, a call waits
+/// (up to a few seconds) for a second one to arrive, to prove calls can overlap.
+struct Overlap {
+    caps: Capabilities,
+    wait_for_company: bool,
+    inside: Mutex<usize>,
+    most: AtomicUsize,
+    changed: Condvar,
+}
+
+impl BlockDevice for Overlap {
+    fn blocks(&self) -> u64 {
+        2048
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+    fn read(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut inside = self.inside.lock().unwrap();
+        *inside += 1;
+        self.most.fetch_max(*inside, Ordering::SeqCst);
+        self.changed.notify_all();
+        if self.wait_for_company {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while self.most.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+                inside = self
+                    .changed
+                    .wait_timeout(inside, std::time::Duration::from_millis(50))
+                    .unwrap()
+                    .0;
+            }
+        }
+        *inside -= 1;
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+#[rstest]
+#[case::never_blocks(true, 1)]
+#[case::may_block(false, 2)]
+fn never_blocking_devices_are_served_inline(#[case] never_blocks: bool, #[case] most: usize) {
+    let dev = Arc::new(Overlap {
+        caps: Capabilities {
+            never_blocks,
+            ..Capabilities::default()
+        },
+        wait_for_company: !never_blocks,
+        inside: Mutex::new(0),
+        most: AtomicUsize::new(0),
+        changed: Condvar::new(),
+    });
+    let k = LoopbackKernel::start(Arc::clone(&dev)).unwrap();
+    let tickets: Vec<_> = (0..32u64)
+        .map(|i| k.submit(Op::read(i * 512, 512)).unwrap())
+        .collect();
+    for t in tickets {
+        k.wait(t).unwrap();
+    }
+    k.shutdown().unwrap();
+    assert_eq!(dev.most.load(Ordering::SeqCst), most);
+}

@@ -8,7 +8,12 @@
 #   RESULTS            output directory (shared with the host)
 #   RUNTIME RAMP       fio seconds measured per workload, and seconds of ramp before
 #   SIZE_BYTES         size of every RAM disk
-#   TARGETS            targets to run, space-separated (default: all, in the order below)
+#   TARGETS            targets to run, space-separated (default: the five below, in order)
+#
+# Targets: userblk-1c, userblk-2c (userblk serve ram:SIZE, 1 or 2 connections), nbdkit (memory
+# plugin, nbd-client over a Unix socket), sequential (examples/sequential_server), brd (the
+# kernel's RAM disk). Extra ones, for profiling: nbdkit-2c (two connections), ramdisk-wW-cC
+# (examples/bench_ramdisk with W server workers and C connections).
 #
 # Writes to $RESULTS:
 #   targets                  one line per target: "NAME ok" or "NAME FAIL reason"
@@ -17,13 +22,12 @@
 #   NAME/WORKLOAD.threads    the server's threads: "comm ticks" over the workload
 #   NAME/hwm                 VmHWM/VmRSS of the serving process after the runs (kB)
 #   logs/NAME.log            everything the target's setup, fio and teardown printed
-# Functions are called indirectly (setup_NAME, teardown_NAME).
+# Functions are called indirectly.
 # shellcheck disable=SC2317
 set -euo pipefail
 
 : "${USERBLK_BIN:?}" "${USERBLK_EXAMPLES:?}" "${RESULTS:?}" "${RUNTIME:?}" "${RAMP:?}" "${SIZE_BYTES:?}"
-ALL_TARGETS="userblk-1c userblk-2c nbdkit sequential brd"
-TARGETS=${TARGETS:-$ALL_TARGETS}
+TARGETS=${TARGETS:-userblk-1c userblk-2c nbdkit sequential brd}
 WORKLOADS="randread-4k randwrite-4k seqread-1m seqwrite-1m"
 WORK=/tmp/userblk-bench
 mkdir -p "$WORK" "$RESULTS/logs"
@@ -108,7 +112,7 @@ nbd_release() {
     [[ $(nbd_size "$dev") == 0 ]]
 }
 
-# --- targets: setup_NAME sets DEV (and SERVER_PID); teardown_NAME undoes it -------------------
+# --- targets: setup_* sets DEV (and SERVER_PID); teardown_* undoes it ------------------------
 
 start_userblk() {
     local nbd=$1 conns=$2
@@ -128,10 +132,16 @@ stop_server_on() {
     return "$rc"
 }
 
-setup_userblk-1c() { start_userblk /dev/nbd0 1; }
-teardown_userblk-1c() { stop_server_on; }
-setup_userblk-2c() { start_userblk /dev/nbd1 2; }
-teardown_userblk-2c() { stop_server_on; }
+setup_ramdisk() {
+    local workers=$1 conns=$2
+    DEV=/dev/nbd4
+    "$USERBLK_EXAMPLES/bench_ramdisk" "$DEV" "$SIZE_MIB" --workers "$workers" --connections "$conns" \
+        >"$WORK/serve.out" 2>&1 &
+    SERVER_PID=$!
+    BG_PIDS+=("$SERVER_PID")
+    wait_connected "$DEV" "$SERVER_PID" "$WORK/serve.out" || return 1
+    cat "$WORK/serve.out"
+}
 
 setup_sequential() {
     DEV=/dev/nbd3
@@ -141,9 +151,9 @@ setup_sequential() {
     wait_connected "$DEV" "$SERVER_PID" "$WORK/serve.out" || return 1
     cat "$WORK/serve.out"
 }
-teardown_sequential() { stop_server_on; }
 
 setup_nbdkit() {
+    local conns=$1
     DEV=/dev/nbd2
     local sock=$WORK/nbdkit.sock i
     rm -f "$sock"
@@ -158,7 +168,7 @@ setup_nbdkit() {
     done
     [[ -S $sock ]] || { cat "$WORK/serve.out"; echo "nbdkit made no socket in 10 s"; return 1; }
     # nbd-client (netlink) hands the socket to the kernel and exits.
-    nbd-client -unix "$sock" "$DEV" || { cat "$WORK/serve.out"; echo "nbd-client failed"; return 1; }
+    nbd-client -unix "$sock" "$DEV" -connections "$conns" || { cat "$WORK/serve.out"; echo "nbd-client failed"; return 1; }
     wait_connected "$DEV" "$SERVER_PID" "$WORK/serve.out" || return 1
 }
 teardown_nbdkit() {
@@ -274,7 +284,20 @@ run_target() {
     SERVER_PID=
     mkdir -p "$RESULTS/$TARGET"
     echo "== $TARGET: setup"
-    "setup_$TARGET" || { echo "setup failed"; "teardown_$TARGET" || true; return 2; }
+    local setup teardown
+    case $TARGET in
+        userblk-1c) setup=(start_userblk /dev/nbd0 1) teardown=stop_server_on ;;
+        userblk-2c) setup=(start_userblk /dev/nbd1 2) teardown=stop_server_on ;;
+        nbdkit) setup=(setup_nbdkit 1) teardown=teardown_nbdkit ;;
+        nbdkit-2c) setup=(setup_nbdkit 2) teardown=teardown_nbdkit ;;
+        sequential) setup=(setup_sequential) teardown=stop_server_on ;;
+        brd) setup=(setup_brd) teardown=teardown_brd ;;
+        ramdisk-w*-c*)
+            local spec=${TARGET#ramdisk-w}
+            setup=(setup_ramdisk "${spec%-c*}" "${spec#*-c}") teardown=stop_server_on ;;
+        *) echo "unknown target $TARGET"; return 2 ;;
+    esac
+    "${setup[@]}" || { echo "setup failed"; "$teardown" || true; return 2; }
     echo "== $TARGET: $DEV ($(blockdev --getsize64 "$DEV") bytes), server pid ${SERVER_PID:-none}"
     # Everyone reads real data: write the whole device once.
     echo "== $TARGET: prefill"
@@ -292,7 +315,7 @@ run_target() {
         grep -E '^Vm(HWM|RSS|Peak|Size):' "/proc/$SERVER_PID/status" | tee "$RESULTS/$TARGET/hwm"
     fi
     echo "== $TARGET: teardown"
-    "teardown_$TARGET" || { echo "teardown failed"; rc=1; }
+    "$teardown" || { echo "teardown failed"; rc=1; }
     return "$rc"
 }
 
@@ -306,8 +329,8 @@ if ! modprobe nbd nbds_max=16; then
 fi
 
 for t in $TARGETS; do
-    if [[ " $ALL_TARGETS " != *" $t "* ]]; then
-        echo "$t FAIL unknown target (known: $ALL_TARGETS)" >>"$RESULTS/targets"
+    if [[ ! $t =~ ^(userblk-1c|userblk-2c|nbdkit|nbdkit-2c|sequential|brd|ramdisk-w[0-9]+-c[1-9][0-9]*)$ ]]; then
+        echo "$t FAIL unknown target" >>"$RESULTS/targets"
         continue
     fi
     say "$t"

@@ -15,7 +15,9 @@
 #   --kernel    kernel series or image (default 6.1)
 #   --runtime   seconds measured per workload (default 10); --ramp: seconds before (default 2)
 #   --size      size of every RAM disk, with K/M/G suffix (default 256M)
-#   --targets   a subset, e.g. "userblk-1c brd" (default: all five)
+#   --targets   a subset, e.g. "userblk-1c brd" (default: the five above); for profiling also
+#               nbdkit-2c (2 connections) and ramdisk-wW-cC (examples/bench_ramdisk: W server
+#               workers, C connections), e.g. --targets "ramdisk-w0-c1 ramdisk-w4-c1 nbdkit"
 #   --no-setup  don't run vm/setup.sh first; --keep: keep the results directory
 # Environment: VM_MEMORY (default 2G, more for big --size), VM_CPUS (default 2); see vm/lib.sh.
 # Needs root. Exit status 1 if a target failed to come up or a fio run failed.
@@ -42,7 +44,7 @@ while (($#)); do
         --targets) targets=${2:?--targets needs names}; shift 2 ;;
         --no-setup) setup=0; shift ;;
         --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm/bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -87,7 +89,7 @@ cd "$ROOT"
 # BENCH_TARGET_DIR: build elsewhere than target/ (e.g. not to contend with other builds).
 export CARGO_TARGET_DIR="${BENCH_TARGET_DIR:-$ROOT/target}"
 cargo build --release --quiet -p userblk-harness --bin userblk
-cargo build --release --quiet -p userblk --example sequential_server
+cargo build --release --quiet -p userblk --example sequential_server --example bench_ramdisk
 bin=$CARGO_TARGET_DIR/release/userblk
 examples=$CARGO_TARGET_DIR/release/examples
 [[ -x $bin && -x $examples/sequential_server ]] || { echo "vm/bench.sh: build produced no binaries" >&2; exit 1; }
@@ -101,17 +103,22 @@ if [[ -z ${VM_MEMORY:-} ]]; then
     export VM_MEMORY="${mem_mib}M"
 fi
 ntargets=5
-[[ -n $targets ]] && ntargets=$(wc -w <<<"$targets")
+if [[ -n $targets ]]; then ntargets=$(wc -w <<<"$targets"); fi
 # Per target: set-up, prefill (TCG: ~100 MB/s), 4 × (ramp + runtime + fio start), teardown.
 export VM_TIMEOUT=$((180 + ntargets * (90 + size_mib / 20 + 4 * (runtime + ramp + 15))))
 
 results=$(mktemp -d /tmp/userblk-bench.XXXXXX)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+# Another VM on the same host takes the CPUs our vCPUs need: say so next to the figures.
+others=$(pgrep -c qemu-system-x86 || true)
+if ((others > 0)); then
+    echo "vm/bench.sh: warning: $others other QEMU process(es) running on this host: the figures will be skewed" >&2
+fi
 echo "== kernel $kver: booting $kimg (${VM_CPUS:-2} vCPUs, $VM_MEMORY, TCG); ${runtime}s per workload after ${ramp}s ramp, $size devices"
 echo "   host: $(nproc) CPUs, load average $load_before; up to ${VM_TIMEOUT}s; results in $results"
 guest_env=(USERBLK_BIN="$bin" USERBLK_EXAMPLES="$examples" RESULTS="$results"
     RUNTIME="$runtime" RAMP="$ramp" SIZE_BYTES="$size_bytes")
-[[ -n $targets ]] && guest_env+=(TARGETS="$targets")
+if [[ -n $targets ]]; then guest_env+=(TARGETS="$targets"); fi
 t0=$SECONDS
 set +e
 vm_boot "$kimg" "$results" env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh"
@@ -142,7 +149,6 @@ res, kver, runtime, ramp, size, load0, load1 = sys.argv[1:]
 size = int(size)
 W = [("randread-4k", "read", "4 KiB randread QD32"), ("randwrite-4k", "write", "4 KiB randwrite QD32"),
      ("seqread-1m", "read", "1 MiB read QD8"), ("seqwrite-1m", "write", "1 MiB write QD8")]
-T = ["userblk-1c", "userblk-2c", "nbdkit", "sequential", "brd"]
 status = {}
 try:
     for line in open(os.path.join(res, "targets")):
@@ -150,6 +156,8 @@ try:
         status[name] = rest
 except FileNotFoundError:
     pass
+T = list(status)
+OURS = [t for t in T if t.startswith(("userblk", "ramdisk"))]
 
 def load(t, w):
     try:
@@ -170,9 +178,10 @@ def cpu(t, w):
         kv = dict(l.strip().split("=", 1) for l in open(os.path.join(res, t, w + ".cpu")) if "=" in l)
     except OSError:
         return None
-    wall, tck = float(kv["wall"]), int(kv["clk_tck"])
+    tck = int(kv["clk_tck"])
     busy, idle = int(kv["guest_busy"]), int(kv["guest_idle"])
-    return {"server": int(kv["server_ticks"]) / tck / wall * 100,
+    # Server time over the measured seconds (it works only while fio does I/O).
+    return {"server": int(kv["server_ticks"]) / tck / int(runtime) * 100,
             "guest": busy / max(1, busy + idle) * 100}
 
 M = {(t, w): metric(t, w, d) for t in T for (w, d, _) in W}
@@ -191,60 +200,57 @@ def cell(t, w):
 print(f"\nkernel {kver}, TCG; {runtime} s per workload after {ramp} s ramp; {size >> 20} MiB devices; "
       f"host load average {load0} -> {load1}")
 cw = 22
-print("\n" + "target".ljust(12) + "".join(h.rjust(cw) for _, _, h in W))
+tw = max([12] + [len(t) + 1 for t in T])
+print("\n" + "target".ljust(tw) + "".join(h.rjust(cw) for _, _, h in W))
 for t in T:
-    if t not in status:
-        continue
-    print(t.ljust(12) + "".join(cell(t, w).rjust(cw) for w, _, _ in W))
+    print(t.ljust(tw) + "".join(cell(t, w).rjust(cw) for w, _, _ in W))
 
 print("\nmean latency (us) | server CPU (% of one vCPU) | guest CPU busy (% of all vCPUs)")
 for t in T:
-    if t not in status:
-        continue
     cells = []
     for w, _, _ in W:
         m, c = M[(t, w)], cpu(t, w)
         if m is None or c is None:
             cells.append("-")
         else:
-            srv = f"{c['server']:.0f}%" if t != "brd" else "n/a"
+            srv = f"{c['server']:.0f}%" if t != "brd" else "-"
             cells.append(f"{m['lat']:.0f} | {srv} | {c['guest']:.0f}%")
-    print(t.ljust(12) + "".join(x.rjust(cw) for x in cells))
+    print(t.ljust(tw) + "".join(x.rjust(cw) for x in cells))
 
 def ratio(a, b, w):
-    ma, mb = M[(a, w)], M[(b, w)]
+    ma, mb = M.get((a, w)), M.get((b, w))
     if ma is None or mb is None or mb["bw"] == 0:
         return None
     return ma["bw"] / mb["bw"]
 
 print("\nratios (throughput)")
-for a in ("userblk-1c", "userblk-2c"):
-    for b in ("nbdkit", "sequential", "brd"):
-        if a not in status or b not in status:
+for a in OURS:
+    for b in ("nbdkit", "nbdkit-2c", "sequential", "brd"):
+        if b not in status:
             continue
         cells = [ratio(a, b, w) for w, _, _ in W]
-        print(f"{a}/{b}".ljust(22) + "".join(("-" if r is None else f"{r:.2f}x").rjust(cw - 2) for r in cells))
+        print(f"{a}/{b}".ljust(tw + 10) + "".join(("-" if r is None else f"{r:.2f}x").rjust(cw) for r in cells))
 
 print("\ntargets")
 goals = [("nbdkit", "randread-4k", 2.0), ("nbdkit", "seqread-1m", 2.0),
          ("sequential", "randread-4k", 1.5), ("sequential", "seqread-1m", 1.5)]
 for b, w, need in goals:
     parts = []
-    for a in ("userblk-1c", "userblk-2c"):
+    for a in OURS:
         r = ratio(a, b, w)
         if r is not None:
             parts.append(f"{a} {r:.2f}x {'met' if r >= need else 'MISSED'}")
     print(f"  userblk >= {need}x {b} on {w}: " + ("; ".join(parts) if parts else "not measured"))
 
 limit = (size >> 10) + 64 * 1024
-for t in ("userblk-1c", "userblk-2c", "nbdkit", "sequential"):
+for t in T:
     try:
         kv = dict(l.split(":", 1) for l in open(os.path.join(res, t, "hwm")))
     except OSError:
         continue
     hwm = int(kv["VmHWM"].split()[0])
     line = f"  peak RSS (VmHWM) of {t}: {hwm / 1024:.1f} MiB"
-    if t.startswith("userblk"):
+    if t in OURS:
         line += f" (limit {limit // 1024} MiB: {'met' if hwm <= limit else 'MISSED'})"
     print(line)
 bad = {t: s for t, s in status.items() if s.startswith("FAIL")}

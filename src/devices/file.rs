@@ -106,6 +106,7 @@ impl BlockDevice for FileDevice {
             trim_zeroes: true,
             write_zeroes: true,
             rotational: false,
+            never_blocks: false,
         }
     }
 

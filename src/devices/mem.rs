@@ -113,6 +113,7 @@ impl BlockDevice for MemDevice {
             trim: true,
             trim_zeroes: true,
             write_zeroes: true,
+            never_blocks: true,
             ..Capabilities::default()
         }
     }
