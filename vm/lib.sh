@@ -179,12 +179,19 @@ vm_boot() {
     local vng_rc=0 t0=$SECONDS
     local -a ps
     # vng calls virtme-run by name: put its bin dir on PATH. stdout -> our
-    # stdout; stderr (console + CMD's stderr) -> the filter.
+    # stdout, through a pipe: QEMU reopens the guest's output path with O_TRUNC,
+    # which would wipe everything written before when our stdout is a file (a CI
+    # log); stderr (console + CMD's stderr) -> the filter.
+    local out_pid
+    exec 3> >(cat)
+    out_pid=$!
     {
         PATH="$(dirname "$(readlink -f "$vng")"):$PATH" "${cmd[@]}" </dev/null 2>&1 >&3 3>&- |
             vm__console_filter "$log" >&2 3>&-
         ps=("${PIPESTATUS[@]}")
-    } 3>&1 || true
+    } || true
+    exec 3>&-
+    wait "$out_pid" 2>/dev/null || true
     vng_rc=${ps[0]:-125}
     printf '# vng exit status %s after %ss\n' "$vng_rc" "$((SECONDS - t0))" >>"$log"
 
