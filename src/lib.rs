@@ -32,6 +32,7 @@ pub mod devices;
 pub mod link;
 pub mod proto;
 pub mod server;
+mod stream;
 
 pub use device::{BlockDevice, BlockDeviceMut, Capabilities, Exclusive};
 pub use devices::{FileDevice, MemDevice, PatternDevice};

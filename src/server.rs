@@ -20,7 +20,7 @@
 //! for a command it did not advertise; every request gets exactly one reply; no payload follows an
 //! error reply; nothing the socket brings makes it panic.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,7 @@ use crate::proto::{
     Command, CommandFlags, Cookie, Errno, ParseError, Reply, Request, TransmissionFlags,
     MAX_IO_LEN, REPLY_LEN, REQUEST_LEN,
 };
+use crate::stream::{read_full, write_all_vectored};
 
 /// Tuning for a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,20 +263,6 @@ fn parse_header(header: &[u8], conn: usize) -> Result<Incoming, ServerError> {
     }
 }
 
-/// Reads until `buf` is full or EOF; returns how many bytes were read.
-fn read_full(r: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
 /// Reads a WRITE's payload into `buf`, or fails with `TruncatedPayload`.
 fn read_payload(
     r: &mut UnixStream,
@@ -332,19 +319,6 @@ const REPLIES_PER_WRITE: usize = 32;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Writes all of `bufs`, however the socket splits it.
-fn write_all_vectored(w: &mut UnixStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The permits that bound how many requests are in flight, and the recycled buffers they carry.
@@ -1102,6 +1076,7 @@ pub fn export_of<D: BlockDevice + ?Sized>(device: &D) -> Result<Export, ServerEr
 mod tests {
     use super::*;
     use rstest::rstest;
+    use std::io::Write;
 
     const RW: Export = Export {
         size: 1 << 20,

@@ -24,7 +24,7 @@ use std::fmt;
 use userblk::proto::TransmissionFlags;
 use userblk::{BlockDevice, Capabilities};
 
-use crate::script::{first_difference, Data, Pattern, Script, Segment};
+use crate::script::{first_difference, Data, Pattern, Script};
 use crate::target::{Rig, Target};
 
 /// A small seeded generator (splitmix64): the same seed gives the same operations everywhere.
@@ -160,7 +160,7 @@ impl Model {
     /// on a mismatch, the message.
     fn read(&mut self, offset: u64, got: &[u8]) -> (Data, Option<String>) {
         let bs = self.bs as usize;
-        let mut segs: Vec<Segment> = Vec::new();
+        let mut data = Data(Vec::new());
         let mut failure = None;
         for (i, chunk) in got.chunks(bs).enumerate() {
             let at = offset + (i * bs) as u64;
@@ -189,21 +189,10 @@ impl Model {
                     ));
                 }
             }
-            let mergeable = !matches!(pattern, Pattern::Hex(_));
-            match segs.last_mut() {
-                Some(last) if mergeable && last.pattern == pattern => {
-                    last.len = last.len.map(|n| n + chunk.len() as u64);
-                }
-                _ => segs.push(Segment {
-                    len: Some(chunk.len() as u64),
-                    pattern,
-                }),
-            }
+            data.append(chunk.len() as u64, pattern);
         }
-        if let Some(last) = segs.last_mut() {
-            last.len = None;
-        }
-        (Data(segs), failure)
+        data.close();
+        (data, failure)
     }
 }
 

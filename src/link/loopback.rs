@@ -28,6 +28,7 @@ use crate::proto::{
     REPLY_LEN,
 };
 use crate::server::{export_of, Server, ServerError, ServerOptions};
+use crate::stream::{read_full, write_all_vectored};
 
 /// A [`KernelLink`] whose kernel side is a set of sockets held in-process.
 #[derive(Debug)]
@@ -417,33 +418,6 @@ impl Inner {
     }
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-fn write_all_vectored(w: &mut UnixStream, parts: &[&[u8]]) -> io::Result<()> {
-    let mut bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// The fake kernel. Block operations may be called from several threads at once.
 ///
 /// ```
@@ -652,7 +626,10 @@ impl LoopbackKernel {
         } else {
             &[]
         };
-        let sent = write_all_vectored(&mut lock(&self.inner.writers[conn]), &[&header, data]);
+        let sent = write_all_vectored(
+            &mut *lock(&self.inner.writers[conn]),
+            &mut [IoSlice::new(&header), IoSlice::new(data)],
+        );
         let ticket = Ticket {
             conn,
             tag: tag as u16,
@@ -1008,7 +985,10 @@ impl RawKernel {
 
     /// Sends a request header and its payload.
     pub fn send_request(&mut self, req: &Request, payload: &[u8]) -> io::Result<()> {
-        write_all_vectored(&mut self.sock, &[&req.encode(), payload])
+        write_all_vectored(
+            &mut self.sock,
+            &mut [IoSlice::new(&req.encode()), IoSlice::new(payload)],
+        )
     }
 
     /// Reads one reply header; EOF is `Disconnected`.

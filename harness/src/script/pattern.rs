@@ -170,7 +170,7 @@ impl Data {
     /// a device returned in the script format.
     pub fn describe(bytes: &[u8], offset: u64, granule: usize, seeds: &[u64]) -> Data {
         let granule = granule.max(1);
-        let mut segs: Vec<Segment> = Vec::new();
+        let mut data = Data(Vec::new());
         for (i, chunk) in bytes.chunks(granule).enumerate() {
             let at = offset + (i * granule) as u64;
             let pattern = if chunk.iter().all(|&b| b == chunk[0]) {
@@ -183,20 +183,31 @@ impl Data {
             } else {
                 Pattern::Hex(chunk.to_vec())
             };
-            match segs.last_mut() {
-                Some(last) if last.pattern == pattern && !matches!(pattern, Pattern::Hex(_)) => {
-                    last.len = last.len.map(|n| n + chunk.len() as u64);
-                }
-                _ => segs.push(Segment {
-                    len: Some(chunk.len() as u64),
-                    pattern,
-                }),
-            }
+            data.append(chunk.len() as u64, pattern);
         }
-        if let Some(last) = segs.last_mut() {
+        data.close();
+        data
+    }
+
+    /// Appends `len` bytes of `pattern`, merged into the last segment when it has the same
+    /// pattern (hex segments are never merged: each holds its own bytes).
+    pub(crate) fn append(&mut self, len: u64, pattern: Pattern) {
+        match self.0.last_mut() {
+            Some(last) if last.pattern == pattern && !matches!(pattern, Pattern::Hex(_)) => {
+                last.len = last.len.map(|n| n + len);
+            }
+            _ => self.0.push(Segment {
+                len: Some(len),
+                pattern,
+            }),
+        }
+    }
+
+    /// Makes the last segment run to the end of the request, as the script format prints it.
+    pub(crate) fn close(&mut self) {
+        if let Some(last) = self.0.last_mut() {
             last.len = None;
         }
-        Data(segs)
     }
 }
 
