@@ -41,7 +41,7 @@ DEV=
 SERVER_PID=
 BG_PIDS=()
 
-say() { printf 'bench-guest: %s\n' "$*" >&2; }
+say() { printf 'bench-guest: %s %s\n' "$(date +%T)" "$*" >&2; }
 
 cleanup() {
     local pid

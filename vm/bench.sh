@@ -119,12 +119,26 @@ echo "   host: $(nproc) CPUs, load average $load_before; up to ${VM_TIMEOUT}s; r
 guest_env=(USERBLK_BIN="$bin" USERBLK_EXAMPLES="$examples" RESULTS="$results"
     RUNTIME="$runtime" RAMP="$ramp" SIZE_BYTES="$size_bytes")
 if [[ -n $targets ]]; then guest_env+=(TARGETS="$targets"); fi
+# Host load while the VM runs: TCG vCPUs compete with whatever else the host runs (the second
+# column counts QEMU processes, ours included: more than 1 means another VM overlapped).
+(
+    while :; do
+        printf '%s %s %s\n' "$(date +%T)" "$(cut -d' ' -f1 /proc/loadavg)" "$(pgrep -c qemu-system-x86 || true)"
+        sleep 10
+    done
+) >"$results/host-load.log" 2>/dev/null &
+sampler=$!
+trap 'kill "$sampler" 2>/dev/null || true' EXIT
 t0=$SECONDS
 set +e
-vm_boot "$kimg" "$results" env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh"
+# The guest's stdout (nothing; progress comes on stderr) goes to a file of its own: QEMU reopens
+# its stdout with O_TRUNC, which would punch a hole in a log our own stdout is redirected to.
+vm_boot "$kimg" "$results" env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh" >"$results/vm-stdout.log"
 rc=$?
 set -e
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
 echo "== VM finished in $((SECONDS - t0))s (status $rc); host load average before $load_before, after $load_after"
 
 status=0
@@ -199,6 +213,16 @@ def cell(t, w):
 
 print(f"\nkernel {kver}, TCG; {runtime} s per workload after {ramp} s ramp; {size >> 20} MiB devices; "
       f"host load average {load0} -> {load1}")
+try:
+    samples = [l.split() for l in open(os.path.join(res, "host-load.log")) if len(l.split()) == 3]
+except OSError:
+    samples = []
+if samples:
+    loads = [float(s[1]) for s in samples]
+    vms = max(int(s[2]) for s in samples)
+    print(f"host 1-min load during the VM run: min {min(loads):.1f}, mean {sum(loads) / len(loads):.1f}, "
+          f"max {max(loads):.1f} ({len(loads)} samples)"
+          + (f"; WARNING: up to {vms - 1} other VM(s) ran at the same time" if vms > 1 else ""))
 cw = 22
 tw = max([12] + [len(t) + 1 for t in T])
 print("\n" + "target".ljust(tw) + "".join(h.rjust(cw) for _, _, h in W))
