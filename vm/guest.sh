@@ -242,6 +242,14 @@ t_serve_twice() {
     assert_free
 }
 
+# `userblk check --kernel`: the conformance suite, random tests and shipped traces through
+# /dev/nbd0, as a driver author runs it.
+t_check_kernel() {
+    [[ $(nbd_size "$NBD") == 0 ]] || { echo "$NBD is already connected"; return 1; }
+    "$USERBLK_BIN" check ram:64M --kernel "$NBD" --runs 5
+    assert_free
+}
+
 say "guest: kernel $(uname -r)"
 if ! modprobe nbd; then
     result "FAIL modprobe_nbd could not load the nbd module"
@@ -280,7 +288,7 @@ done
 [[ $(nbd_size "$NBD") == 0 ]] || result "FAIL kernel-tests left $NBD connected"
 
 for t in mkfs_ramdisk mkfs_file fio_verify fio_verify_two_connections read_only media_error \
-    sigterm_under_load busy no_permission serve_twice; do
+    sigterm_under_load busy no_permission serve_twice check_kernel; do
     say "guest: $t"
     run_test "$t" "t_$t"
 done
