@@ -8,6 +8,8 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use nix::libc::{ENOTSUP, EPERM};
+
 use crate::proto::TransmissionFlags;
 
 /// What a device supports. The defaults are cautious: only what every device can do correctly.
@@ -112,7 +114,7 @@ pub trait BlockDevice: Send + Sync {
     /// Writes `data` at `offset`. Default: fails with EPERM (not writable).
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let _ = (offset, data);
-        Err(io::Error::from_raw_os_error(libc_errno::EPERM))
+        Err(io::Error::from_raw_os_error(EPERM))
     }
 
     /// Writes `data` at `offset` and makes it durable before returning (FUA).
@@ -131,7 +133,7 @@ pub trait BlockDevice: Send + Sync {
     /// [`Capabilities::trim`] is set).
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);
-        Err(io::Error::from_raw_os_error(libc_errno::ENOTSUP))
+        Err(io::Error::from_raw_os_error(ENOTSUP))
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes; `may_trim` says a hole may be punched
@@ -168,7 +170,7 @@ pub trait BlockDeviceMut: Send {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let _ = (offset, data);
-        Err(io::Error::from_raw_os_error(libc_errno::EPERM))
+        Err(io::Error::from_raw_os_error(EPERM))
     }
     fn write_fua(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write(offset, data)?;
@@ -179,7 +181,7 @@ pub trait BlockDeviceMut: Send {
     }
     fn trim(&mut self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);
-        Err(io::Error::from_raw_os_error(libc_errno::ENOTSUP))
+        Err(io::Error::from_raw_os_error(ENOTSUP))
     }
     fn write_zeroes(&mut self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let _ = may_trim;
@@ -271,12 +273,6 @@ macro_rules! forward_block_device {
 // Sharing a device (`Arc<D>`) lets a test keep a handle to inspect it while a server runs it.
 forward_block_device!(Arc<T>, Box<T>);
 
-/// Linux errno values used by the defaults (kept here so the trait needs no libc dependency).
-pub(crate) mod libc_errno {
-    pub(crate) const EPERM: i32 = 1;
-    pub(crate) const ENOTSUP: i32 = 95;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,11 +354,11 @@ mod tests {
         }
         assert_eq!(
             ReadOnly.write(0, &[0; 512]).unwrap_err().raw_os_error(),
-            Some(libc_errno::EPERM)
+            Some(EPERM)
         );
         assert_eq!(
             ReadOnly.trim(0, 512).unwrap_err().raw_os_error(),
-            Some(libc_errno::ENOTSUP)
+            Some(ENOTSUP)
         );
     }
 }

@@ -174,13 +174,8 @@ pub(crate) fn block_size_ok(block_size: u32, page_size: u64) -> bool {
     block_size.is_power_of_two() && block_size >= 512 && u64::from(block_size) <= page_size
 }
 
-const EPERM: i32 = 1;
-const ENOENT: i32 = 2;
-const ENXIO: i32 = 6;
-const EACCES: i32 = 13;
-pub(crate) const EBUSY: i32 = 16;
-const ENODEV: i32 = 19;
-const EINVAL: i32 = 22;
+pub(crate) use nix::libc::EBUSY;
+use nix::libc::{EACCES, EINVAL, ENODEV, ENOENT, ENXIO, EPERM};
 
 /// Maps an errno from a set-up step to the [`LinkError`] that says what to do.
 pub(crate) fn classify(step: Step, errno: i32, cx: &Context) -> LinkError {
