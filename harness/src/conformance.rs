@@ -24,9 +24,10 @@ mod devices;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use userblk::{BlockDevice, Capabilities, LoopbackKernel};
+use userblk::{BlockDevice, Capabilities};
 
-use crate::target::{Attached, LoopbackRig, OpError, Rig};
+use crate::factory::DeviceFactory;
+use crate::target::{Attached, Rig};
 
 pub use cases::*;
 pub use devices::{Call, CallKind, CallLog, Counting, FailingRange, Fault, ReadOnly};
@@ -55,49 +56,14 @@ impl Failure {
 /// What a case returns.
 pub type CaseResult = Result<(), Failure>;
 
-/// A target several threads may drive at once.
-pub trait SharedTarget: Attached + Send + Sync {
-    /// Disconnects, as [`Attached::detach`].
-    fn detach_shared(self: Box<Self>) -> Result<(), OpError>;
-}
-
-impl<T: Attached + Send + Sync> SharedTarget for T {
-    fn detach_shared(self: Box<Self>) -> Result<(), OpError> {
-        Attached::detach(self)
-    }
-}
-
-/// A rig whose targets several threads may drive at once, for the cases with concurrent
-/// callers. (Implemented by [`LoopbackRig`]; a real-kernel rig implements it too when its
-/// target is `Sync`.)
-pub trait SharedRig {
-    /// Serves `device` and returns a target several threads may use.
-    fn attach_shared(&self, device: Box<dyn BlockDevice>)
-        -> Result<Box<dyn SharedTarget>, OpError>;
-}
-
-impl SharedRig for LoopbackRig {
-    fn attach_shared(
-        &self,
-        device: Box<dyn BlockDevice>,
-    ) -> Result<Box<dyn SharedTarget>, OpError> {
-        Ok(Box::new(LoopbackKernel::with_options(
-            device,
-            self.options,
-        )?))
-    }
-}
-
 /// What a case runs against.
 pub struct Env<'a> {
     /// Serves devices.
     pub rig: &'a dyn Rig,
-    /// Makes a fresh device under test.
-    pub factory: &'a dyn Fn() -> Box<dyn BlockDevice>,
+    /// Makes a fresh device under test (and, where it can, storage to re-open).
+    pub factory: &'a dyn DeviceFactory,
     /// What the device claims; decides what is checked.
     pub caps: Capabilities,
-    /// The same rig, for cases with concurrent callers; they skip without it.
-    pub shared: Option<&'a dyn SharedRig>,
 }
 
 impl fmt::Debug for Env<'_> {
@@ -105,43 +71,26 @@ impl fmt::Debug for Env<'_> {
         f.debug_struct("Env")
             .field("rig", &self.rig.name())
             .field("caps", &self.caps)
-            .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl<'a> Env<'a> {
-    /// An environment without concurrent callers.
-    pub fn new(
-        rig: &'a dyn Rig,
-        factory: &'a dyn Fn() -> Box<dyn BlockDevice>,
-        caps: Capabilities,
-    ) -> Env<'a> {
-        Env {
-            rig,
-            factory,
-            caps,
-            shared: None,
-        }
+    /// An environment: `rig` serves devices from `factory`, which claim `caps`.
+    pub fn new(rig: &'a dyn Rig, factory: &'a dyn DeviceFactory, caps: Capabilities) -> Env<'a> {
+        Env { rig, factory, caps }
     }
 
-    /// The loopback fake kernel with default options, concurrent callers included.
-    pub fn loopback(
-        rig: &'a LoopbackRig,
-        factory: &'a dyn Fn() -> Box<dyn BlockDevice>,
-        caps: Capabilities,
-    ) -> Env<'a> {
-        Env {
-            rig,
-            factory,
-            caps,
-            shared: Some(rig),
-        }
+    /// A fresh device from the factory.
+    pub fn create(&self) -> Result<Box<dyn BlockDevice>, Failure> {
+        self.factory
+            .create()
+            .map_err(|e| Failure::failed(format!("the factory could not make a device: {e}")))
     }
 
     /// Serves a fresh device from the factory.
     pub fn attach(&self) -> Result<Box<dyn Attached>, Failure> {
-        self.attach_device((self.factory)())
+        self.attach_device(self.create()?)
     }
 
     /// Serves `device` (usually the factory's, wrapped).
@@ -294,10 +243,6 @@ pub fn run_cases(env: &Env<'_>, cases: &[Case], progress: &mut dyn FnMut(usize, 
 }
 
 /// Runs every case of [`cases`] against fresh devices from `factory`, served by `rig`.
-pub fn run_all(
-    rig: &dyn Rig,
-    factory: &dyn Fn() -> Box<dyn BlockDevice>,
-    caps: Capabilities,
-) -> Report {
+pub fn run_all(rig: &dyn Rig, factory: &dyn DeviceFactory, caps: Capabilities) -> Report {
     run_cases(&Env::new(rig, factory, caps), &cases(), &mut |_, _| {})
 }

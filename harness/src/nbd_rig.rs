@@ -18,7 +18,6 @@ use userblk::link::nbd::{blk, MountOptions, Mounted, Setup};
 use userblk::proto::TransmissionFlags;
 use userblk::{BlockDevice, Export, ServerError};
 
-use crate::conformance::{SharedRig, SharedTarget};
 use crate::target::{Attached, OpError, Rig, Target};
 
 /// The environment variable that names the device the real-kernel tests use (`/dev/nbd0`, or
@@ -88,15 +87,6 @@ impl Rig for NbdRig {
     }
 
     fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError> {
-        Ok(Box::new(self.serve(device)?))
-    }
-}
-
-impl SharedRig for NbdRig {
-    fn attach_shared(
-        &self,
-        device: Box<dyn BlockDevice>,
-    ) -> Result<Box<dyn SharedTarget>, OpError> {
         Ok(Box::new(self.serve(device)?))
     }
 }

@@ -24,6 +24,7 @@ use std::fmt;
 use userblk::proto::TransmissionFlags;
 use userblk::{BlockDevice, Capabilities};
 
+use crate::factory::DeviceFactory;
 use crate::script::{first_difference, Data, Pattern, Script};
 use crate::target::{Rig, Target};
 
@@ -419,11 +420,15 @@ pub fn run_ops(
 /// Runs `ops` on a fresh device; the failure, if any (a serving error at the end counts).
 fn attempt(
     rig: &dyn Rig,
-    factory: &dyn Fn() -> Box<dyn BlockDevice>,
+    factory: &dyn DeviceFactory,
     caps: Capabilities,
     ops: &[ModelOp],
 ) -> (Script, Option<(usize, String)>) {
-    let t = match rig.attach(factory()) {
+    let device = match factory.create() {
+        Ok(d) => d,
+        Err(e) => return (Script::new(), Some((0, format!("the factory failed: {e}")))),
+    };
+    let t = match rig.attach(device) {
         Ok(t) => t,
         Err(e) => return (Script::new(), Some((0, format!("could not attach: {e}")))),
     };
@@ -443,7 +448,7 @@ fn attempt(
 /// quarters, .. single ones), then halves lengths, while it still fails; at most `budget` re-runs.
 pub fn shrink(
     rig: &dyn Rig,
-    factory: &dyn Fn() -> Box<dyn BlockDevice>,
+    factory: &dyn DeviceFactory,
     caps: Capabilities,
     ops: &[ModelOp],
     budget: u32,
@@ -508,13 +513,21 @@ pub fn shrink(
 /// Runs one sequence of `ops` operations from `seed` on a fresh device; a failure is shrunk.
 pub fn random_run(
     rig: &dyn Rig,
-    factory: &dyn Fn() -> Box<dyn BlockDevice>,
+    factory: &dyn DeviceFactory,
     caps: Capabilities,
     seed: u64,
     ops: usize,
     shrink_attempts: u32,
 ) -> Result<u64, Box<RandomFailure>> {
-    let probe = factory();
+    let probe = factory.create().map_err(|e| {
+        Box::new(RandomFailure {
+            seed,
+            message: format!("the factory failed: {e}"),
+            original_len: 0,
+            ops: Vec::new(),
+            script: Script::new(),
+        })
+    })?;
     let bs = u64::from(probe.block_size());
     let size = probe.blocks() * bs;
     drop(probe);
@@ -545,7 +558,7 @@ pub fn random_run(
 /// before each run with its index.
 pub fn random_test(
     rig: &dyn Rig,
-    factory: &dyn Fn() -> Box<dyn BlockDevice>,
+    factory: &dyn DeviceFactory,
     caps: Capabilities,
     config: &RandomConfig,
     progress: &mut dyn FnMut(u32),

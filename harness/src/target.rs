@@ -38,8 +38,8 @@ impl From<LoopbackError> for OpError {
     }
 }
 
-/// Block operations on a served device.
-pub trait Target {
+/// Block operations on a served device; several threads may drive one at once.
+pub trait Target: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Logical block size.
@@ -70,7 +70,7 @@ pub trait Attached: Target {
 }
 
 /// Serves devices and hands back targets.
-pub trait Rig {
+pub trait Rig: Send + Sync {
     /// A short name for reports, e.g. `loopback` or `/dev/nbd0`.
     fn name(&self) -> String;
     /// Serves `device` and returns the target driving it.

@@ -3,16 +3,17 @@
 
 use userblk::{BlockDevice, FileDevice, LoopbackOptions, MemDevice};
 use userblk_harness::conformance::{self, Env};
+use userblk_harness::factory::DeviceFactory;
 use userblk_harness::random::{random_test, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::LoopbackRig;
 
 const SIZE: u64 = 64 << 20;
 
-fn suite(factory: &dyn Fn() -> Box<dyn BlockDevice>) {
-    let caps = factory().capabilities();
+fn suite(factory: &dyn DeviceFactory) {
+    let caps = factory.create().unwrap().capabilities();
     let rig = LoopbackRig::default();
-    let env = Env::loopback(&rig, factory, caps);
+    let env = Env::new(&rig, factory, caps);
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
         eprintln!("case {}", c.name)
     });
@@ -49,7 +50,7 @@ fn big_requests_and_several_connections() {
         },
     };
     let factory = || Box::new(MemDevice::new(SIZE)) as Box<dyn BlockDevice>;
-    let env = Env::loopback(&rig, &factory, factory().capabilities());
+    let env = Env::new(&rig, &factory, factory().capabilities());
     let cases: Vec<_> = conformance::cases()
         .into_iter()
         .filter(|c| {

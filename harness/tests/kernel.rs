@@ -68,12 +68,7 @@ fn conformance_suite_on_the_real_kernel() {
     };
     let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
     let caps = factory().capabilities();
-    let env = Env {
-        rig: &rig,
-        factory: &factory,
-        caps,
-        shared: Some(&rig),
-    };
+    let env = Env::new(&rig, &factory, caps);
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
         eprintln!("  case {}", c.name)
     });

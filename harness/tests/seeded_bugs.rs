@@ -84,7 +84,7 @@ impl BlockDevice for Buggy {
 fn failure_of(bug: Bug, case: &str) -> String {
     let rig = LoopbackRig::default();
     let factory = move || buggy(bug);
-    let env = Env::loopback(&rig, &factory, factory().capabilities());
+    let env = Env::new(&rig, &factory, factory().capabilities());
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, _| {});
     match &report.case(case).expect("no such case").outcome {
         Outcome::Fail(m) => m.clone(),

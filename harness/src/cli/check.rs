@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use userblk::{BlockDevice, Capabilities, LoopbackOptions, MemDevice, PatternDevice};
 
-use crate::conformance::{self, Env, Report, SharedRig};
+use crate::conformance::{self, Env, Report};
+use crate::factory::{DeviceFactory, Reopen};
 use crate::nbd_rig::NbdRig;
 use crate::random::{random_test, RandomConfig};
 use crate::spec::{human, DeviceSpec};
@@ -61,23 +62,32 @@ impl Progress {
     }
 }
 
-/// Makes fresh devices of the spec: a new RAM disk each time, the same file each time.
-fn factory(spec: &DeviceSpec) -> Result<Box<dyn Fn() -> Box<dyn BlockDevice>>, String> {
+/// Makes fresh devices of the spec: a new RAM disk each time (re-openable: the same memory
+/// served again), the same file each time.
+fn factory(spec: &DeviceSpec) -> Result<Box<dyn DeviceFactory>, String> {
     Ok(match spec {
         DeviceSpec::Ram { size } => {
             let size = *size;
-            Box::new(move || Box::new(MemDevice::new(size)) as Box<dyn BlockDevice>)
+            Box::new(Reopen::new(
+                move || Ok(Arc::new(MemDevice::new(size))),
+                |mem: &Arc<MemDevice>| Ok(Arc::clone(mem)),
+            ))
         }
         DeviceSpec::Pattern { size } => {
             let size = *size;
             Box::new(move || Box::new(PatternDevice::new(size)) as Box<dyn BlockDevice>)
         }
         DeviceSpec::File { .. } => {
-            let dev: Arc<dyn BlockDevice> = Arc::from(
+            // Fail early with the reason if the file cannot be opened at all.
+            drop(
                 spec.open(false)
                     .map_err(|e| format!("cannot open {spec}: {e}"))?,
             );
-            Box::new(move || Box::new(Arc::clone(&dev)) as Box<dyn BlockDevice>)
+            let spec = spec.clone();
+            Box::new(Reopen::new(
+                move || Ok(spec.clone()),
+                |spec: &DeviceSpec| spec.open(false),
+            ))
         }
     })
 }
@@ -142,15 +152,21 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let probe = make();
+    let probe = match make.create() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("userblk check: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let caps: Capabilities = probe.capabilities();
     let size = probe.blocks() * u64::from(probe.block_size());
     drop(probe);
     let loopback = LoopbackRig::default();
     let nbd = args.kernel.as_ref().map(NbdRig::new);
-    let (rig, shared): (&dyn Rig, &dyn SharedRig) = match &nbd {
-        Some(n) => (n, n),
-        None => (&loopback, &loopback),
+    let rig: &dyn Rig = match &nbd {
+        Some(n) => n,
+        None => &loopback,
     };
     let progress = Progress {
         tty: std::io::stderr().is_terminal(),
@@ -166,12 +182,7 @@ pub fn run(args: Args) -> ExitCode {
 
     // 1. The conformance suite.
     let cases = conformance::cases();
-    let env = Env {
-        rig,
-        factory: &*make,
-        caps,
-        shared: Some(shared),
-    };
+    let env = Env::new(rig, &*make, caps);
     let report = conformance::run_cases(&env, &cases, &mut |i, c| {
         progress.show(&format!(
             "[{}/{}] conformance: {}",
@@ -192,7 +203,7 @@ pub fn run(args: Args) -> ExitCode {
                 ..LoopbackOptions::default()
             },
         };
-        let env = Env::loopback(&big, &*make, caps);
+        let env = Env::new(&big, &*make, caps);
         let subset: Vec<_> = cases
             .iter()
             .copied()
@@ -285,7 +296,10 @@ pub fn run(args: Args) -> ExitCode {
                 human(trace.header.size)
             ),
             Ok(_) if caps.read_only => format!("  skip  {name:<32} the device is read-only"),
-            Ok(trace) => match zeroed(make(), &trace)
+            Ok(trace) => match make
+                .create()
+                .map_err(|e| e.to_string())
+                .and_then(|dev| zeroed(dev, &trace))
                 .and_then(|dev| replay_on(rig, dev, &trace).map_err(|e| e.to_string()))
             {
                 Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),

@@ -381,7 +381,7 @@ pub fn unwritten_reads_stable(env: &Env<'_>) -> CaseResult {
 /// write as `write_fua` or as a write followed by a flush; the data reads back.
 pub fn flush_and_fua(env: &Env<'_>) -> CaseResult {
     writable(env)?;
-    let dev = Counting::new((env.factory)());
+    let dev = Counting::new(env.create()?);
     let log = dev.log();
     with_target(env, Some(Box::new(dev)), |t| {
         let bs = block(t);
@@ -606,7 +606,7 @@ pub fn out_of_range_rejected(env: &Env<'_>) -> CaseResult {
 /// On a read-only device (the device itself, or wrapped in [`ReadOnly`]), writes, FUA writes,
 /// trims and zeroes fail, nothing reaches the device, and the data stays.
 pub fn read_only_rejected(env: &Env<'_>) -> CaseResult {
-    let dev = Counting::new((env.factory)());
+    let dev = Counting::new(env.create()?);
     let log = dev.log();
     let dev: Box<dyn BlockDevice> = Box::new(ReadOnly(dev));
     with_target(env, Some(dev), |t| {
@@ -681,15 +681,10 @@ pub fn in_flight_disjoint(env: &Env<'_>) -> CaseResult {
         op(t.write(0, &data), || format!("write of {len} bytes"))?;
         expect_read(t, 0, &data, "large write split into many requests")
     })?;
-    let Some(shared) = env.shared else {
-        return Ok(());
-    };
-    let t = shared
-        .attach_shared((env.factory)())
-        .map_err(|e| Failure::failed(format!("could not attach: {e}")))?;
+    let t = env.attach()?;
     let bs = u64::from(t.block_size());
     let region = (t.size() / 8).min(1 << 20) / bs * bs;
-    let t_ref: &dyn super::SharedTarget = &*t;
+    let t_ref: &dyn Target = &*t;
     let result = thread::scope(|s| {
         let workers: Vec<_> = (0..8u64)
             .map(|w| {
@@ -713,27 +708,19 @@ pub fn in_flight_disjoint(env: &Env<'_>) -> CaseResult {
                 .unwrap_or_else(|_| Err(Failure::failed("a thread panicked")))
         })
     });
-    let detached = t
-        .detach_shared()
-        .map_err(|e| Failure::failed(format!("serving ended with an error: {e}")));
-    result.and(detached)
+    result.and(detach(t))
 }
 
 /// Concurrent writers to one range, with readers alongside: every block a reader sees, and
 /// every block at the end, is wholly one writer's (or the data from before).
 pub fn in_flight_overlapping(env: &Env<'_>) -> CaseResult {
     writable(env)?;
-    let Some(shared) = env.shared else {
-        return Err(Failure::skip("needs a rig that allows concurrent callers"));
-    };
-    let t = shared
-        .attach_shared((env.factory)())
-        .map_err(|e| Failure::failed(format!("could not attach: {e}")))?;
+    let t = env.attach()?;
     let bs = u64::from(t.block_size());
     let base = 64 << 10;
     let len = 256 << 10;
     let writers = 4u64;
-    let t_ref: &dyn super::SharedTarget = &*t;
+    let t_ref: &dyn Target = &*t;
     let result = (|| -> CaseResult {
         needs_size(t_ref, 1 << 20)?;
         op(t_ref.write(base, &pattern(200, base, len)), || {
@@ -787,10 +774,7 @@ pub fn in_flight_overlapping(env: &Env<'_>) -> CaseResult {
         }
         Ok(())
     })();
-    let detached = t
-        .detach_shared()
-        .map_err(|e| Failure::failed(format!("serving ended with an error: {e}")));
-    result.and(detached)
+    result.and(detach(t))
 }
 
 /// A device's errors reach the caller: with the device's errno through the loopback (mapped to
@@ -801,7 +785,7 @@ pub fn device_errors_reach_caller(env: &Env<'_>) -> CaseResult {
     const ENOSPC: i32 = 28;
     const ENOENT: i32 = 2;
     const EIO: i32 = 5;
-    let probe = (env.factory)();
+    let probe = env.create()?;
     let bs = u64::from(probe.block_size());
     let size = probe.blocks() * bs;
     if size < 64 * bs {
@@ -873,7 +857,7 @@ pub fn device_errors_reach_caller(env: &Env<'_>) -> CaseResult {
 
 /// `unmount` is called exactly once when serving ends, after every request, and not before.
 pub fn unmount_once(env: &Env<'_>) -> CaseResult {
-    let dev = Counting::new((env.factory)());
+    let dev = Counting::new(env.create()?);
     let log = dev.log();
     let t = env.attach_device(Box::new(dev))?;
     let bs = u64::from(t.block_size());
