@@ -239,3 +239,28 @@ pub fn in_flight_overlapping(env: &Env<'_>) -> CaseResult {
         check(&last, "after all writers completed", true)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_is_one_writers_torn_or_foreign() {
+        let (a, b) = (pattern(1, 0, 512), pattern(2, 0, 512));
+        let sources: [&[u8]; 2] = [&a, &b];
+        assert!(matches!(classify(&b, &sources), BlockContent::One(1)));
+        let mut torn = a.clone();
+        torn[256..].copy_from_slice(&b[256..]);
+        match classify(&torn, &sources) {
+            BlockContent::Torn(runs) => assert_eq!(runs, [(0, 0, 256), (1, 256, 512)]),
+            _ => panic!("a half-and-half block is torn"),
+        }
+        let mut foreign = a.clone();
+        foreign[100] = !(a[100] | b[100]);
+        foreign[100] ^= u8::from(foreign[100] == a[100] || foreign[100] == b[100]);
+        assert!(matches!(
+            classify(&foreign, &sources),
+            BlockContent::Foreign
+        ));
+    }
+}
