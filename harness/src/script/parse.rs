@@ -52,6 +52,32 @@ pub enum ParseErrorKind {
     /// A length above the protocol's 32-bit field.
     #[error("length {0} does not fit the request's 32-bit length field")]
     TooLong(u64),
+    /// A `together {` never closed by `}` (the error's line is the opening one).
+    #[error("`together {{` is never closed by a `}}` line")]
+    UnclosedGroup,
+    /// A `together {` inside another group.
+    #[error(
+        "groups do not nest: the group opened at line {0} is still open (close it with `}}` first)"
+    )]
+    NestedGroup(usize),
+    /// A `}` with no group open.
+    #[error("`}}` without a `together {{` before it")]
+    UnopenedClose,
+    /// A group with no request in it.
+    #[error("an empty group: `together {{` needs at least one request before `}}`")]
+    EmptyGroup,
+    /// A step that has no meaning in a group (`disc`, `eof`, `raw`).
+    #[error("`{0}` cannot be in a group: {1}")]
+    NotInGroup(&'static str, &'static str),
+    /// An expectation that has no meaning in a group (`closed`, `none`).
+    #[error("`=> {0}` cannot be expected in a group: every request of a group gets a reply")]
+    ExpectationInGroup(&'static str),
+    /// `any-of()` with nothing inside.
+    #[error("`any-of()` needs at least one alternative, e.g. any-of(seed:1 | fill:0)")]
+    EmptyAnyOf,
+    /// An `any-of(..)` alternative that is not data, or an unclosed `any-of(`.
+    #[error("bad any-of alternative `{0}`: expected data segments separated by `|`, e.g. any-of(seed:1 | 4K*seed:1 seed:2)")]
+    BadAlternative(String),
 }
 
 fn err(line: usize, kind: ParseErrorKind) -> ParseError {
@@ -88,13 +114,11 @@ fn parse_pos(s: &str) -> Option<Pos> {
         if rest.is_empty() {
             return Some(Pos::FromEnd(0));
         }
-        let (sign, n) = rest.split_at(1);
-        let n = i64::try_from(parse_u64(n)?).ok()?;
-        return match sign {
-            "-" => Some(Pos::FromEnd(-n)),
-            "+" => Some(Pos::FromEnd(n)),
-            _ => None,
-        };
+        if let Some(n) = rest.strip_prefix('-') {
+            return Some(Pos::FromEnd(-i64::try_from(parse_u64(n)?).ok()?));
+        }
+        let n = rest.strip_prefix('+')?;
+        return Some(Pos::FromEnd(i64::try_from(parse_u64(n)?).ok()?));
     }
     parse_u64(s).map(Pos::Abs)
 }
@@ -176,9 +200,43 @@ pub(crate) fn command_word(c: Command) -> &'static str {
     }
 }
 
-fn parse_expect(line: usize, toks: &[&str], len: Option<u64>) -> Result<Expect, ParseError> {
+/// Parses `any-of(ALT | ALT ..)`'s inside, each alternative data that adds up to `len` (when
+/// known).
+fn parse_any_of(line: usize, inner: &str, len: Option<u64>) -> Result<Expect, ParseError> {
+    if inner.trim().is_empty() {
+        return Err(err(line, ParseErrorKind::EmptyAnyOf));
+    }
+    let mut alts = Vec::new();
+    for alt in inner.split('|') {
+        let bad = || err(line, ParseErrorKind::BadAlternative(alt.trim().to_string()));
+        let toks: Vec<&str> = alt.split_whitespace().collect();
+        if toks.is_empty() || !toks.iter().all(|t| is_segment(t)) {
+            return Err(bad());
+        }
+        let data = parse_data(line, &toks)?;
+        if let Some(len) = len {
+            if data.ranges(len).is_none() {
+                return Err(err(line, ParseErrorKind::DataLength(len)));
+            }
+        }
+        alts.push(data);
+    }
+    Ok(Expect::AnyOf(alts))
+}
+
+fn parse_expect(line: usize, text: &str, len: Option<u64>) -> Result<Expect, ParseError> {
     let bad = |t: &str| err(line, ParseErrorKind::BadExpectation(t.to_string()));
-    match toks {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix("any-of") {
+        let inner = rest
+            .trim_start()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| err(line, ParseErrorKind::BadAlternative(text.to_string())))?;
+        return parse_any_of(line, inner, len);
+    }
+    let toks: Vec<&str> = text.split_whitespace().collect();
+    match toks.as_slice() {
         [] => Err(err(line, ParseErrorKind::Missing("expectation after `=>`"))),
         ["ok"] => Ok(Expect::Ok),
         ["closed"] => Ok(Expect::Closed),
@@ -309,23 +367,99 @@ fn parse_line(line: usize, text: &str) -> Result<Option<Step>, ParseError> {
         _ => None,
     };
     let expect = match expect {
-        Some(t) => parse_expect(line, &t.split_whitespace().collect::<Vec<_>>(), read_len)?,
+        Some(t) => parse_expect(line, t, read_len)?,
         None => action.default_expect(),
     };
     Ok(Some(Step {
         line: Some(line),
         action,
         expect,
+        group: None,
     }))
 }
 
-/// Parses a script. Blank lines and `#` comments are skipped.
+/// Refuses a step that has no meaning in a group.
+fn check_in_group(line: usize, step: &Step) -> Result<(), ParseError> {
+    let e = |k| Err(err(line, k));
+    match &step.action {
+        Action::Raw(_) => e(ParseErrorKind::NotInGroup(
+            "raw",
+            "its reply cannot be told apart from the others'",
+        ))?,
+        Action::Eof => e(ParseErrorKind::NotInGroup(
+            "eof",
+            "it ends the connection under the other requests",
+        ))?,
+        Action::Request {
+            command: Command::Disc,
+            ..
+        } => e(ParseErrorKind::NotInGroup(
+            "disc",
+            "it ends the connection under the other requests",
+        ))?,
+        Action::Request { .. } => {}
+    }
+    match step.expect {
+        Expect::Closed => e(ParseErrorKind::ExpectationInGroup("closed")),
+        Expect::Nothing => e(ParseErrorKind::ExpectationInGroup("none")),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a script. Blank lines and `#` comments are skipped; `together {` .. `}` lines
+/// enclose a group.
 pub(super) fn parse(text: &str) -> Result<Script, ParseError> {
     let mut steps = Vec::new();
+    // The open group: its number, the line of its `together {`, and its steps so far.
+    let mut open: Option<(usize, usize, usize)> = None;
+    let mut groups = 0;
     for (i, l) in text.lines().enumerate() {
-        if let Some(step) = parse_line(i + 1, l)? {
-            steps.push(step);
+        let line = i + 1;
+        let toks: Vec<&str> = l
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        match toks.as_slice() {
+            ["together", rest @ ..] => {
+                match rest {
+                    [] => Err(err(line, ParseErrorKind::Missing("`{` after `together`")))?,
+                    ["{"] => {}
+                    ["{", t, ..] | [t, ..] => {
+                        Err(err(line, ParseErrorKind::Unexpected(t.to_string())))?
+                    }
+                }
+                if let Some((_, at, _)) = open {
+                    return Err(err(line, ParseErrorKind::NestedGroup(at)));
+                }
+                groups += 1;
+                open = Some((groups, line, 0));
+            }
+            ["}", rest @ ..] => {
+                if let Some(t) = rest.first() {
+                    return Err(err(line, ParseErrorKind::Unexpected(t.to_string())));
+                }
+                match open.take() {
+                    None => return Err(err(line, ParseErrorKind::UnopenedClose)),
+                    Some((_, _, 0)) => return Err(err(line, ParseErrorKind::EmptyGroup)),
+                    Some(_) => {}
+                }
+            }
+            _ => {
+                if let Some(mut step) = parse_line(line, l)? {
+                    if let Some((number, _, count)) = open.as_mut() {
+                        check_in_group(line, &step)?;
+                        step.group = Some(*number);
+                        *count += 1;
+                    }
+                    steps.push(step);
+                }
+            }
         }
+    }
+    if let Some((_, at, _)) = open {
+        return Err(err(at, ParseErrorKind::UnclosedGroup));
     }
     Ok(Script { steps })
 }
@@ -396,6 +530,16 @@ impl fmt::Display for Expect {
                 name => f.write_str(name),
             },
             Expect::Data(d) => write!(f, "{d}"),
+            Expect::AnyOf(alts) => {
+                f.write_str("any-of(")?;
+                for (i, d) in alts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" | ")?;
+                    }
+                    write!(f, "{d}")?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
@@ -407,9 +551,27 @@ impl fmt::Display for Step {
 }
 
 impl fmt::Display for Script {
+    /// The text format, groups as `together {` .. `}` with their requests indented; parses
+    /// back to an equal script.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut open = None;
         for s in &self.steps {
+            if s.group != open {
+                if open.is_some() {
+                    writeln!(f, "}}")?;
+                }
+                if s.group.is_some() {
+                    writeln!(f, "together {{")?;
+                }
+                open = s.group;
+            }
+            if open.is_some() {
+                f.write_str("  ")?;
+            }
             writeln!(f, "{s}")?;
+        }
+        if open.is_some() {
+            writeln!(f, "}}")?;
         }
         Ok(())
     }

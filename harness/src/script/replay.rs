@@ -136,6 +136,7 @@ fn judge(
     actual: Actual,
     offset: u64,
     seeds: &[u64],
+    block_size: u64,
 ) -> Result<(), (String, Option<String>)> {
     let describe = |a: &Actual| match a {
         Actual::Ok(d) if d.is_empty() => "ok".to_string(),
@@ -163,8 +164,74 @@ fn judge(
                 Some(diff) => Err((describe(&actual), Some(diff))),
             },
         },
+        (Expect::AnyOf(alts), Actual::Ok(bytes)) => any_of(alts, bytes, offset, block_size)
+            .map_err(|(why, diff)| {
+                (
+                    format!("{why}; the read returned {}", describe(&actual)),
+                    Some(diff),
+                )
+            }),
         _ => Err((describe(&actual), None)),
     }
+}
+
+/// Checks `bytes`, read at device offset `offset`, block by block against the alternatives:
+/// each logical block (the part of it inside the read) must equal the same block of one of
+/// them. `Err` says which block matched none, with a dump of how it differs from each.
+fn any_of(
+    alts: &[Data],
+    bytes: &[u8],
+    offset: u64,
+    block_size: u64,
+) -> Result<(), (String, String)> {
+    let mut rendered = Vec::with_capacity(alts.len());
+    for d in alts {
+        match d.render(offset, bytes.len()) {
+            Some(r) => rendered.push(r),
+            None => {
+                return Err((
+                    format!(
+                        "the alternative `{d}` does not add up to the {} bytes returned",
+                        bytes.len()
+                    ),
+                    String::new(),
+                ))
+            }
+        }
+    }
+    let bs = block_size.max(1);
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let abs = offset + at as u64;
+        let end = (at as u64 + (bs - abs % bs)).min(bytes.len() as u64) as usize;
+        let block_matches = |(want, mask): &(Vec<u8>, Option<Vec<bool>>)| {
+            (at..end).all(|i| mask.as_ref().is_some_and(|m| !m[i]) || want[i] == bytes[i])
+        };
+        if !rendered.iter().any(block_matches) {
+            let mut dumps = Vec::new();
+            for (k, (want, mask)) in rendered.iter().enumerate() {
+                // Only this block's bytes count: the dump shows where it differs.
+                let in_block: Vec<bool> = (0..bytes.len())
+                    .map(|i| (at..end).contains(&i) && mask.as_ref().is_none_or(|m| m[i]))
+                    .collect();
+                if let Some(d) = first_difference(want, bytes, Some(&in_block), offset) {
+                    dumps.push(format!("against alternative {} ({}): {d}", k + 1, alts[k]));
+                }
+            }
+            return Err((
+                format!(
+                    "block {} (device bytes {abs}..{}, {bs}-byte blocks) matches none of the {} \
+                     alternatives: a torn or lost write",
+                    abs / bs,
+                    offset + end as u64,
+                    alts.len()
+                ),
+                dumps.join("\n"),
+            ));
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// Runs steps on an engine and judges each.
@@ -187,7 +254,9 @@ fn drive(script: &Script, engine: &mut dyn Engine) -> Result<(), ScriptError> {
         let offset = resolved.as_ref().map_or(0, |r| r.request.offset);
         let actual = engine.exec(step, resolved);
         let closed = matches!(actual, Actual::Closed);
-        if let Err((actual, diff)) = judge(&step.expect, actual, offset, &seeds) {
+        if let Err((actual, diff)) =
+            judge(&step.expect, actual, offset, &seeds, engine.block_size())
+        {
             return Err(fail(step.expect.to_string(), actual, diff));
         }
         if closed && i + 1 < script.steps.len() {
@@ -202,6 +271,8 @@ fn drive(script: &Script, engine: &mut dyn Engine) -> Result<(), ScriptError> {
 
 trait Engine {
     fn size(&self) -> u64;
+    /// The logical block size, for `any-of`.
+    fn block_size(&self) -> u64;
     fn exec(&mut self, step: &Step, req: Option<Resolved>) -> Actual;
     fn finish(&mut self) -> Result<(), String>;
 }
@@ -209,11 +280,16 @@ trait Engine {
 struct Loopback {
     kernel: Option<LoopbackKernel>,
     size: u64,
+    block_size: u64,
 }
 
 impl Engine for Loopback {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     fn exec(&mut self, _step: &Step, req: Option<Resolved>) -> Actual {
@@ -257,6 +333,7 @@ impl Engine for Loopback {
 struct Raw {
     sock: UnixStream,
     size: u64,
+    block_size: u64,
     server: Option<JoinHandle<Result<(), ServerError>>>,
     /// The server was expected to close the connection, so an error it ends with is expected.
     closing_expected: bool,
@@ -368,6 +445,10 @@ impl Engine for Raw {
         self.size
     }
 
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
     fn exec(&mut self, step: &Step, req: Option<Resolved>) -> Actual {
         if step.expect == Expect::Closed {
             self.closing_expected = true;
@@ -451,11 +532,13 @@ impl Script {
         let kernel = LoopbackKernel::with_options(device, options)
             .map_err(|e| ScriptError::Start(e.to_string()))?;
         let size = kernel.size();
+        let block_size = u64::from(kernel.export().block_size);
         drive(
             self,
             &mut Loopback {
                 kernel: Some(kernel),
                 size,
+                block_size,
             },
         )
     }
@@ -475,19 +558,37 @@ impl Script {
         let sock = ends
             .pop()
             .ok_or_else(|| ScriptError::Start("no socket".into()))?;
-        self.replay_on(sock, export.size, Some(handle))
+        self.replay_on(
+            sock,
+            export.size,
+            u64::from(export.block_size),
+            Some(handle),
+        )
     }
 
     /// Replays against any server on the other end of `sock` (serving a device of `size`
-    /// bytes), checking its replies as [`Script::replay_raw`] does.
+    /// bytes), checking its replies as [`Script::replay_raw`] does. `any-of` expectations are
+    /// checked in 512-byte blocks; see [`Script::replay_socket_with`] for another block size.
     pub fn replay_socket(&self, sock: UnixStream, size: u64) -> Result<(), ScriptError> {
-        self.replay_on(sock, size, None)
+        self.replay_on(sock, size, 512, None)
+    }
+
+    /// [`Script::replay_socket`] for a device of `block_size`-byte logical blocks, the unit in
+    /// which `any-of` expectations are checked.
+    pub fn replay_socket_with(
+        &self,
+        sock: UnixStream,
+        size: u64,
+        block_size: u32,
+    ) -> Result<(), ScriptError> {
+        self.replay_on(sock, size, u64::from(block_size), None)
     }
 
     fn replay_on(
         &self,
         sock: UnixStream,
         size: u64,
+        block_size: u64,
         server: Option<JoinHandle<Result<(), ServerError>>>,
     ) -> Result<(), ScriptError> {
         sock.set_read_timeout(Some(REPLY_TIMEOUT))
@@ -497,6 +598,7 @@ impl Script {
             &mut Raw {
                 sock,
                 size,
+                block_size,
                 server,
                 closing_expected: false,
                 last_error: None,
