@@ -95,15 +95,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod judge;
 mod parse;
 mod pattern;
+mod raw;
 mod replay;
 
 use userblk::proto::{Command, CommandFlags, Errno};
 
 pub use parse::{ParseError, ParseErrorKind};
 pub use pattern::{fill_seed, first_difference, Data, Pattern, Segment};
-pub use replay::{ScriptError, StepFailure};
+pub use replay::{GroupSpan, ScriptError, StepFailure};
 
 #[allow(unused_imports)] // for the module docs
 use userblk::{LoopbackKernel, Server};
