@@ -36,12 +36,12 @@
 //! Requests in flight together are a group, between a `together {` line and a `}` line:
 //!
 //! ```text
-//! together {
+//! together {                      # two overlapping writes and a read racing them
 //!   write 0 8K seed:1
 //!   write 4K 8K seed:2
-//!   read 0 16K => any-of(seed:1 | 4K*any 8K*seed:2 | fill:0)
+//!   read 0 12K => any-of(fill:0 | seed:1 | 4K*any seed:2)
 //! }
-//! read 0 8K => any-of(seed:1 | 4K*seed:1 4K*seed:2)
+//! read 0 12K => any-of(8K*seed:1 seed:2 | 4K*seed:1 seed:2)   # either write last, per block
 //! ```
 //!
 //! - Every request of a group is sent before any reply is waited for, so they are in flight

@@ -115,7 +115,8 @@ fn parse_pos(s: &str) -> Option<Pos> {
             return Some(Pos::FromEnd(0));
         }
         if let Some(n) = rest.strip_prefix('-') {
-            return Some(Pos::FromEnd(-i64::try_from(parse_u64(n)?).ok()?));
+            // `checked_sub_unsigned` reaches i64::MIN, which `-i64` cannot.
+            return Some(Pos::FromEnd(0i64.checked_sub_unsigned(parse_u64(n)?)?));
         }
         let n = rest.strip_prefix('+')?;
         return Some(Pos::FromEnd(i64::try_from(parse_u64(n)?).ok()?));
@@ -611,6 +612,157 @@ mod tests {
     }
 
     #[test]
+    fn groups_and_any_of_parse_and_print_back() {
+        let text = "
+            write 0 4K seed:1
+            together {   # two writes and a read racing them
+              write 0 8K seed:2
+              write 4K 8K fua seed:3 => ok
+              read 0 16K => any-of(seed:2 | 4K*any 8K*seed:3 any | fill:0)
+            }
+            together {
+              read 0 4K => any-of( seed:1|seed:2 )
+            }
+            read 0 8K => any-of(seed:1 | 4K*seed:1 4K*seed:2)
+        ";
+        let s = parse(text).unwrap();
+        let groups: Vec<_> = s.steps.iter().map(|s| s.group).collect();
+        assert_eq!(groups, [None, Some(1), Some(1), Some(1), Some(2), None]);
+        assert_eq!(s.steps[3].line, Some(6));
+        let Expect::AnyOf(alts) = &s.steps[3].expect else {
+            panic!("{:?}", s.steps[3].expect)
+        };
+        assert_eq!(alts.len(), 3);
+        assert_eq!(alts[1].to_string(), "4K*any 8K*seed:3 any");
+        let printed = s.to_string();
+        assert_eq!(
+            printed,
+            "write 0 4K seed:1 => ok\n\
+             together {\n\
+             \x20 write 0 8K seed:2 => ok\n\
+             \x20 write 4K 8K fua seed:3 => ok\n\
+             \x20 read 0 16K => any-of(seed:2 | 4K*any 8K*seed:3 any | fill:0x00)\n\
+             }\n\
+             together {\n\
+             \x20 read 0 4K => any-of(seed:1 | seed:2)\n\
+             }\n\
+             read 0 8K => any-of(seed:1 | 4K*seed:1 seed:2)\n"
+                .replace("4K*seed:1 seed:2", "4K*seed:1 4K*seed:2")
+        );
+        assert_eq!(parse(&printed).unwrap(), s);
+    }
+
+    #[test]
+    fn malformed_groups_and_alternatives_are_typed_errors() {
+        use ParseErrorKind as K;
+        let cases: &[(&str, usize, ParseErrorKind)] = &[
+            ("together {\nread 0 512", 1, K::UnclosedGroup),
+            ("together {\ntogether {\n}\n}", 2, K::NestedGroup(1)),
+            ("read 0 512\n}", 2, K::UnopenedClose),
+            ("together {\n# nothing\n}", 3, K::EmptyGroup),
+            ("together", 1, K::Missing("`{` after `together`")),
+            ("together { read 0 512", 1, K::Unexpected("read".into())),
+            ("together x", 1, K::Unexpected("x".into())),
+            (
+                "together {\nread 0 512\n} read",
+                3,
+                K::Unexpected("read".into()),
+            ),
+            (
+                "together {\ndisc\n}",
+                2,
+                K::NotInGroup("disc", "it ends the connection under the other requests"),
+            ),
+            (
+                "together {\neof\n}",
+                2,
+                K::NotInGroup("eof", "it ends the connection under the other requests"),
+            ),
+            (
+                "together {\nraw 25609513\n}",
+                2,
+                K::NotInGroup("raw", "its reply cannot be told apart from the others'"),
+            ),
+            (
+                "together {\nread 0 512 => closed\n}",
+                2,
+                K::ExpectationInGroup("closed"),
+            ),
+            (
+                "together {\nwrite 0 512 fill:1 => none\n}",
+                2,
+                K::ExpectationInGroup("none"),
+            ),
+            ("read 0 512 => any-of()", 1, K::EmptyAnyOf),
+            ("read 0 512 => any-of(   )", 1, K::EmptyAnyOf),
+            (
+                "read 0 512 => any-of(seed:1 | )",
+                1,
+                K::BadAlternative("".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1 || fill:0)",
+                1,
+                K::BadAlternative("".into()),
+            ),
+            (
+                "read 0 512 => any-of(ok | seed:1)",
+                1,
+                K::BadAlternative("ok".into()),
+            ),
+            (
+                "read 0 512 => any-of(EIO)",
+                1,
+                K::BadAlternative("EIO".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1",
+                1,
+                K::BadAlternative("any-of(seed:1".into()),
+            ),
+            (
+                "read 0 512 => any-of seed:1",
+                1,
+                K::BadAlternative("any-of seed:1".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1) x",
+                1,
+                K::BadAlternative("any-of(seed:1) x".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:x)",
+                1,
+                K::BadPattern("seed:x".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1 | 1K*fill:0)",
+                1,
+                K::DataLength(512),
+            ),
+        ];
+        for (text, line, kind) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!((e.line, &e.kind), (*line, kind), "{text}");
+        }
+        // Each says what is wrong in words.
+        let e = parse("together {\nread 0 512").unwrap_err().to_string();
+        assert_eq!(e, "line 1: `together {` is never closed by a `}` line");
+    }
+
+    #[test]
+    fn offsets_from_the_end_reach_i64_min() {
+        assert_eq!(
+            parse_pos("end-9223372036854775808"),
+            Some(Pos::FromEnd(i64::MIN))
+        );
+        assert_eq!(parse_pos("end-9223372036854775809"), None);
+        assert_eq!(parse_pos("end+9223372036854775808"), None);
+        assert_eq!(parse_pos("end\u{e9}"), None);
+        assert_eq!(parse_pos("end+4K"), Some(Pos::FromEnd(4096)));
+    }
+
+    #[test]
     fn errors_name_the_line_and_never_panic() {
         let cases: &[(&str, ParseErrorKind)] = &[
             ("frob 0 1", ParseErrorKind::UnknownCommand("frob".into())),
@@ -642,6 +794,13 @@ mod tests {
             "raw",
             "\u{0}\u{ff}=>=>",
             "write 0 512 hex:",
+            "read end\u{e9} 512",
+            "together {\n}\n}",
+            "}",
+            "read 0 512 => any-of(",
+            "read 0 512 => any-of)",
+            "read 0 512 => any-of(|)",
+            "read 0 512 => any-of((seed:1))",
         ] {
             assert!(parse(junk).is_err(), "{junk}");
         }
