@@ -127,8 +127,9 @@ fn any_of(alts: &[Data], bytes: &[u8], cx: &Context<'_>) -> Result<(), (String, 
         let end = usize::try_from(bs - abs % bs)
             .map_or(bytes.len(), |n| at.saturating_add(n).min(bytes.len()));
         let counts = |mask: &Option<Vec<bool>>, i: usize| mask.as_ref().is_none_or(|m| m[i]);
-        let block_matches = |(want, mask): &(Vec<u8>, Option<Vec<bool>>)| {
-            (at..end).all(|i| !counts(mask, i) || want[i] == bytes[i])
+        let block_matches = |(want, mask): &(Vec<u8>, Option<Vec<bool>>)| match mask {
+            None => want[at..end] == bytes[at..end],
+            Some(_) => (at..end).all(|i| !counts(mask, i) || want[i] == bytes[i]),
         };
         if !rendered.iter().any(block_matches) {
             let mut dumps = Vec::new();
