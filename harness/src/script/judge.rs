@@ -208,7 +208,7 @@ mod tests {
             .then(768, Pattern::Seed(2));
         let mut some = bytes.clone();
         some[256..].copy_from_slice(&Pattern::Seed(2).bytes(512, 768));
-        check(&[masked.clone()], &some, 256).unwrap();
+        check(std::slice::from_ref(&masked), &some, 256).unwrap();
         some[1000] ^= 1;
         let err = check(&[masked], &some, 256).unwrap_err();
         assert!(err.starts_with("block 2 (device bytes 1024..1280"), "{err}");
