@@ -47,7 +47,8 @@
 //! - Every request of a group is sent before any reply is waited for, so they are in flight
 //!   at the server together; their replies may come in any order, and each step's expectation
 //!   is checked against its own reply (matched by cookie). The next step after the `}` starts
-//!   once every reply of the group has come.
+//!   once every reply of the group has come. Through [`LoopbackKernel`] a group holds at most
+//!   as many requests as it has tags (`queue_depth` times `connections`, 128 by default).
 //! - `together {` and `}` stand alone on their line (a `#` comment may follow). Groups do not
 //!   nest, are not empty, and hold no `disc`, `eof` or `raw` step and no `closed` or `none`
 //!   expectation: all have no meaning when requests race.
