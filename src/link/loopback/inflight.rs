@@ -469,7 +469,8 @@ impl Inner {
                     let age = first_sent.elapsed();
                     if age >= limit {
                         let mut req = None;
-                        if let Some(s) = st.conns[ticket.hwq].slots[usize::from(ticket.tag)].as_mut()
+                        if let Some(s) =
+                            st.conns[ticket.hwq].slots[usize::from(ticket.tag)].as_mut()
                         {
                             s.abandoned = true;
                             s.waited = false;

@@ -246,12 +246,12 @@ impl LoopbackKernel {
         let mut pending = VecDeque::new();
         let mut out = Vec::new();
         let mut first_err = None;
-        let reap = |(i, t), out: &mut Vec<(usize, Vec<u8>)>, first_err: &mut Option<_>| {
-            match self.wait(t) {
-                Ok(d) => out.push((i, d)),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+        let reap = |(i, t), out: &mut Vec<(usize, Vec<u8>)>, first_err: &mut Option<_>| match self
+            .wait(t)
+        {
+            Ok(d) => out.push((i, d)),
+            Err(e) => {
+                first_err.get_or_insert(e);
             }
         };
         // When every tag is taken, complete our oldest request before sending more: blocking for

@@ -285,7 +285,10 @@ mod tests {
             assert!(b >= last || ns > 10_000);
             last = b;
             let (low, high) = bucket_range(b);
-            assert!(low <= ns && ns <= high, "{ns} not in bucket {b} ({low}..={high})");
+            assert!(
+                low <= ns && ns <= high,
+                "{ns} not in bucket {b} ({low}..={high})"
+            );
         }
         for b in 1..BUCKETS {
             assert_eq!(bucket_range(b).0, bucket_range(b - 1).1 + 1, "bucket {b}");

@@ -211,8 +211,14 @@ mod tests {
 
     #[test]
     fn names_find_profiles() {
-        assert_eq!(KernelProfile::by_name("linux-6.1"), Some(KernelProfile::linux_6_1()));
-        assert_eq!(KernelProfile::by_name("6.12"), Some(KernelProfile::linux_6_12()));
+        assert_eq!(
+            KernelProfile::by_name("linux-6.1"),
+            Some(KernelProfile::linux_6_1())
+        );
+        assert_eq!(
+            KernelProfile::by_name("6.12"),
+            Some(KernelProfile::linux_6_12())
+        );
         assert_eq!(KernelProfile::by_name("linux-5.15"), None);
         assert_eq!(KernelProfile::default(), KernelProfile::linux_6_12());
         assert_eq!(KernelProfile::names(), "linux-6.1, linux-6.12");
