@@ -98,15 +98,18 @@ impl LoopbackKernel {
         F: FnOnce(LoopbackLink) -> Result<(), ServerError> + Send + 'static,
     {
         let profile = options.resolved_profile();
+        // A zero timeout is the kernel's "none"; a zero stall limit likewise turns it off.
+        let timeout = options.timeout.filter(|d| !d.is_zero());
+        let stall_limit = options.stall_limit.filter(|d| !d.is_zero());
         let (link, kernel_ends) = LoopbackLink::new(options.connections)?;
         // A send blocked this long fails: the kernel's own timeout (`sk_sndtimeo`, set by
         // `nbd_start_device` to the request timeout) or else the stall watchdog.
-        let send_timeout = options.timeout.or(options.stall_limit);
+        let send_timeout = timeout.or(stall_limit);
         let mut writers = Vec::new();
         let mut closers = Vec::new();
         let mut reader_socks = Vec::new();
         for s in kernel_ends {
-            s.set_write_timeout(send_timeout.filter(|d| !d.is_zero()))?;
+            s.set_write_timeout(send_timeout)?;
             reader_socks.push(s.try_clone()?);
             closers.push(s.try_clone()?);
             writers.push(Mutex::new(s));
@@ -128,8 +131,8 @@ impl LoopbackKernel {
             closers,
             spare: Mutex::new(Vec::new()),
             profile,
-            timeout: options.timeout,
-            stall_limit: options.stall_limit,
+            timeout,
+            stall_limit,
             jitter: options.jitter.map(JitterSource::new),
         });
         let mut kernel = LoopbackKernel {
@@ -149,7 +152,7 @@ impl LoopbackKernel {
                     .spawn(move || inner.read_replies(conn, sock))?,
             );
         }
-        if let Some(timeout) = options.timeout {
+        if let Some(timeout) = timeout {
             let inner = Arc::clone(&inner);
             kernel.timer = Some(
                 thread::Builder::new()

@@ -115,7 +115,7 @@ pub struct LoopbackOptions {
     pub send_write_zeroes: bool,
     /// The kernel's per-request timeout (`NBD_SET_TIMEOUT`, netlink `NBD_ATTR_TIMEOUT`).
     ///
-    /// `None` (the default) is the kernel's 0: it only logs "possible stuck request" every
+    /// `None` (the default) is the kernel's 0 (and so is `Some(Duration::ZERO)`): it only logs "possible stuck request" every
     /// 30 s and waits (`nbd_xmit_timeout`, 6.1 and 6.12). `Some(t)`: a request in flight longer
     /// than `t` has its connection shut down, and is sent again, with its `cmd_cookie` bumped,
     /// on another live connection; with none left it fails with EIO
@@ -129,7 +129,8 @@ pub struct LoopbackOptions {
     /// [`LoopbackError::Stalled`] instead of waiting on; a submitter that waits that long for
     /// a free tag, and a send blocked that long, fail the same way; and shutdown waits this
     /// long for the server to stop after DISC before it abandons the server thread with
-    /// [`LoopbackError::Stuck`]. `None`: wait forever, as the kernel does. Default: 10 s.
+    /// [`LoopbackError::Stuck`]. `None` (or zero): wait forever, as the kernel does.
+    /// Default: 10 s.
     pub stall_limit: Option<Duration>,
     /// Seeded delays before sending and shuffled dispatch. Default: off.
     pub jitter: Option<Jitter>,
