@@ -85,7 +85,7 @@ fn a_128_kib_staging_buffer_loses_data_under_6_12_only() {
 fn suite(options: LoopbackOptions, staging: usize) -> conformance::Report {
     let rig = LoopbackRig { options };
     let factory = move || Box::new(Staged::new(staging)) as Box<dyn BlockDevice>;
-    let env = Env::loopback(&rig, &factory, factory().capabilities());
+    let env = Env::new(&rig, &factory, factory().capabilities());
     conformance::run_cases(&env, &conformance::cases(), &mut |_, _| {})
 }
 
