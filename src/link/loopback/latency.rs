@@ -220,6 +220,29 @@ impl LatencyReport {
         self.commands.iter().find(|c| c.command == command)
     }
 
+    /// Adds `other`'s requests to this report (the same commands' histograms merged), so
+    /// the latency of many kernels (one per test case) reads as one table.
+    pub fn merge(&mut self, other: &LatencyReport) {
+        for theirs in &other.commands {
+            match self
+                .commands
+                .iter_mut()
+                .find(|c| c.command == theirs.command)
+            {
+                Some(ours) => {
+                    ours.histogram.merge(&theirs.histogram);
+                    ours.count = ours.histogram.count();
+                    ours.p50 = ours.histogram.quantile(0.5);
+                    ours.p99 = ours.histogram.quantile(0.99);
+                    ours.max = ours.histogram.max();
+                }
+                None => self.commands.push(theirs.clone()),
+            }
+        }
+        let order = |c: &CommandLatency| COMMANDS.iter().position(|&x| x == c.command);
+        self.commands.sort_by_key(order);
+    }
+
     /// Total outliers (over [`OUTLIER_FACTOR`](Self::OUTLIER_FACTOR) times their command's
     /// median).
     pub fn outliers(&self) -> u64 {
@@ -293,6 +316,25 @@ mod tests {
         for b in 1..BUCKETS {
             assert_eq!(bucket_range(b).0, bucket_range(b - 1).1 + 1, "bucket {b}");
         }
+    }
+
+    #[test]
+    fn merged_reports_add_up_and_keep_command_order() {
+        let mut a = Latencies::default();
+        let mut b = Latencies::default();
+        for i in 1..=100 {
+            a.record(Command::Write, Duration::from_micros(i));
+            b.record(Command::Read, Duration::from_micros(10));
+        }
+        b.record(Command::Write, Duration::from_secs(2));
+        let mut merged = a.report();
+        merged.merge(&b.report());
+        let names: Vec<_> = merged.commands.iter().map(|c| c.command).collect();
+        assert_eq!(names, [Command::Read, Command::Write]);
+        let w = merged.get(Command::Write).unwrap();
+        assert_eq!(w.count, 101);
+        assert_eq!(w.max, Duration::from_secs(2));
+        assert_eq!(w.slower_than_median(LatencyReport::OUTLIER_FACTOR), 1);
     }
 
     #[test]
