@@ -19,6 +19,8 @@ const SIZE: u64 = 8 << 20;
 
 #[path = "seeded_bugs/offsets.rs"]
 mod offsets;
+#[path = "seeded_bugs/time.rs"]
+mod time;
 
 /// A MemDevice with one method replaced.
 struct Buggy {
