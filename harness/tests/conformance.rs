@@ -3,7 +3,7 @@
 
 use userblk::{BlockDevice, FileDevice, LoopbackOptions, MemDevice};
 use userblk_harness::conformance::{self, Env};
-use userblk_harness::factory::DeviceFactory;
+use userblk_harness::factory::{self, DeviceFactory, Reopen};
 use userblk_harness::random::{random_test, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::LoopbackRig;
@@ -21,14 +21,16 @@ fn suite(factory: &dyn DeviceFactory) {
     assert!(report.all_passed(), "{report}");
 }
 
+// Re-openable factories: the durability cases disconnect and open the same storage again.
+
 #[test]
 fn mem_device_conforms() {
-    suite(&|| Box::new(MemDevice::new(SIZE)));
+    suite(&factory::mem(SIZE));
 }
 
 #[test]
 fn mem_device_with_4k_blocks_conforms() {
-    suite(&|| Box::new(MemDevice::with_block_size(SIZE, 4096)));
+    suite(&factory::mem_with_block_size(SIZE, 4096));
 }
 
 #[test]
@@ -36,7 +38,10 @@ fn file_device_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
     FileDevice::create(&path, SIZE).unwrap();
-    suite(&move || Box::new(FileDevice::open(&path).unwrap()));
+    suite(&Reopen::new(
+        move || Ok(path.clone()),
+        |path: &std::path::PathBuf| FileDevice::open(path),
+    ));
 }
 
 #[test]

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use userblk::{BlockDevice, Capabilities, MemDevice};
 use userblk_harness::crash::{
-    check, ops_from_trace, random_ops, CrashError, CrashOp, CrashOptions, CrashPoints, Crashable,
+    check_device as check, ops_from_trace, random_ops, CrashError, CrashOp, CrashOptions,
+    CrashPoints, Crashable,
 };
 
 const BS: usize = 512;
@@ -379,6 +380,7 @@ fn shipped_traces_drive_the_checker() {
             // Eight points spread over the stream, plus each flush and FUA write.
             points: CrashPoints::Every(ops.len().div_ceil(8)),
             loopback: false,
+            ..CrashOptions::default()
         };
         let report = check(Arc::new(dev), &ops, &options)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

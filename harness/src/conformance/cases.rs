@@ -6,6 +6,7 @@ use userblk::proto::{TransmissionFlags, MAX_IO_LEN};
 use userblk::BlockDevice;
 
 use super::devices::{CallKind, Counting, FailingRange, Fault, ReadOnly};
+use super::durability::*;
 use super::{Case, CaseResult, Env, Failure};
 use crate::script::{fill_seed, first_difference};
 use crate::target::{Attached, OpError, Target};
@@ -77,6 +78,22 @@ pub fn cases() -> Vec<Case> {
         case!(
             unmount_once,
             "unmount is called exactly once, at the end, after every request"
+        ),
+        case!(
+            reopen_after_writes,
+            "unflushed writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            reopen_after_flush,
+            "flushed writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            reopen_after_fua,
+            "FUA writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            crash_and_reopen,
+            "Crashable devices keep what the rules require across power losses"
         ),
     ]
 }
