@@ -24,7 +24,7 @@ pub struct ConcurrentOptions {
     /// Ops in each thread's stream. Default: 100.
     pub ops_per_thread: usize,
     /// The power is cut after every `crash_every`th op completed (by any thread, while the
-    /// others go on), and once at the end; 0: only at the end. Default: 2.
+    /// others go on), and once at the end; 0: only at the end. Default: 4.
     pub crash_every: usize,
     /// Runs, each on a fresh device with the next seed: races are found by trying. Default: 8.
     pub rounds: usize,
@@ -43,7 +43,7 @@ impl Default for ConcurrentOptions {
         ConcurrentOptions {
             threads: 4,
             ops_per_thread: 100,
-            crash_every: 2,
+            crash_every: 4,
             rounds: 8,
             seed: 1,
             loopback: true,
