@@ -43,25 +43,23 @@ pub fn crash_and_reopen(env: &Env<'_>) -> CaseResult {
     if env.caps.read_only {
         return Err(Failure::skip("the device is read-only"));
     }
-    // Probe first: a factory without Crashable devices skips, with how to give one.
-    match env.factory.create_crashable() {
-        None => {
-            return Err(Failure::skip(
+    // A factory without Crashable devices skips, saying how to give one.
+    let probe =
+        match env.factory.create_crashable() {
+            None => return Err(Failure::skip(
                 "the factory's devices are not Crashable: to check what survives a power loss, \
                  implement crash::Crashable and build the factory with \
                  factory::crashable(|| MyDevice::new(..)) or Reopen::new(..).crashable()",
-            ))
-        }
-        Some(Err(e)) => {
-            return Err(Failure::failed(format!(
-                "the factory could not make a device: {e}"
-            )))
-        }
-        Some(Ok(probe)) => drop(probe),
-    }
-    let probe = env.create()?;
+            )),
+            Some(Err(e)) => {
+                return Err(Failure::failed(format!(
+                    "the factory could not make a device: {e}"
+                )))
+            }
+            Some(Ok(probe)) => probe,
+        };
     let bs = probe.block_size();
-    // The first MiB is enough to race on and keeps each simulated power loss cheap.
+    // The first MiB is enough to race on, and keeps the blocks checked per power loss few.
     let span = (probe.blocks() * u64::from(bs)).min(1 << 20);
     drop(probe);
     let failed = |e: CrashError| Failure::failed(e.to_string());

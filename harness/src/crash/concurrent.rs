@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex, PoisonError};
 use std::thread;
 
-use super::model::{Model, PowerLoss, Time};
+use super::model::{Model, PowerLoss, Stamp, Time};
 use super::ops::{concurrent_ops, CrashOp};
 use super::run::{read_blocks, survivor_hashes, validate, CrashReport, Served, Via};
 use super::CrashError;
@@ -26,7 +26,9 @@ pub struct ConcurrentOptions {
     /// The power is cut after every `crash_every`th op completed (by any thread, while the
     /// others go on), and once at the end; 0: only at the end. Default: 4.
     pub crash_every: usize,
-    /// Runs, each on a fresh device with the next seed: races are found by trying. Default: 8.
+    /// Runs, each on a fresh device with the next seed: races are found by trying, and found
+    /// more often when the device's write-back takes time, as it does on real storage.
+    /// Default: 8.
     pub rounds: usize,
     /// Seed of the first round's streams. Default: 1.
     pub seed: u64,
@@ -298,8 +300,10 @@ fn round(
             s.id,
             op,
             Some(s.thread),
-            s.inv,
-            s.comp,
+            Stamp {
+                inv: s.inv,
+                comp: s.comp,
+            },
             s.applied,
         );
     }

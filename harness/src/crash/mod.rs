@@ -85,7 +85,9 @@ pub trait Crashable: BlockDevice {
     /// The device as it would come back after a power loss now: a device holding exactly what
     /// this one has made durable (a device may keep any subset of its unflushed writes, as a
     /// real write-back cache might). It must not change `self`: the run goes on after each
-    /// simulated crash.
+    /// simulated crash. In concurrent runs it is called while other requests are in flight, so
+    /// it must return a copy that later writes do not change, each block as it was at some
+    /// moment during the call.
     fn crash(&self) -> io::Result<Box<dyn BlockDevice>>;
 }
 
@@ -94,8 +96,9 @@ impl Crashable for MemDevice {
     fn crash(&self) -> io::Result<Box<dyn BlockDevice>> {
         let copy = MemDevice::with_block_size(self.size(), self.block_size());
         // Pieces of MemDevice's 64 KiB allocation granule: a piece that reads as zeroes (never
-        // written, or trimmed) is not copied, so the copy stays as sparse as the original and
-        // costs a read and a scan per piece (about 10 ms for 64 MiB).
+        // written, or trimmed) is not copied, so the copy stays as sparse as the original; the
+        // cost is a read and a compare per piece, a few milliseconds for 64 MiB. Each piece is
+        // read under its chunk's lock: blocks are copied whole, as of some moment of the call.
         let mut buf = vec![0u8; 64 << 10];
         // Compared as slices (memcmp), fast even unoptimised.
         let zeroes = vec![0u8; buf.len()];

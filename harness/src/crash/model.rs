@@ -17,6 +17,24 @@ use crate::trace::hash64;
 /// A point on the history's clock.
 pub(crate) type Time = u64;
 
+/// When an op ran: invoked (stamped before it was sent) and completed (stamped after its reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub inv: Time,
+    pub comp: Time,
+}
+
+/// What the rules make of an op, from what the device advertised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Effect {
+    /// It reached the device (a trim to a device without trim does not).
+    pub applied: bool,
+    /// Durable as soon as it completed.
+    pub durable: Option<Durable>,
+    /// The kernel followed it with a flush (a FUA write to a device with a cache but no FUA).
+    pub implies_flush: bool,
+}
+
 /// Why a write is durable as soon as it completed, without a flush.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Durable {
@@ -286,21 +304,19 @@ impl Model {
         self.blocks.keys().copied().collect()
     }
 
-    /// Records op `index` (ops are recorded in index order), invoked at `inv` and completed at
-    /// `comp`. `applied`: whether it reached the device (a trim to a device without trim does
-    /// not); `durable`: durable on completion; `implies_flush`: the kernel followed it with a
-    /// flush (a FUA write to a device with a cache and no FUA).
-    #[allow(clippy::too_many_arguments)]
+    /// Records op `index` (ops are recorded in index order), sent by `thread` (in a
+    /// concurrent run), with when it ran and what it did.
     pub(crate) fn record(
         &mut self,
         index: usize,
         op: &CrashOp,
         thread: Option<usize>,
-        inv: Time,
-        comp: Time,
-        applied: bool,
-        durable: Option<Durable>,
-        implies_flush: bool,
+        Stamp { inv, comp }: Stamp,
+        Effect {
+            applied,
+            durable,
+            implies_flush,
+        }: Effect,
     ) {
         debug_assert_eq!(index, self.ops.len(), "ops are recorded in order");
         let bs = self.bs;
@@ -624,211 +640,4 @@ impl Model {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BS: u64 = 512;
-
-    fn model(atomic_writes: bool) -> Model {
-        let mut m = Model::new(BS, atomic_writes);
-        let zero = m.hash(&[0; BS as usize]);
-        for b in 0..4 {
-            m.learn(b, zero);
-        }
-        m
-    }
-
-    fn data(fill: u8, blocks: u64) -> Vec<u8> {
-        vec![fill; (blocks * BS) as usize]
-    }
-
-    fn write(m: &mut Model, block: u64, fill: u8, blocks: u64, inv: Time, comp: Time) {
-        let op = CrashOp::Write {
-            offset: block * BS,
-            data: data(fill, blocks),
-        };
-        let index = m.ops.len();
-        m.record(index, &op, None, inv, comp, true, None, false);
-    }
-
-    fn fua(m: &mut Model, block: u64, fill: u8, inv: Time, comp: Time) {
-        let op = CrashOp::WriteFua {
-            offset: block * BS,
-            data: data(fill, 1),
-        };
-        let index = m.ops.len();
-        m.record(index, &op, None, inv, comp, true, Some(Durable::Fua), false);
-    }
-
-    fn flush(m: &mut Model, inv: Time, comp: Time) {
-        let index = m.ops.len();
-        m.record(index, &CrashOp::Flush, None, inv, comp, true, None, false);
-    }
-
-    /// Checks block `b` holding a block of `fill` (0: its content before the run).
-    fn holds(m: &mut Model, cs: Time, b: u64, fill: u8) -> Result<u64, Box<Violation>> {
-        holding(m, cs, &[(b, fill)])
-    }
-
-    fn holding(m: &mut Model, cs: Time, blocks: &[(u64, u8)]) -> Result<u64, Box<Violation>> {
-        let found: Vec<(u64, u64)> = blocks
-            .iter()
-            .map(|&(b, fill)| (b, m.hash(&data(fill, 1))))
-            .collect();
-        let loss = PowerLoss {
-            cs,
-            ce: cs + 1,
-            after: m.ops.len().saturating_sub(1),
-            run: None,
-        };
-        m.check(&loss, &found)
-    }
-
-    fn kind(r: Result<u64, Box<Violation>>) -> ViolationKind {
-        match r {
-            Ok(_) => panic!("expected a violation"),
-            Err(v) => v.kind,
-        }
-    }
-
-    #[test]
-    fn a_write_completed_before_a_flush_was_sent_is_durable() {
-        let mut m = model(false);
-        write(&mut m, 0, 1, 1, 1, 2);
-        flush(&mut m, 3, 4);
-        assert!(holds(&mut m.clone(), 5, 0, 1).is_ok());
-        let v = holds(&mut m, 5, 0, 0).unwrap_err();
-        assert_eq!(v.kind, ViolationKind::LostAfterFlush);
-        assert!(
-            v.to_string()
-                .starts_with("lost after flush: block 0 lost op #0 (write)"),
-            "{v}"
-        );
-        assert_eq!(v.last_flush, Some(1));
-    }
-
-    #[test]
-    fn a_write_racing_a_flush_may_survive_or_vanish() {
-        // Still in flight when the flush was sent, completed before or after the flush did.
-        for (w, f) in [((1, 4), (2, 3)), ((1, 3), (2, 4))] {
-            for fill in [0, 1] {
-                let mut m = model(false);
-                write(&mut m, 0, 1, 1, w.0, w.1);
-                flush(&mut m, f.0, f.1);
-                assert!(holds(&mut m, 5, 0, fill).is_ok(), "{w:?} {f:?} {fill}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_flush_still_in_flight_at_the_power_loss_makes_nothing_durable() {
-        let mut m = model(false);
-        write(&mut m, 0, 1, 1, 1, 2);
-        flush(&mut m, 3, 6);
-        assert!(holds(&mut m, 4, 0, 0).is_ok());
-    }
-
-    #[test]
-    fn a_completed_fua_write_is_durable_and_one_in_flight_is_not() {
-        let mut m = model(false);
-        fua(&mut m, 0, 1, 1, 2);
-        assert_eq!(kind(holds(&mut m, 3, 0, 0)), ViolationKind::LostFuaWrite);
-        for fill in [0, 1] {
-            let mut m = model(false);
-            fua(&mut m, 0, 1, 1, 5);
-            assert!(holds(&mut m, 3, 0, fill).is_ok());
-        }
-    }
-
-    #[test]
-    fn a_durable_write_supersedes_only_writes_completed_before_it_was_sent() {
-        let mut m = model(false);
-        write(&mut m, 0, 1, 1, 1, 2); // completed before the FUA write was sent
-        write(&mut m, 0, 2, 1, 3, 6); // in flight with it
-        fua(&mut m, 0, 3, 4, 5);
-        for fill in [2, 3] {
-            assert!(holds(&mut m, 7, 0, fill).is_ok(), "{fill}");
-        }
-        let v = holds(&mut m, 7, 0, 1).unwrap_err();
-        assert_eq!(v.kind, ViolationKind::LostFuaWrite);
-        assert!(v.found.contains("op #0 (write)"), "{v}");
-        assert!(v.found.contains("since superseded"), "{v}");
-        assert_eq!(v.allowed.len(), 2, "{v}");
-    }
-
-    #[test]
-    fn what_became_durable_stays_durable_at_later_power_losses() {
-        let mut m = model(false);
-        write(&mut m, 0, 1, 1, 1, 2);
-        flush(&mut m, 3, 4);
-        write(&mut m, 0, 2, 1, 6, 7);
-        assert!(holds(&mut m, 5, 0, 1).is_ok());
-        assert!(holds(&mut m, 8, 0, 1).is_ok());
-        assert!(holds(&mut m, 8, 0, 2).is_ok());
-        let v = holds(&mut m, 9, 0, 0).unwrap_err();
-        assert_eq!(v.kind, ViolationKind::LostAfterFlush);
-        assert!(v.found.starts_with("the content before the run"), "{v}");
-    }
-
-    #[test]
-    fn unflushed_writes_may_be_torn_unless_the_device_promises_whole_writes() {
-        for atomic in [false, true] {
-            let mut m = model(atomic);
-            write(&mut m, 1, 1, 2, 1, 2);
-            // Block 1 reached, block 2 not; and whole or nothing, which are always fine.
-            for whole in [[(1, 1), (2, 1)], [(1, 0), (2, 0)]] {
-                assert!(holding(&mut m, 3, &whole).is_ok());
-            }
-            let torn = holding(&mut m, 3, &[(1, 1), (2, 0)]);
-            if atomic {
-                let v = torn.unwrap_err();
-                assert_eq!(v.kind, ViolationKind::TornWrite);
-                assert!(
-                    v.to_string().starts_with("torn write: op #0 (write at 512"),
-                    "{v}"
-                );
-                assert_eq!(v.block, 2);
-            } else {
-                assert!(torn.is_ok());
-            }
-        }
-    }
-
-    #[test]
-    fn a_later_write_over_part_of_a_whole_write_is_not_a_tear() {
-        let mut m = model(true);
-        write(&mut m, 1, 1, 2, 1, 2);
-        write(&mut m, 2, 2, 1, 3, 4);
-        assert!(holding(&mut m, 5, &[(1, 1), (2, 2)]).is_ok());
-    }
-
-    #[test]
-    fn data_sent_after_the_power_loss_and_data_no_write_wrote_are_named() {
-        let mut m = model(false);
-        write(&mut m, 0, 1, 1, 3, 4);
-        // The power loss lasted from 1 to 2, before the write was sent.
-        let v = holds(&mut m, 1, 0, 1).unwrap_err();
-        assert_eq!(v.kind, ViolationKind::WrittenAfterPowerLoss);
-        assert_eq!(kind(holds(&mut m, 5, 0, 9)), ViolationKind::UnknownData);
-    }
-
-    #[test]
-    fn a_device_without_a_cache_must_keep_every_completed_write() {
-        let mut m = model(false);
-        let op = CrashOp::Write {
-            offset: 0,
-            data: data(1, 1),
-        };
-        m.record(0, &op, None, 1, 2, true, Some(Durable::NoCache), false);
-        assert_eq!(kind(holds(&mut m, 3, 0, 0)), ViolationKind::LostWrite);
-    }
-
-    #[test]
-    fn a_trim_allows_anything_until_superseded() {
-        let mut m = model(false);
-        let op = CrashOp::Trim { offset: 0, len: BS };
-        m.record(0, &op, None, 1, 2, true, None, false);
-        flush(&mut m, 3, 4);
-        assert!(holds(&mut m, 5, 0, 7).is_ok());
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use userblk::proto::TransmissionFlags;
 use userblk::BlockDevice;
 
-use super::model::{Durable, Model, PowerLoss, Time};
+use super::model::{Durable, Effect, Model, PowerLoss, Stamp, Time};
 use super::ops::CrashOp;
 use super::{CrashError, Crashable};
 use crate::factory::DeviceFactory;
@@ -192,15 +192,13 @@ impl Served {
     }
 
     /// Records op `index` in `model` as the rules see it.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn record(
         &self,
         model: &mut Model,
         index: usize,
         op: &CrashOp,
         thread: Option<usize>,
-        inv: Time,
-        comp: Time,
+        stamp: Stamp,
         applied: bool,
     ) {
         let fua = matches!(op, CrashOp::WriteFua { .. });
@@ -212,16 +210,12 @@ impl Served {
             None
         };
         let implies_flush = applied && fua && self.semantics.fua_is_flush;
-        model.record(
-            index,
-            op,
-            thread,
-            inv,
-            comp,
+        let effect = Effect {
             applied,
             durable,
             implies_flush,
-        );
+        };
+        model.record(index, op, thread, stamp, effect);
     }
 
     /// The device as it comes back after a power loss now.
@@ -495,7 +489,7 @@ fn run(
             source,
         })?;
         let comp = tick();
-        served.record(&mut model, index, op, None, inv, comp, applied);
+        served.record(&mut model, index, op, None, Stamp { inv, comp }, applied);
         report.ops += 1;
         if points[index] {
             let cs = tick();
