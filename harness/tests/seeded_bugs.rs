@@ -19,6 +19,8 @@ const SIZE: u64 = 8 << 20;
 
 #[path = "seeded_bugs/durability.rs"]
 mod durability;
+#[path = "seeded_bugs/offsets.rs"]
+mod offsets;
 
 /// A MemDevice with one method replaced.
 struct Buggy {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use userblk::{BlockDevice, Capabilities, LoopbackOptions, MemDevice, PatternDevice};
+use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice, PatternDevice};
 
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
@@ -90,6 +90,67 @@ fn factory(spec: &DeviceSpec) -> Result<Box<dyn DeviceFactory>, String> {
             ))
         }
     })
+}
+
+/// Size of the sparse device the huge-offset probe serves: past every boundary where a 32-bit
+/// count of bytes, sectors or pages wraps (2^32 B, 2^41 B, ...) but 2^44.
+const HUGE: u64 = 4 << 40;
+
+/// Runs the cases that matter at huge offsets on a sparse 4 TiB device of the spec's kind (a
+/// RAM disk, or a sparse temporary file beside the spec's file); `None` for a read-only kind.
+fn huge_probe(spec: &DeviceSpec, rig: &LoopbackRig) -> Result<Option<Report>, String> {
+    let (factory, _file): (Box<dyn DeviceFactory>, Option<TempFile>) = match spec {
+        DeviceSpec::Pattern { .. } => return Ok(None),
+        DeviceSpec::Ram { .. } => (Box::new(|| MemDevice::new(HUGE)), None),
+        DeviceSpec::File { path } => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let file = TempFile::sparse(dir.unwrap_or(Path::new(".")), HUGE)?;
+            let path = file.0.clone();
+            let factory = Reopen::new(move || Ok(path.clone()), |p: &PathBuf| FileDevice::open(p));
+            (Box::new(factory), Some(file))
+        }
+    };
+    let caps = factory.create().map_err(|e| e.to_string())?.capabilities();
+    let env = Env::new(rig, &*factory, caps);
+    let cases: Vec<_> = conformance::cases()
+        .into_iter()
+        .filter(|c| {
+            [
+                "read_after_write",
+                "huge_offsets",
+                "write_zeroes_reads_zero",
+            ]
+            .contains(&c.name)
+        })
+        .collect();
+    let mut report = conformance::run_cases(&env, &cases, &mut |_, _| {});
+    report.rig = format!("loopback, sparse {} device", human(HUGE));
+    Ok(Some(report))
+}
+
+/// A sparse file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn sparse(dir: &Path, size: u64) -> Result<TempFile, String> {
+        let path = dir.join(format!(".userblk-check-huge-{}.img", std::process::id()));
+        let f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = TempFile(path);
+        f.set_len(size).map_err(|e| {
+            format!(
+                "{}: cannot make a sparse {} file here: {e}",
+                file.0.display(),
+                human(size)
+            )
+        })?;
+        Ok(file)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The traces to replay: `*.ubt` files in `dir`, sorted.
@@ -228,6 +289,21 @@ pub fn run(args: Args) -> ExitCode {
         progress.clear();
         print_report(&report);
         failed |= !report.all_passed();
+    }
+
+    // 1b. A sparse 4 TiB device of the same kind: offsets that 32-bit arithmetic aliases.
+    if nbd.is_none() {
+        match huge_probe(&args.device, &loopback) {
+            Ok(Some(report)) => {
+                print_report(&report);
+                failed |= !report.all_passed();
+            }
+            Ok(None) => println!("huge offsets: skipped ({} is read-only)", args.device),
+            Err(e) => {
+                failed = true;
+                println!("huge offsets: FAIL: {e}");
+            }
+        }
     }
 
     // 2. Random sequences against the model.

@@ -292,3 +292,23 @@ fn marking_pages_clean_after_sending_them_is_caught_by_the_concurrent_crash_chec
     assert!(text.contains("concurrent run: seed "), "{text}");
     check_concurrent(&factory(Bug::None), &ConcurrentOptions::default()).unwrap();
 }
+
+#[test]
+fn a_factory_that_cannot_reopen_is_reported_as_not_run_with_how_to_fix_it() {
+    let factory = || MemDevice::new(SIZE);
+    let report = conformance::run_all(&LoopbackRig::default(), &factory, factory().capabilities());
+    for case in [
+        "reopen_after_writes",
+        "reopen_after_flush",
+        "reopen_after_fua",
+    ] {
+        let Outcome::NotRun(why) = &report.case(case).unwrap().outcome else {
+            panic!("{case} ran without storage to re-open:\n{report}")
+        };
+        assert!(why.contains("factory::Reopen::new("), "{why}");
+    }
+    assert!(!report.all_passed(), "{report}");
+    // Not Crashable: nothing to check, a skip.
+    let crash = &report.case("crash_and_reopen").unwrap().outcome;
+    assert!(matches!(crash, Outcome::Skip(_)), "{crash:?}");
+}

@@ -9,15 +9,16 @@
 
 use std::collections::BTreeMap;
 
-use super::{CaseResult, Env, Failure};
+use super::{op, pattern};
+use crate::conformance::{CaseResult, Env, Failure};
 use crate::crash::{self, ConcurrentOptions, CrashError, CrashOptions, CrashPoints};
 use crate::factory::Storage;
-use crate::script::{fill_seed, first_difference};
-use crate::target::{Attached, OpError, Target};
+use crate::script::first_difference;
+use crate::target::{Attached, Target};
 
 /// Why a re-open case cannot run, and how to make it run.
-const NO_STORAGE: &str = "cannot run: the device factory cannot re-open the same storage, so \
-durability across a disconnect is not checked. Give a re-openable factory: \
+const NO_STORAGE: &str = "the device factory cannot re-open the same storage, so durability \
+across a disconnect is not checked. Give a re-openable factory: \
 factory::Reopen::new(|| make_storage(), |storage| MyDevice::open(storage)) (e.g. a temporary \
 file and FileDevice::open, or factory::mem(size) for RAM)";
 
@@ -109,16 +110,6 @@ impl Expected {
                 .insert(offset / bs + i as u64, (block.to_vec(), name.to_string()));
         }
     }
-}
-
-fn op<T>(r: Result<T, OpError>, what: impl FnOnce() -> String) -> Result<T, Failure> {
-    r.map_err(|e| Failure::failed(format!("{}: {e}", what())))
-}
-
-fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len as usize];
-    fill_seed(seed, offset, &mut v);
-    v
 }
 
 fn attach(env: &Env<'_>, storage: &dyn Storage, when: &str) -> Result<Box<dyn Attached>, Failure> {
@@ -269,9 +260,8 @@ fn reopen(env: &Env<'_>, mode: Mode) -> CaseResult {
         return Err(Failure::skip("the device is read-only"));
     }
     let storage = match env.factory.storage() {
-        // TODO(lead): report this as the `NotRun` outcome (branch `conformance`), which counts
-        // against `all_passed()`, once it lands; until then it fails with the same reason.
-        None => return Err(Failure::failed(NO_STORAGE)),
+        // Not a skip: the promise applies to every writable device, and it went unchecked.
+        None => return Err(Failure::not_run(NO_STORAGE)),
         Some(Err(e)) => {
             return Err(Failure::failed(format!(
                 "the factory could not make storage: {e}"
@@ -289,8 +279,8 @@ fn reopen(env: &Env<'_>, mode: Mode) -> CaseResult {
         if t.size() / bs < 64 {
             let size = t.size();
             detach(t, "")?;
-            return Err(Failure::skip(format!(
-                "needs a device of at least 64 blocks, this one has {size} bytes"
+            return Err(Failure::not_run(format!(
+                "needs a device of at least 64 blocks, the factory's has {size} bytes"
             )));
         }
         // Different places and data in the second session, over what the first left.
