@@ -511,3 +511,25 @@ fn torn_writes_are_refused_only_when_the_device_promises_whole_writes() {
     };
     check_concurrent(&crashable(|| CacheDevice::new(Bug::None)), &options).unwrap();
 }
+
+#[test]
+fn a_huge_mem_device_says_to_use_factory_mem_and_factory_mem_copies_only_what_was_written() {
+    let ops = random_ops(3, 1 << 20, BS as u32, 100);
+    let err = check(
+        &crashable(|| MemDevice::new(4 << 40)),
+        &ops,
+        &CrashOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CrashError::Crash { .. }) && err.to_string().contains("factory::mem(size)"),
+        "{err}"
+    );
+    let report = check(
+        &userblk_harness::factory::mem(4 << 40),
+        &ops,
+        &CrashOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.crash_points, 100);
+}

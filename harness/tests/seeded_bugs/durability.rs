@@ -226,6 +226,7 @@ fn an_unmount_that_drops_dirty_pages_is_caught_by_the_durability_case() {
     let Outcome::Fail(msg) = &report.case("reopen_after_writes").unwrap().outcome else {
         panic!("not caught:\n{report}")
     };
+    println!("{msg}");
     assert!(
         msg.starts_with("lost across disconnect: "),
         "first line: {msg}"

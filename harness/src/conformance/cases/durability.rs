@@ -227,29 +227,52 @@ fn session(
     Ok(())
 }
 
-/// Reads back every noted block; the failure lists what was lost.
+/// Reads back every noted block; the failure lists what was lost, write by write, with a dump
+/// of the first difference.
 fn verify(t: &dyn Target, mode: Mode, expected: &Expected, when: &str) -> CaseResult {
     let bs = u64::from(t.block_size());
-    let mut lost = Vec::new();
+    // (write, first block, blocks) of each run of lost blocks, and the first dump.
+    let mut lost: Vec<(&str, u64, u64)> = Vec::new();
+    let mut first_dump = None;
+    let mut zeroes = true;
+    let mut count = 0;
     for (&b, (want, name)) in &expected.blocks {
         let got = op(t.read(b * bs, bs as usize), || {
             format!("read of block {b} {when}")
         })?;
-        if let Some(diff) = first_difference(want, &got, None, b * bs) {
-            lost.push(format!("{name}: block {b} (offset {})\n{diff}", b * bs));
+        let Some(diff) = first_difference(want, &got, None, b * bs) else {
+            continue;
+        };
+        count += 1;
+        zeroes &= got.iter().all(|&x| x == 0);
+        first_dump.get_or_insert(diff);
+        match lost.last_mut() {
+            Some((n, first, len)) if *n == name.as_str() && *first + *len == b => *len += 1,
+            _ => lost.push((name, b, 1)),
         }
     }
-    if lost.is_empty() {
+    let Some(dump) = first_dump else {
         return Ok(());
-    }
+    };
+    let runs: Vec<String> = lost
+        .iter()
+        .map(|(name, first, n)| match n {
+            1 => format!("{name}: block {first} (offset {})", first * bs),
+            _ => format!(
+                "{name}: blocks {first}..={} (offset {}, {n} blocks)",
+                first + n - 1,
+                first * bs
+            ),
+        })
+        .collect();
     Err(Failure::failed(format!(
-        "lost across disconnect: {} of {} blocks {} were acknowledged before a clean disconnect \
-         and read back differently {when} (a clean disconnect loses nothing acknowledged: \
-         unmount() must make every acknowledged write durable)\n{}",
-        lost.len(),
+        "lost across disconnect: {count} of {} blocks {} were acknowledged before a clean \
+         disconnect and read back differently {when}{} (a clean disconnect loses nothing \
+         acknowledged: unmount() must make every acknowledged write durable)\n{}\n{dump}",
         expected.blocks.len(),
         mode.words(),
-        lost.join("\n")
+        if zeroes { ", as zeroes" } else { "" },
+        runs.join("\n")
     )))
 }
 
