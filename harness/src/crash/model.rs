@@ -40,6 +40,9 @@ pub(crate) struct Effect {
 pub(crate) enum Durable {
     /// It was a FUA write.
     Fua,
+    /// It was a FUA write to a device with a cache but without FUA, which kernels send as the
+    /// write followed by a flush: durable by that flush.
+    FuaThenFlush,
     /// The device has no write cache (it did not advertise flush).
     NoCache,
 }
@@ -502,6 +505,15 @@ impl Model {
                             "block {b} lost {lost}, which completed before the power loss on a \
                              device that advertises no flush (so no volatile cache); it holds \
                              {old}"
+                        ),
+                        format!("{old}, since superseded"),
+                    ),
+                    (false, Some(Durable::FuaThenFlush)) => (
+                        ViolationKind::LostAfterFlush,
+                        format!(
+                            "block {b} lost {lost}, which the kernel sent as a write followed by \
+                             a flush (the device has no FUA); that flush completed before the \
+                             power loss; it holds {old}"
                         ),
                         format!("{old}, since superseded"),
                     ),

@@ -202,14 +202,16 @@ impl Served {
         applied: bool,
     ) {
         let fua = matches!(op, CrashOp::WriteFua { .. });
+        let implies_flush = applied && fua && self.semantics.fua_is_flush;
         let durable = if self.semantics.write_through {
             Some(Durable::NoCache)
+        } else if implies_flush {
+            Some(Durable::FuaThenFlush)
         } else if fua {
             Some(Durable::Fua)
         } else {
             None
         };
-        let implies_flush = applied && fua && self.semantics.fua_is_flush;
         let effect = Effect {
             applied,
             durable,

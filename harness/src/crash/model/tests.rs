@@ -221,3 +221,21 @@ fn a_trim_allows_anything_until_superseded() {
     flush(&mut m, 3, 4);
     assert!(holds(&mut m, 5, 0, 7).is_ok());
 }
+
+#[test]
+fn a_fua_write_sent_as_write_then_flush_is_lost_after_that_flush() {
+    let mut m = model(false);
+    let op = CrashOp::WriteFua {
+        offset: 0,
+        data: data(1, 1),
+    };
+    let effect = Effect {
+        durable: Some(Durable::FuaThenFlush),
+        implies_flush: true,
+        ..APPLIED
+    };
+    m.record(0, &op, None, Stamp { inv: 1, comp: 2 }, effect);
+    let v = holds(&mut m, 3, 0, 0).unwrap_err();
+    assert_eq!(v.kind, ViolationKind::LostAfterFlush);
+    assert!(v.summary.contains("a write followed by a flush"), "{v}");
+}
