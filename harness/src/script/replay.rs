@@ -371,7 +371,8 @@ impl Script {
         device: D,
         options: LoopbackOptions,
     ) -> Result<(), ScriptError> {
-        let tags = usize::from(options.queue_depth).saturating_mul(options.connections);
+        let tags = usize::from(options.resolved_profile().queue_depth)
+            .saturating_mul(options.connections.max(1));
         let kernel = LoopbackKernel::with_options(device, options)
             .map_err(|e| ScriptError::Start(e.to_string()))?;
         let size = kernel.size();
