@@ -33,14 +33,17 @@
 //! ```
 //!
 //! ```
-//! use userblk::{BlockDevice, MemDevice};
+//! use userblk::BlockDevice;
 //! use userblk_harness::conformance;
+//! use userblk_harness::factory::{self, DeviceFactory};
 //! use userblk_harness::target::LoopbackRig;
 //!
-//! let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
-//! let caps = factory().capabilities();
+//! // Re-openable (the durability cases disconnect and re-open) and crashable.
+//! let factory = factory::mem(64 << 20);
+//! let caps = factory.create()?.capabilities();
 //! let report = conformance::run_all(&LoopbackRig::default(), &factory, caps);
 //! assert!(report.all_passed(), "{report}");
+//! # Ok::<(), std::io::Error>(())
 //! ```
 
 mod cases;

@@ -11,7 +11,7 @@ use userblk::server::{export_of, validate};
 use userblk::{BlockDevice, Capabilities, FileDevice, KernelLink, LoopbackKernel, LoopbackOptions};
 use userblk::{MemDevice, ServerError};
 use userblk_harness::conformance::{self, CaseKind, Env, Outcome, Report};
-use userblk_harness::factory::DeviceFactory;
+use userblk_harness::factory::{self, DeviceFactory, Reopen};
 use userblk_harness::random::{random_test, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::{Attached, LoopbackRig, OpError, Rig, Target};
@@ -29,14 +29,16 @@ fn suite(factory: &dyn DeviceFactory) {
     assert!(report.all_passed(), "{report}");
 }
 
+// Re-openable factories: the durability cases disconnect and open the same storage again.
+
 #[test]
 fn mem_device_conforms() {
-    suite(&|| Box::new(MemDevice::new(SIZE)));
+    suite(&factory::mem(SIZE));
 }
 
 #[test]
 fn mem_device_with_4k_blocks_conforms() {
-    suite(&|| Box::new(MemDevice::with_block_size(SIZE, 4096)));
+    suite(&factory::mem_with_block_size(SIZE, 4096));
 }
 
 #[test]
@@ -44,7 +46,10 @@ fn file_device_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
     FileDevice::create(&path, SIZE).unwrap();
-    suite(&move || Box::new(FileDevice::open(&path).unwrap()));
+    suite(&Reopen::new(
+        move || Ok(path.clone()),
+        |path: &std::path::PathBuf| FileDevice::open(path),
+    ));
 }
 
 #[test]
@@ -117,7 +122,7 @@ fn shipped_scripts_pass() {
 #[test]
 fn mem_device_of_4_tib_conforms() {
     // Sparse: the whole suite, huge_offsets up to 2 TiB + X included, costs what it writes.
-    suite(&|| Box::new(MemDevice::new(4 << 40)));
+    suite(&factory::mem(4 << 40));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use userblk::link::loopback::KernelProfile;
 use userblk::{BlockDevice, Capabilities, LoopbackKernel, LoopbackOptions, MemDevice};
 use userblk_harness::conformance::{self, Env, Outcome};
+use userblk_harness::factory::Reopen;
 use userblk_harness::target::LoopbackRig;
 
 const SIZE: u64 = 64 << 20;
@@ -84,8 +85,12 @@ fn a_128_kib_staging_buffer_loses_data_under_6_12_only() {
 
 fn suite(options: LoopbackOptions, staging: usize) -> conformance::Report {
     let rig = LoopbackRig { options };
-    let factory = move || Box::new(Staged::new(staging)) as Box<dyn BlockDevice>;
-    let env = Env::new(&rig, &factory, factory().capabilities());
+    // Re-openable (the same device served again), for the durability cases.
+    let factory = Reopen::new(
+        move || Ok(Arc::new(Staged::new(staging))),
+        |dev: &Arc<Staged>| Ok(Arc::clone(dev)),
+    );
+    let env = Env::new(&rig, &factory, Staged::new(staging).capabilities());
     conformance::run_cases(&env, &conformance::cases(), &mut |_, _| {})
 }
 

@@ -17,6 +17,8 @@ use userblk_harness::target::LoopbackRig;
 
 const SIZE: u64 = 8 << 20;
 
+#[path = "seeded_bugs/durability.rs"]
+mod durability;
 #[path = "seeded_bugs/offsets.rs"]
 mod offsets;
 #[path = "seeded_bugs/time.rs"]

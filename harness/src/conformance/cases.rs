@@ -1,12 +1,13 @@
 //! The cases, one public function each, and [`cases`], the list [`super::run_all`] runs; the
 //! helpers they share. The cases themselves live by theme: [`data`] (what is written reads
 //! back), [`server`] (requests the device must never see), [`concurrency`] (requests in flight
-//! together), [`offsets`] (offsets that 32-bit arithmetic aliases) and [`device`] (errors and
-//! unmount).
+//! together), [`offsets`] (offsets that 32-bit arithmetic aliases), [`device`] (errors and
+//! unmount) and [`durability`] (what survives a disconnect, a re-open and a power loss).
 
 mod concurrency;
 mod data;
 mod device;
+mod durability;
 mod offsets;
 mod server;
 
@@ -19,6 +20,7 @@ use crate::target::{Attached, OpError, Target};
 pub use concurrency::*;
 pub use data::*;
 pub use device::*;
+pub use durability::*;
 pub use offsets::*;
 pub use server::*;
 
@@ -103,6 +105,22 @@ pub fn cases() -> Vec<Case> {
         case!(
             unmount_once,
             "unmount is called exactly once, at the end, after every request"
+        ),
+        case!(
+            reopen_after_writes,
+            "unflushed writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            reopen_after_flush,
+            "flushed writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            reopen_after_fua,
+            "FUA writes survive a clean disconnect and re-open"
+        ),
+        case!(
+            crash_and_reopen,
+            "Crashable devices keep what the rules require across power losses"
         ),
     ]
 }

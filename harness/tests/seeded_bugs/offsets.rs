@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use userblk::{BlockDevice, Capabilities};
 use userblk_harness::conformance::{self, Outcome};
+use userblk_harness::factory::Reopen;
 use userblk_harness::target::LoopbackRig;
 
 const PAGE: usize = 4096;
@@ -146,8 +147,12 @@ fn thirty_two_bit_sectors_are_caught_by_huge_offsets() {
 
 #[test]
 fn sixty_four_bit_sectors_pass_the_whole_suite() {
-    let factory = || PageStore::new(3 * TIB, sector_u64);
-    let caps = factory().capabilities();
+    // Re-openable (the same store served again), for the durability cases.
+    let factory = Reopen::new(
+        || Ok(Arc::new(PageStore::new(3 * TIB, sector_u64))),
+        |store: &Arc<PageStore>| Ok(Arc::clone(store)),
+    );
+    let caps = PageStore::new(3 * TIB, sector_u64).capabilities();
     let report = conformance::run_all(&LoopbackRig::default(), &factory, caps);
     assert!(report.all_passed(), "{report}");
 }
