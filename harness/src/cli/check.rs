@@ -5,7 +5,6 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice, PatternDevice};
@@ -84,10 +83,7 @@ fn factory(spec: &DeviceSpec) -> Result<Box<dyn DeviceFactory>, String> {
     Ok(match spec {
         DeviceSpec::Ram { size } => {
             let size = *size;
-            Box::new(Reopen::new(
-                move || Ok(Arc::new(MemDevice::new(size))),
-                |mem: &Arc<MemDevice>| Ok(Arc::clone(mem)),
-            ))
+            Box::new(crate::factory::mem(size))
         }
         DeviceSpec::Pattern { size } => {
             let size = *size;
@@ -333,13 +329,14 @@ pub fn run(args: Args) -> ExitCode {
     }
     if nbd.is_none() {
         // Through the loopback also with whole 32 MiB requests and four connections.
-        let big = MeasuredRig::new(LoopbackRig {
+        // (Not in the latency table: 32 MiB requests would swamp it.)
+        let big = LoopbackRig {
             options: LoopbackOptions {
                 connections: 4,
                 max_request: userblk::proto::MAX_IO_LEN,
                 ..loopback_options(newest)
             },
-        });
+        };
         let env = Env::new(&big, &*make, caps);
         let subset: Vec<_> = cases
             .iter()
