@@ -8,13 +8,14 @@ use std::thread;
 
 use crate::device::BlockDevice;
 use crate::link::Export;
-use crate::proto::{Command, Errno, Reply, Request};
-use crate::server::dispatch::execute;
+use crate::proto::{Command, Cookie, Errno, Reply};
+use crate::server::dispatch::Dispatcher;
 use crate::server::pool::{lock, BufferPool, KEEP_FREE_BYTES};
 use crate::server::reader::{Incoming, RequestReader};
 use crate::server::replies::{
     peer_gone, write_replies, Done, Outbox, REPLIES_PER_WRITE, WRITE_OWN_REPLY,
 };
+use crate::server::request::{IoOp, IoRequest};
 use crate::server::validate::validate;
 use crate::server::{ServerError, ServerOptions};
 
@@ -34,8 +35,9 @@ pub(super) struct ConnParams {
 
 /// What a thread got from its turn at reading a connection.
 pub(super) enum Next {
-    /// A valid request, with its permit and buffer (a WRITE's payload in it).
-    Request(Request, Vec<u8>),
+    /// A valid request (its cookie, and what it asks of the device), with its permit and buffer
+    /// (a WRITE's payload in it).
+    Request(Cookie, IoRequest, Vec<u8>),
     /// A request answered without the device: an error reply.
     Answered(Done),
     /// DISC, EOF, a fatal error, or serving is stopping.
@@ -143,14 +145,14 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
     }
 
     /// Calls the device for a request and makes its reply.
-    pub(super) fn complete(&self, req: &Request, mut buf: Vec<u8>) -> Done {
-        match execute(self.device, req, &mut buf) {
-            Ok(()) => Done {
-                header: Reply::ok(req.cookie).encode(),
-                with_data: req.command == Command::Read,
+    pub(super) fn complete(&self, cookie: Cookie, req: &IoRequest, mut buf: Vec<u8>) -> Done {
+        match Dispatcher::new(self.device).dispatch(req, &mut buf) {
+            Ok(_) => Done {
+                header: Reply::ok(cookie).encode(),
+                with_data: req.op == IoOp::Read,
                 buf,
             },
-            Err(errno) => Done::error(req.cookie, errno, buf),
+            Err(errno) => Done::error(cookie, errno, buf),
         }
     }
 
@@ -184,7 +186,7 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
             let done = match next {
                 Next::Stop => break,
                 Next::Answered(done) => done,
-                Next::Request(req, buf) => self.complete(&req, buf),
+                Next::Request(cookie, req, buf) => self.complete(cookie, &req, buf),
             };
             if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
                 self.flush(conn, Some(done), &mut spare);
@@ -228,21 +230,20 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
         if req.command == Command::Disc {
             return Next::Stop;
         }
-        if let Err(errno) = validate(&req, &params.export, params.max_io) {
-            if let Err(e) = r.skip(conn, &req) {
-                self.fail_unless_stopping(e);
-                return Next::Stop;
+        let io = match validate(&req, &params.export, params.max_io) {
+            Ok(io) => io,
+            Err(errno) => {
+                if let Err(e) = r.skip(conn, &req) {
+                    self.fail_unless_stopping(e);
+                    return Next::Stop;
+                }
+                return match self.pool.take(0, flush_held) {
+                    Some(buf) => Next::Answered(Done::error(req.cookie, errno, buf)),
+                    None => Next::Stop,
+                };
             }
-            return match self.pool.take(0, flush_held) {
-                Some(buf) => Next::Answered(Done::error(req.cookie, errno, buf)),
-                None => Next::Stop,
-            };
-        }
-        let len = match req.command {
-            Command::Read | Command::Write => req.len as usize,
-            _ => 0,
         };
-        let Some(mut buf) = self.pool.take(len, flush_held) else {
+        let Some(mut buf) = self.pool.take(io.data_len(), flush_held) else {
             return Next::Stop;
         };
         if req.command == Command::Write {
@@ -252,7 +253,7 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
                 return Next::Stop;
             }
         }
-        Next::Request(req, buf)
+        Next::Request(req.cookie, io, buf)
     }
 
     pub(super) fn fail_unless_stopping(&self, err: ServerError) {
@@ -340,7 +341,7 @@ pub(super) fn serve<D: BlockDevice + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Cookie;
+    use crate::proto::{Cookie, Request};
     use rstest::rstest;
 
     /// A pipelined burst: errors get no payload, every request one reply, in either mode.

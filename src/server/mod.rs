@@ -33,12 +33,14 @@ mod dispatch;
 mod pool;
 mod reader;
 mod replies;
+mod request;
 mod validate;
 
-use dispatch::execute;
+pub use dispatch::{Dispatcher, IoResult};
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
-pub use validate::validate;
+pub use request::{IoFlags, IoOp, IoRequest};
+pub use validate::{validate, validate_io};
 
 /// Tuning for a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +115,13 @@ pub enum ServerError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The device's [`unmount`](BlockDevice::unmount) panicked. The link was finished all the
+    /// same; whatever unmount had left to do (a final flush, say) may not have happened.
+    #[error("the device's unmount() panicked: {message}")]
+    UnmountPanicked {
+        /// The panic's message, when it had one.
+        message: String,
     },
 }
 
@@ -209,10 +218,11 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
             return Ok(());
         }
         self.finished = true;
-        self.device.unmount();
+        let unmounted = Dispatcher::new(&self.device).unmount();
         self.conns.clear();
-        self.link.finish()?;
-        Ok(())
+        let finished = self.link.finish();
+        unmounted?;
+        Ok(finished?)
     }
 
     /// Reads, executes and answers exactly one request from the first connection.
@@ -253,20 +263,18 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
                 skip_payload(&mut r, conn, &req)?;
                 Err(errno)
             }
-            Ok(()) => {
-                let len = match req.command {
-                    Command::Read | Command::Write => req.len as usize,
-                    _ => 0,
-                };
-                let mut buf = vec![0u8; len];
-                if req.command == Command::Write {
+            Ok(io) => {
+                let mut buf = vec![0u8; io.data_len()];
+                if io.op == IoOp::Write {
                     read_payload(&mut r, conn, &req, &mut buf)?;
                 }
-                execute(&self.device, &req, &mut buf).map(|()| buf)
+                Dispatcher::new(&self.device)
+                    .dispatch(&io, &mut buf)
+                    .map(|_| (io.op, buf))
             }
         };
         let (reply, data) = match &result {
-            Ok(buf) if req.command == Command::Read => (Reply::ok(req.cookie), &buf[..]),
+            Ok((IoOp::Read, buf)) => (Reply::ok(req.cookie), &buf[..]),
             Ok(_) => (Reply::ok(req.cookie), &[][..]),
             Err(errno) => (Reply::error(req.cookie, *errno), &[][..]),
         };

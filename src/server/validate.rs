@@ -1,51 +1,53 @@
-//! Checking a request against the export before any device sees it.
+//! Checking a request against the export before any device sees it: what keeps the promise that
+//! a device never sees a request outside its size, misaligned, empty, or for a command it did not
+//! advertise. Every transport calls [`validate_io`]; the NBD loop calls [`validate`].
 
 use crate::link::Export;
-use crate::proto::{Command, CommandFlags, Errno, Request, TransmissionFlags};
+use crate::proto::{Errno, Request, TransmissionFlags};
+use crate::server::request::{IoOp, IoRequest};
 
-/// Checks a request against the export before the device sees it; `Err` is the errno to reply.
+/// Checks an NBD request header against the export before the device sees it: the
+/// [`IoRequest`] to dispatch, or the errno to reply.
 ///
 /// Errors follow the NBD protocol document: EPERM for any write on a read-only export, ENOSPC
 /// for a write past the end, EINVAL for a read or trim past the end, a misaligned or empty
-/// request, a command that was not advertised, or unknown flags.
-pub fn validate(req: &Request, export: &Export, max_io_len: u32) -> Result<(), Errno> {
+/// request, a command that was not advertised (DISC included: it is not for the device), or
+/// unknown flags.
+pub fn validate(req: &Request, export: &Export, max_io_len: u32) -> Result<IoRequest, Errno> {
+    let io = IoRequest::from_nbd(req)?;
+    validate_io(&io, export, max_io_len)?;
+    Ok(io)
+}
+
+/// Checks a transport-neutral request against the export, with the errnos of [`validate`].
+/// READ and WRITE longer than `max_io_len` get EINVAL.
+pub fn validate_io(io: &IoRequest, export: &Export, max_io_len: u32) -> Result<(), Errno> {
     let flags = export.flags;
-    if req.flags.unknown() != 0 {
-        return Err(Errno::EINVAL);
-    }
-    if req.flags.contains(CommandFlags::NO_HOLE) && req.command != Command::WriteZeroes {
-        return Err(Errno::EINVAL);
-    }
-    let is_write = matches!(
-        req.command,
-        Command::Write | Command::Trim | Command::WriteZeroes
-    );
-    if is_write && flags.contains(TransmissionFlags::READ_ONLY) {
+    if io.op.is_write() && flags.contains(TransmissionFlags::READ_ONLY) {
         return Err(Errno::EPERM);
     }
-    let advertised = match req.command {
-        Command::Read | Command::Write | Command::Disc => true,
-        Command::Flush => flags.contains(TransmissionFlags::SEND_FLUSH),
-        Command::Trim => flags.contains(TransmissionFlags::SEND_TRIM),
-        Command::WriteZeroes => flags.contains(TransmissionFlags::SEND_WRITE_ZEROES),
-        Command::Cache | Command::BlockStatus => false,
+    let advertised = match io.op {
+        IoOp::Read | IoOp::Write => true,
+        IoOp::Flush => flags.contains(TransmissionFlags::SEND_FLUSH),
+        IoOp::Trim => flags.contains(TransmissionFlags::SEND_TRIM),
+        IoOp::WriteZeroes => flags.contains(TransmissionFlags::SEND_WRITE_ZEROES),
     };
     if !advertised {
         return Err(Errno::EINVAL);
     }
-    if matches!(req.command, Command::Disc | Command::Flush) {
+    if io.op == IoOp::Flush {
         return Ok(());
     }
-    let bs = u64::from(export.block_size);
-    if req.len == 0 || req.offset % bs != 0 || u64::from(req.len) % bs != 0 {
+    let bs = u64::from(export.block_size.max(1));
+    if io.len == 0 || io.offset % bs != 0 || io.len % bs != 0 {
         return Err(Errno::EINVAL);
     }
-    if matches!(req.command, Command::Read | Command::Write) && req.len > max_io_len {
+    if io.op.has_data() && io.len > u64::from(max_io_len) {
         return Err(Errno::EINVAL);
     }
-    if req.exceeds(export.size) {
-        return Err(match req.command {
-            Command::Write | Command::WriteZeroes => Errno::ENOSPC,
+    if io.exceeds(export.size) {
+        return Err(match io.op {
+            IoOp::Write | IoOp::WriteZeroes => Errno::ENOSPC,
             _ => Errno::EINVAL,
         });
     }
@@ -55,7 +57,7 @@ pub fn validate(req: &Request, export: &Export, max_io_len: u32) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Cookie, MAX_IO_LEN};
+    use crate::proto::{Command, CommandFlags, Cookie, MAX_IO_LEN};
     use rstest::rstest;
 
     const RW: Export = Export {
@@ -107,21 +109,43 @@ mod tests {
     #[case::cache_never(RW, req(Command::Cache, 0, 512), Err(Errno::EINVAL))]
     #[case::block_status_never(RW, req(Command::BlockStatus, 0, 512), Err(Errno::EINVAL))]
     #[case::flush_ok(RW, req(Command::Flush, 0, 0), Ok(()))]
+    #[case::disc_is_not_for_the_device(RW, req(Command::Disc, 0, 0), Err(Errno::EINVAL))]
     fn validation(#[case] export: Export, #[case] req: Request, #[case] want: Result<(), Errno>) {
-        assert_eq!(validate(&req, &export, MAX_IO_LEN), want);
+        assert_eq!(validate(&req, &export, MAX_IO_LEN).map(|_| ()), want);
     }
 
     #[test]
     fn flags_are_checked() {
         let mut r = req(Command::Write, 0, 512);
         r.flags = CommandFlags::FUA;
-        assert_eq!(validate(&r, &RW, MAX_IO_LEN), Ok(()));
+        assert_eq!(validate(&r, &RW, MAX_IO_LEN).map(|_| ()), Ok(()));
         r.flags = CommandFlags::NO_HOLE;
-        assert_eq!(validate(&r, &RW, MAX_IO_LEN), Err(Errno::EINVAL));
+        assert_eq!(
+            validate(&r, &RW, MAX_IO_LEN).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
         r.flags = CommandFlags(1 << 7);
-        assert_eq!(validate(&r, &RW, MAX_IO_LEN), Err(Errno::EINVAL));
+        assert_eq!(
+            validate(&r, &RW, MAX_IO_LEN).map(|_| ()),
+            Err(Errno::EINVAL)
+        );
         let mut z = req(Command::WriteZeroes, 0, 512);
         z.flags = CommandFlags::NO_HOLE | CommandFlags::FUA;
-        assert_eq!(validate(&z, &RW, MAX_IO_LEN), Ok(()));
+        assert_eq!(validate(&z, &RW, MAX_IO_LEN).map(|_| ()), Ok(()));
+    }
+
+    /// ublk describes a request in sectors (a u32 count), so a TRIM may exceed 4 GiB.
+    #[test]
+    fn neutral_requests_beyond_u32_lengths() {
+        let big = Export {
+            size: 1 << 40,
+            ..RW
+        };
+        let trim = IoRequest::new(IoOp::Trim, 0, 8 << 30);
+        assert_eq!(validate_io(&trim, &big, MAX_IO_LEN), Ok(()));
+        let read = IoRequest::new(IoOp::Read, 0, 8 << 30);
+        assert_eq!(validate_io(&read, &big, MAX_IO_LEN), Err(Errno::EINVAL));
+        let past = IoRequest::new(IoOp::WriteZeroes, 1 << 40, 512);
+        assert_eq!(validate_io(&past, &big, MAX_IO_LEN), Err(Errno::ENOSPC));
     }
 }
