@@ -12,7 +12,7 @@ use userblk::proto::{Command, Cookie, Request, TransmissionFlags};
 use userblk::{
     BlockDevice, BlockDeviceMut, Capabilities, Export, FileDevice, KernelLink, LinkError,
     LoopbackError, LoopbackKernel, LoopbackOptions, MemDevice, PatternDevice, Server, ServerError,
-    ServerOptions,
+    ServerOptions, Started,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -463,7 +463,7 @@ struct Finishes {
 }
 
 impl KernelLink for Finishes {
-    fn start(&mut self, export: &Export) -> Result<Vec<std::os::unix::net::UnixStream>, LinkError> {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
         self.inner.start(export)
     }
     fn finish(&mut self) -> Result<(), LinkError> {

@@ -189,7 +189,9 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
         })
     }
 
-    /// What the kernel is told: size, block size, and the flags derived from the capabilities.
+    /// Before the link starts, what the kernel is asked for (size, block size, and the flags
+    /// derived from the capabilities); once it has, what requests are checked against: that,
+    /// [narrowed by](Export::narrowed_by) what the kernel took.
     pub fn export(&self) -> &Export {
         &self.export
     }
@@ -207,7 +209,20 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
     fn ensure_started(&mut self) -> Result<(), ServerError> {
         if !self.started {
             self.started = true;
-            self.conns = self.link.start(&self.export)?;
+            let started = self.link.start(&self.export)?;
+            let got = started.export.block_size;
+            if !got.is_power_of_two() || got < 512 {
+                // Nothing can be served: release the kernel side without unmounting a device
+                // that was never served.
+                self.finished = true;
+                drop(started.conns);
+                let _ = self.link.finish();
+                return Err(ServerError::InvalidGeometry(format!(
+                    "the link reports block size {got}, not a power of two from 512"
+                )));
+            }
+            self.export = self.export.narrowed_by(&started.export);
+            self.conns = started.conns;
         }
         Ok(())
     }
