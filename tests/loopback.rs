@@ -415,21 +415,34 @@ impl BlockDevice for Overlap {
     }
 }
 
+/// Device calls overlap on one connection whatever the device says: a device that never blocks
+/// is served by two threads taking turns (cheaper than `workers`, still concurrent). Only an
+/// explicit single thread per connection serves one call at a time.
 #[rstest]
-#[case::never_blocks(true, 1)]
-#[case::may_block(false, 2)]
-fn never_blocking_devices_are_served_inline(#[case] never_blocks: bool, #[case] most: usize) {
+#[case::never_blocks(true, ServerOptions::default(), 2)]
+#[case::may_block(false, ServerOptions::default(), 2)]
+#[case::one_thread(true, ServerOptions { workers: 1, batch_never_blocks: false, ..ServerOptions::default() }, 1)]
+fn calls_overlap_on_one_connection_unless_one_thread_is_asked_for(
+    #[case] never_blocks: bool,
+    #[case] server: ServerOptions,
+    #[case] most: usize,
+) {
     let dev = Arc::new(Overlap {
         caps: Capabilities {
             never_blocks,
             ..Capabilities::default()
         },
-        wait_for_company: !never_blocks,
+        // One thread would wait for company that cannot come.
+        wait_for_company: most > 1,
         inside: Mutex::new(0),
         most: AtomicUsize::new(0),
         changed: Condvar::new(),
     });
-    let k = LoopbackKernel::start(Arc::clone(&dev)).unwrap();
+    let options = LoopbackOptions {
+        server,
+        ..LoopbackOptions::default()
+    };
+    let k = LoopbackKernel::with_options(Arc::clone(&dev), options).unwrap();
     let tickets: Vec<_> = (0..32u64)
         .map(|i| k.submit(Op::read(i * 512, 512)).unwrap())
         .collect();
