@@ -511,3 +511,59 @@ fn a_panic_in_unmount_is_a_typed_error_and_the_link_still_finishes() {
         "{err}"
     );
 }
+
+/// Fills reads below 64 KiB completely with 0xab, and only the first half of any other read.
+struct HalfFills;
+
+impl BlockDevice for HalfFills {
+    fn blocks(&self) -> u64 {
+        1024
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset < 64 << 10 {
+            buf.fill(0xab);
+        } else {
+            let half = buf.len() / 2;
+            buf[..half].fill(0xcd);
+        }
+        Ok(())
+    }
+}
+
+/// Buffers are recycled: a device that fills only half a read gets zeroes in the other half,
+/// never the bytes an earlier READ left in that buffer.
+#[test]
+fn bytes_the_device_did_not_write_read_as_zeroes_never_as_old_data() {
+    let k = LoopbackKernel::start(HalfFills).unwrap();
+    for _ in 0..4 {
+        assert_eq!(k.read(0, 4096).unwrap(), vec![0xab; 4096]);
+        let got = k.read(64 << 10, 4096).unwrap();
+        assert_eq!(got[..2048], [0xcd; 2048]);
+        let leaked = got[2048..].iter().filter(|&&b| b != 0).count();
+        assert_eq!(leaked, 0, "bytes of an earlier request sent as data");
+    }
+    k.shutdown().unwrap();
+}
+
+/// With `poison_reads`, what the device did not write holds a marker that `unfilled_ranges`
+/// finds, naming the byte range.
+#[test]
+fn poisoned_reads_show_what_the_device_did_not_write() {
+    use userblk::server::unfilled_ranges;
+    let options = LoopbackOptions {
+        server: ServerOptions {
+            poison_reads: true,
+            ..ServerOptions::default()
+        },
+        ..LoopbackOptions::default()
+    };
+    let k = LoopbackKernel::with_options(HalfFills, options).unwrap();
+    assert!(unfilled_ranges(&k.read(0, 8192).unwrap()).is_empty());
+    let got = k.read(64 << 10, 8192).unwrap();
+    assert_eq!(got[..4096], [0xcd; 4096]);
+    assert_eq!(unfilled_ranges(&got), vec![4096..8192]);
+    // Split by the kernel into 128 KiB requests, each half filled.
+    let got = k.read(0, 256 << 10).unwrap();
+    assert_eq!(unfilled_ranges(&got), vec![(192 << 10)..(256 << 10)]);
+    k.shutdown().unwrap();
+}

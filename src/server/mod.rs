@@ -8,6 +8,8 @@
 //!   command it did not advertise;
 //! - `dispatch`: [`Dispatcher`] calls the device for a validated request (FUA, errno mapping,
 //!   panics caught) and is shared by every transport (the NBD loop, a ublk queue);
+//! - `unfilled`: the marker READ buffers can be poisoned with, and [`unfilled_ranges`], which
+//!   finds what a device left unwritten;
 //! - `pool`: the memory of requests in flight, bounded in bytes and recycled;
 //! - `reader` and `replies`: reading NBD requests from a stream, and writing replies in batches;
 //! - `conn`: [`serve`], the NBD transmission loop over the connections of one export, and its
@@ -43,6 +45,7 @@ mod pool;
 mod reader;
 mod replies;
 mod request;
+mod unfilled;
 mod validate;
 
 pub use conn::{serve, ConnStream};
@@ -50,6 +53,7 @@ pub use dispatch::{Dispatcher, IoResult};
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};
+pub use unfilled::{unfilled_ranges, unfilled_record, UNFILLED_RECORD};
 pub use validate::{validate, validate_io};
 
 /// Tuning for a [`Server`] (and for [`serve`]).
@@ -76,6 +80,11 @@ pub struct ServerOptions {
     /// in batches, whatever `workers` says: the least overhead per request, with device calls
     /// still free to overlap. Default: `true`.
     pub batch_never_blocks: bool,
+    /// Fill READ buffers with the public unfilled marker instead of zeroes before the device
+    /// sees them, so that a test can find bytes a device did not write with
+    /// [`unfilled_ranges`]. Either way no READ ever carries bytes of an earlier request.
+    /// Default: `false`.
+    pub poison_reads: bool,
 }
 
 impl Default for ServerOptions {
@@ -86,6 +95,7 @@ impl Default for ServerOptions {
             max_in_flight_bytes: 2 * MAX_IO_LEN as usize,
             max_io_len: MAX_IO_LEN,
             batch_never_blocks: true,
+            poison_reads: false,
         }
     }
 }
@@ -298,6 +308,7 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
                     read_payload(&mut r, conn, &req, &mut buf)?;
                 }
                 Dispatcher::new(&self.device)
+                    .poison_reads(self.options.poison_reads)
                     .dispatch(&io, &mut buf)
                     .map(|_| (io.op, buf))
             }
@@ -323,7 +334,7 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
         if self.finished {
             return Ok(());
         }
-        let dispatcher = Dispatcher::new(&self.device);
+        let dispatcher = Dispatcher::new(&self.device).poison_reads(self.options.poison_reads);
         let error = serve(dispatcher, &self.export, &self.conns, &self.options).err();
         let ended = self.end();
         match error {
