@@ -83,6 +83,11 @@ struct ConnParams {
     /// Only for devices that never block: a reply held behind a slow device call would wait.
     hold_replies: bool,
     batch: usize,
+    /// A thread keeps its turn at reading while it calls the device, unless another request is
+    /// already buffered for another thread to take: for a device that never blocks, handing the
+    /// turn over with nothing to read costs a wake-up and gains nothing, while calls still
+    /// overlap whenever requests queue up.
+    keep_idle_turn: bool,
 }
 
 /// State shared by every thread (and every [`InFlight`]) of one [`serve`].
@@ -262,8 +267,10 @@ struct Reading<S> {
 ///
 /// Threads per connection: two that hold replies back and write them in batches for a device
 /// whose capabilities say [`never_blocks`](crate::Capabilities::never_blocks) (unless
-/// `options.batch_never_blocks` is off); `options.workers` otherwise (one, holding replies
-/// back, for `0` or `1`).
+/// `options.batch_never_blocks` is off), the one calling the device keeping its turn at reading
+/// unless another request is waiting, so that calls overlap whenever requests queue up and a
+/// lone request costs no hand-off; `options.workers` otherwise (one, holding replies back, for
+/// `0` or `1`).
 ///
 /// ```
 /// use std::io::{Read, Write};
@@ -309,6 +316,7 @@ pub fn serve<D: BlockDevice + ?Sized, S: ConnStream>(
         max_io: options.max_io_len,
         hold_replies,
         batch: REPLIES_PER_WRITE,
+        keep_idle_turn: hold_replies,
     };
     thread::scope(|s| {
         'spawn: for (conn, reading) in readers.iter().enumerate() {
@@ -351,8 +359,9 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
         outbox.reader_waiting.store(true, Ordering::SeqCst);
         group.flush(conn, None);
     };
+    let mut kept = None;
     loop {
-        let mut turn = lock(reading);
+        let mut turn = kept.take().unwrap_or_else(|| lock(reading));
         if turn.finished {
             break;
         }
@@ -364,7 +373,11 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
         if matches!(next, Next::Stop) {
             turn.finished = true;
         }
-        drop(turn);
+        if params.keep_idle_turn && !turn.finished && !turn.r.has_header() {
+            kept = Some(turn);
+        } else {
+            drop(turn);
+        }
         let (inflight, result) = match next {
             Next::Stop => break,
             Next::Rejected(inflight, errno) => (inflight, Err(errno)),
