@@ -5,7 +5,9 @@
 //! Each connection has threads of its own (as nbdkit does) that take turns reading it: the one
 //! whose turn it is reads the next request, checks it, takes memory for it from the pool, and
 //! lets go, so that another reads while it calls the device. Replies therefore go out of order,
-//! many requests are in flight, and no request waits for a hand-off between threads.
+//! many requests are in flight, and no request waits for a hand-off between threads. A device
+//! that never blocks gets two threads that write replies in batches, and the one calling the
+//! device keeps its turn unless another request is already waiting (see [`serve`]).
 //!
 //! # The completion path
 //!
