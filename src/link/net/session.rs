@@ -1,0 +1,181 @@
+//! One client, from its first byte to its last: the handshake (with TLS when asked for), then
+//! the transmission phase through the same server the kernel link uses, on this client's
+//! socket alone. Everything here happens on the client's own thread; nothing it meets can reach
+//! another client or the device beyond the requests the server validates.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use super::handshake::{Handshake, HandshakeError, Negotiated, Offer, Outcome};
+use super::socket::Socket;
+use super::tls::{complete_handshake, TlsBridge, TlsConfig};
+use super::wire::{BlockSizes, ExportData};
+use super::{NetEvent, NetOptions};
+use crate::device::{BlockDevice, Capabilities};
+use crate::link::{Export, KernelLink, LinkError};
+use crate::proto::TransmissionFlags;
+use crate::server::{export_of, Server, ServerError};
+
+/// The device as every client sees it: `read_only` forced when asked, and `unmount` left to the
+/// listener (each client's server ends on its own, but the device is unmounted once, at the end).
+pub(crate) struct Exported<'a, D: ?Sized> {
+    pub(crate) device: &'a D,
+    pub(crate) read_only: bool,
+}
+
+impl<D: BlockDevice + ?Sized> BlockDevice for Exported<'_, D> {
+    fn block_size(&self) -> u32 {
+        self.device.block_size()
+    }
+    fn blocks(&self) -> u64 {
+        self.device.blocks()
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.device.capabilities();
+        if self.read_only {
+            caps.read_only = true;
+        }
+        caps
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.device.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.device.write(offset, data)
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.device.write_fua(offset, data)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.device.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.device.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.device.write_zeroes(offset, len, may_trim)
+    }
+    fn unmount(&self) {}
+}
+
+/// What the handshake offers for `device` under `options`, and the export the server enforces.
+pub(crate) fn offer<D: BlockDevice + ?Sized>(
+    device: &Exported<'_, D>,
+    options: &NetOptions,
+) -> Result<(Offer, Export), ServerError> {
+    let export = export_of(device)?;
+    // Every connection reaches the same device object, whose flush covers every write that
+    // completed before it, whichever connection carried it: what CAN_MULTI_CONN promises.
+    let flags = export.flags | TransmissionFlags::CAN_MULTI_CONN;
+    let bs = export.block_size;
+    let offer = Offer {
+        name: options.export_name.clone(),
+        description: options.description.clone(),
+        export: ExportData {
+            size: export.size,
+            flags,
+        },
+        block_sizes: BlockSizes {
+            minimum: bs,
+            preferred: bs.max(4096),
+            maximum: options.server.max_io_len.max(bs.max(4096)),
+        },
+        structured_replies: false,
+    };
+    Ok((offer, export))
+}
+
+/// The one connection a client's server reads and writes.
+struct OneSocket(Option<UnixStream>);
+
+impl KernelLink for OneSocket {
+    fn start(&mut self, _export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+        self.0
+            .take()
+            .map(|s| vec![s])
+            .ok_or(LinkError::AlreadyStarted)
+    }
+}
+
+/// How a session ended before transmission, or the stream to serve.
+pub(crate) enum Handshaken {
+    /// Plain connection, ready for requests.
+    Plain(UnixStream, Negotiated),
+    /// TLS through a bridge, ready for requests.
+    Tls(TlsBridge, Negotiated),
+    /// The client sent `NBD_OPT_ABORT`.
+    Aborted,
+}
+
+/// Runs the handshake on `sock`, with the options' deadline and TLS.
+pub(crate) fn handshake(
+    mut sock: Socket,
+    offer: &Offer,
+    options: &NetOptions,
+) -> Result<Handshaken, HandshakeError> {
+    let io = |stage| move |e| HandshakeError::Io { stage, source: e };
+    sock.set_deadline(Some(Instant::now() + options.handshake_timeout))
+        .map_err(io("setting the handshake deadline"))?;
+    let mode = if options.tls.is_some() {
+        options.tls_mode
+    } else {
+        super::TlsMode::Off
+    };
+    let mut hs = Handshake::greet(&mut sock, offer, mode)?;
+    let mut tls: Option<rustls::ServerConnection> = None;
+    let negotiated = loop {
+        let outcome = match &mut tls {
+            None => hs.options(&mut sock)?,
+            Some(conn) => hs.options(&mut rustls::Stream::new(conn, &mut sock))?,
+        };
+        match outcome {
+            Outcome::Aborted => return Ok(Handshaken::Aborted),
+            Outcome::Transmission(n) => break n,
+            Outcome::StartTls => {
+                let config: &TlsConfig = options
+                    .tls
+                    .as_ref()
+                    .ok_or_else(|| HandshakeError::Tls("TLS is not configured".into()))?;
+                let mut conn = config
+                    .session()
+                    .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+                complete_handshake(&mut conn, &mut sock).map_err(|e| match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                        HandshakeError::Timeout {
+                            stage: "TLS handshake",
+                        }
+                    }
+                    _ => HandshakeError::Tls(e.to_string()),
+                })?;
+                hs.tls_started();
+                tls = Some(conn);
+            }
+        }
+    };
+    sock.set_deadline(None)
+        .map_err(io("clearing the handshake deadline"))?;
+    Ok(match tls {
+        None => Handshaken::Plain(sock.into_stream(), negotiated),
+        Some(conn) => Handshaken::Tls(
+            TlsBridge::start(rustls::Connection::Server(conn), sock)
+                .map_err(io("starting the TLS pumps"))?,
+            negotiated,
+        ),
+    })
+}
+
+/// Serves one client's transmission phase until DISC, EOF or a broken stream.
+pub(crate) fn transmission<D: BlockDevice + ?Sized>(
+    device: Exported<'_, D>,
+    stream: UnixStream,
+    options: &NetOptions,
+) -> Result<(), ServerError> {
+    let mut server = Server::with_options(device, OneSocket(Some(stream)), options.server)?;
+    server.run()
+}
+
+/// Reports an event to the options' sink.
+pub(crate) fn emit(options: &NetOptions, event: NetEvent<'_>) {
+    (options.events)(&event);
+}

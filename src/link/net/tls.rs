@@ -1,0 +1,381 @@
+//! TLS for NBD (`NBD_OPT_STARTTLS`), with rustls: [`TlsConfig`] loads the server's certificate
+//! and key (and the CA that client certificates must chain to, when they are required);
+//! [`client_config`] builds the client side for tests and the harness; [`TlsBridge`] carries a
+//! TLS session over a plain socket pair, so that the transmission phase reads and writes a socket
+//! as it does without TLS (several threads read and write at once; a TLS session is one state
+//! machine, so two pump threads own it and the server gets the other end of a socket pair).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::ops::DerefMut;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, Connection, ConnectionCommon, RootCertStore, ServerConfig};
+
+use super::socket::Socket;
+
+/// Why TLS could not be configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("cannot load {what} from {path}: {why}")]
+    Pem {
+        /// What the file should hold: "certificate", "private key", "CA certificate".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration (a key that does not match the certificate, ...).
+    #[error("invalid TLS configuration: {0}")]
+    Config(String),
+}
+
+fn pem_error(what: &'static str, path: &Path, why: impl fmt::Display) -> TlsError {
+    TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every certificate in a PEM file (at least one).
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(what, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error("private key", path, e))
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path, "CA certificate")? {
+        roots
+            .add(cert)
+            .map_err(|e| pem_error("CA certificate", path, e))?;
+    }
+    Ok(roots)
+}
+
+/// The server's TLS set-up.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    config: Arc<ServerConfig>,
+    client_certs: bool,
+}
+
+impl TlsConfig {
+    /// Loads the certificate chain and key (PEM); with `client_ca`, clients must present a
+    /// certificate that chains to it (`--tls-ca`), else the TLS handshake fails.
+    pub fn from_pem_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<TlsConfig, TlsError> {
+        let certs = load_certs(cert, "certificate")?;
+        let key = load_key(key)?;
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match client_ca {
+            Some(ca) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                        .build()
+                        .map_err(|e| TlsError::Config(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(TlsConfig {
+            config: Arc::new(config),
+            client_certs: client_ca.is_some(),
+        })
+    }
+
+    /// A configuration built with rustls directly.
+    pub fn from_server_config(config: Arc<ServerConfig>) -> TlsConfig {
+        TlsConfig {
+            config,
+            client_certs: false,
+        }
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_certs
+    }
+
+    /// A new server session.
+    pub(crate) fn session(&self) -> Result<rustls::ServerConnection, rustls::Error> {
+        rustls::ServerConnection::new(Arc::clone(&self.config))
+    }
+}
+
+/// A client configuration trusting `ca`, presenting `cert` and `key` when given.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca)?);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert, "certificate")?, load_key(key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Starts a client session to `server_name` (a DNS name or an IP address in the certificate).
+pub fn client_session(
+    config: Arc<ClientConfig>,
+    server_name: &str,
+) -> Result<rustls::ClientConnection, TlsError> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| TlsError::Config(format!("server name {server_name:?}: {e}")))?;
+    rustls::ClientConnection::new(config, name).map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// Runs a TLS handshake to completion on `sock` (which may carry a deadline).
+pub fn complete_handshake<C, D>(conn: &mut C, sock: &mut Socket) -> io::Result<()>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
+    while conn.is_handshaking() {
+        conn.complete_io(sock)?;
+    }
+    // A TLS 1.3 server sends its session tickets after the handshake: out with them now.
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    Ok(())
+}
+
+/// A TLS session over a socket, as seen through `TLS stream <-> plain socket pair`: write
+/// plaintext to [`stream`](Self::stream) and it leaves encrypted; what arrives comes out of it
+/// decrypted. EOF on either side reaches the other (a close_notify goes out on the way).
+#[derive(Debug)]
+pub struct TlsBridge {
+    stream: Option<UnixStream>,
+    pumps: Vec<JoinHandle<io::Result<()>>>,
+    sock: Socket,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl TlsBridge {
+    /// Starts pumping `conn` (handshake done) over `sock`.
+    pub fn start(conn: Connection, sock: Socket) -> io::Result<TlsBridge> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let conn = Arc::new(Mutex::new(conn));
+        let mut inbound = (
+            Arc::clone(&conn),
+            sock.try_clone()?,
+            sock.try_clone()?,
+            ours.try_clone()?,
+        );
+        let mut outbound = (conn, sock.try_clone()?, ours);
+        let pump_in = thread::Builder::new()
+            .name("userblk-tls-in".into())
+            .spawn(move || {
+                let (conn, r, w, plain) = &mut inbound;
+                let result = pump_in(conn, r, w, plain);
+                // EOF (or an error) from the network: the reader of the plain side sees EOF.
+                let _ = plain.shutdown(Shutdown::Write);
+                result
+            })?;
+        let pump_out = thread::Builder::new()
+            .name("userblk-tls-out".into())
+            .spawn(move || {
+                let (conn, w, plain) = &mut outbound;
+                let result = pump_out(conn, w, plain);
+                let _ = w.shutdown(Shutdown::Write);
+                result
+            });
+        let pump_out = match pump_out {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = sock.shutdown(Shutdown::Both);
+                return Err(e);
+            }
+        };
+        Ok(TlsBridge {
+            stream: Some(theirs),
+            pumps: vec![pump_in, pump_out],
+            sock,
+        })
+    }
+
+    /// The plaintext end (taken once).
+    pub fn take_stream(&mut self) -> Option<UnixStream> {
+        self.stream.take()
+    }
+
+    /// Another handle on the network socket, to shut it down from elsewhere.
+    pub fn socket(&self) -> io::Result<Socket> {
+        self.sock.try_clone()
+    }
+
+    /// Waits for both pumps; returns the first error either met (a peer that vanished without
+    /// close_notify is not one).
+    pub fn join(mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        for t in self.pumps.drain(..) {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("TLS pump panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for TlsBridge {
+    fn drop(&mut self) {
+        if !self.pumps.is_empty() {
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Network to plaintext: reads records without holding the session, decrypts under it.
+fn pump_in(
+    conn: &Mutex<Connection>,
+    r: &mut Socket,
+    w: &mut Socket,
+    plain: &mut UnixStream,
+) -> io::Result<()> {
+    let mut net = vec![0u8; 64 << 10];
+    let mut out = Vec::with_capacity(64 << 10);
+    // Plaintext decrypted during the handshake but not yet read goes first.
+    let mut closed = drain(&mut lock(conn), &mut out)?;
+    loop {
+        if !out.is_empty() {
+            plain.write_all(&out)?;
+            out.clear();
+        }
+        if closed {
+            return Ok(());
+        }
+        let n = match r.read(&mut net) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut c = lock(conn);
+        let mut rest = &net[..n];
+        while !rest.is_empty() {
+            c.read_tls(&mut rest)?;
+            if let Err(e) = c.process_new_packets() {
+                // Tell the peer why (an alert), then give up.
+                while c.wants_write() {
+                    if c.write_tls(w).is_err() {
+                        break;
+                    }
+                }
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            closed |= drain(&mut c, &mut out)?;
+        }
+        // Key updates and the like are answered at once, in order with other records.
+        while c.wants_write() {
+            c.write_tls(w)?;
+        }
+    }
+}
+
+/// Moves the session's decrypted plaintext into `out`; `true` once the peer sent close_notify.
+fn drain(c: &mut Connection, out: &mut Vec<u8>) -> io::Result<bool> {
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match c.reader().read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // The peer closed without close_notify: the end of the stream all the same.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Plaintext to network: encrypts under the session and writes while holding it, so that records
+/// leave in the order they were made.
+fn pump_out(conn: &Mutex<Connection>, w: &mut Socket, plain: &mut UnixStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match plain.read(&mut buf) {
+            Ok(0) => {
+                let mut c = lock(conn);
+                c.send_close_notify();
+                while c.wants_write() {
+                    match c.write_tls(w) {
+                        Ok(_) => {}
+                        Err(e) if is_gone(&e) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut c = lock(conn);
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let k = c.writer().write(rest)?;
+            rest = &rest[k..];
+            while c.wants_write() {
+                if let Err(e) = c.write_tls(w) {
+                    return if is_gone(&e) { Ok(()) } else { Err(e) };
+                }
+            }
+        }
+    }
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+    )
+}
