@@ -7,11 +7,12 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use rstest::rstest;
 use tempfile::NamedTempFile;
-use userblk::link::loopback::Op;
-use userblk::proto::TransmissionFlags;
+use userblk::link::loopback::{LoopbackLink, Op};
+use userblk::proto::{Command, Cookie, Request, TransmissionFlags};
 use userblk::{
-    BlockDevice, BlockDeviceMut, Capabilities, FileDevice, LoopbackError, LoopbackKernel,
-    LoopbackOptions, MemDevice, PatternDevice, ServerOptions,
+    BlockDevice, BlockDeviceMut, Capabilities, Export, FileDevice, KernelLink, LinkError,
+    LoopbackError, LoopbackKernel, LoopbackOptions, MemDevice, PatternDevice, Server, ServerError,
+    ServerOptions, Started,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -437,4 +438,63 @@ fn never_blocking_devices_are_served_inline(#[case] never_blocks: bool, #[case] 
     }
     k.shutdown().unwrap();
     assert_eq!(dev.most.load(Ordering::SeqCst), most);
+}
+
+/// Panics in `unmount`, as a device whose final flush fails might.
+struct PanicsOnUnmount;
+
+impl BlockDevice for PanicsOnUnmount {
+    fn blocks(&self) -> u64 {
+        8
+    }
+    fn read(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn unmount(&self) {
+        panic!("final flush failed");
+    }
+}
+
+/// A link that records whether `finish` was called.
+struct Finishes {
+    inner: LoopbackLink,
+    finished: Arc<AtomicUsize>,
+}
+
+impl KernelLink for Finishes {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
+        self.inner.start(export)
+    }
+    fn finish(&mut self) -> Result<(), LinkError> {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        self.inner.finish()
+    }
+}
+
+#[test]
+fn a_panic_in_unmount_is_a_typed_error_and_the_link_still_finishes() {
+    use std::io::Write;
+    let (inner, mut ends) = LoopbackLink::new(1).unwrap();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let link = Finishes {
+        inner,
+        finished: Arc::clone(&finished),
+    };
+    let mut server = Server::new(PanicsOnUnmount, link).unwrap();
+    let disc = Request::new(Command::Disc, Cookie(1), 0, 0).encode();
+    ends[0].write_all(&disc).unwrap();
+    match server.handle_one() {
+        Err(ServerError::UnmountPanicked { message }) => assert_eq!(message, "final flush failed"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    // Through `run`, the error reaches whoever stops the kernel.
+    let k = LoopbackKernel::start(PanicsOnUnmount).unwrap();
+    assert_eq!(k.read(0, 512).unwrap(), vec![0; 512]);
+    let err = k.shutdown().unwrap_err().to_string();
+    assert!(
+        err.contains("unmount() panicked: final flush failed"),
+        "{err}"
+    );
 }

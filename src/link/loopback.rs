@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use crate::device::BlockDevice;
-use crate::link::{Export, KernelLink, LinkError};
+use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::{
     Command, CommandFlags, Cookie, Errno, Reply, ReplyParseError, Request, TransmissionFlags,
     REPLY_LEN,
@@ -51,11 +51,15 @@ impl LoopbackLink {
 }
 
 impl KernelLink for LoopbackLink {
-    fn start(&mut self, _export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
         if self.server_ends.is_empty() {
             return Err(LinkError::AlreadyStarted);
         }
-        Ok(std::mem::take(&mut self.server_ends))
+        let conns = std::mem::take(&mut self.server_ends);
+        Ok(Started {
+            export: *export,
+            conns,
+        })
     }
 }
 
