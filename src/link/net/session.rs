@@ -13,7 +13,7 @@ use super::tls::{complete_handshake, TlsBridge, TlsConfig};
 use super::wire::{BlockSizes, ExportData};
 use super::{NetEvent, NetOptions};
 use crate::device::{BlockDevice, Capabilities};
-use crate::link::{Export, KernelLink, LinkError};
+use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::TransmissionFlags;
 use crate::server::{export_of, Server, ServerError};
 
