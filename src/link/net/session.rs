@@ -90,11 +90,12 @@ pub(crate) fn offer<D: BlockDevice + ?Sized>(
 struct OneSocket(Option<UnixStream>);
 
 impl KernelLink for OneSocket {
-    fn start(&mut self, _export: &Export) -> Result<Vec<UnixStream>, LinkError> {
-        self.0
-            .take()
-            .map(|s| vec![s])
-            .ok_or(LinkError::AlreadyStarted)
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
+        let conns = self.0.take().ok_or(LinkError::AlreadyStarted)?;
+        Ok(Started {
+            export: *export,
+            conns: vec![conns],
+        })
     }
 }
 
