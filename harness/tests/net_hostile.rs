@@ -40,7 +40,10 @@ impl Log {
     }
 
     fn count(&self, prefix: &str) -> usize {
-        self.lines().iter().filter(|l| l.starts_with(prefix)).count()
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
     }
 
     /// The count once it reaches `n`, or what it is after 10 s: a client's event is logged
@@ -136,9 +139,14 @@ fn hang_up_at_every_byte_of_the_handshake() {
     // Each cut client failed its handshake with a typed error, none entered transmission.
     let failed = log.count_reaching("handshake: client hung up", hs.len());
     assert_eq!(failed, hs.len(), "{:#?}", log.lines());
-    assert_eq!(listening.handle().stats().handshake_failures, hs.len() as u64);
+    assert_eq!(
+        listening.handle().stats().handshake_failures,
+        hs.len() as u64
+    );
     // The whole handshake, then a request cut at every byte: a typed transmission error each.
-    let mut req = Request::new(Command::Write, Cookie(7), 0, 512).encode().to_vec();
+    let mut req = Request::new(Command::Write, Cookie(7), 0, 512)
+        .encode()
+        .to_vec();
     req.extend([0xee; 512]);
     for cut in [1, 10, 27, 28, 29, 300, 539] {
         let mut s = connect(&uri);
@@ -147,7 +155,12 @@ fn hang_up_at_every_byte_of_the_handshake() {
         s.shutdown(Shutdown::Write).unwrap();
         drain(&mut s);
     }
-    assert_eq!(log.count_reaching("transmission: ", 7), 7, "{:#?}", log.lines());
+    assert_eq!(
+        log.count_reaching("transmission: ", 7),
+        7,
+        "{:#?}",
+        log.lines()
+    );
     // The 28-byte cut is a whole WRITE header with no payload: truncated, not applied.
     let mut block = [0u8; 512];
     dev.read(0, &mut block).unwrap();
@@ -223,8 +236,18 @@ fn silent_client_times_out_and_extra_clients_are_refused() {
     assert_eq!(extra.read(&mut byte).unwrap_or(0), 0);
     // The silent one is cut off by the handshake deadline.
     drain(&mut silent);
-    assert_eq!(log.count_reaching("refused: 2 clients", 1), 1, "{:#?}", log.lines());
-    assert_eq!(log.count_reaching("handshake: handshake timed out", 1), 1, "{:#?}", log.lines());
+    assert_eq!(
+        log.count_reaching("refused: 2 clients", 1),
+        1,
+        "{:#?}",
+        log.lines()
+    );
+    assert_eq!(
+        log.count_reaching("handshake: handshake timed out", 1),
+        1,
+        "{:#?}",
+        log.lines()
+    );
     check_good_client(&good, 3);
     good.disconnect().unwrap();
     listening.stop().unwrap();
@@ -279,7 +302,8 @@ fn stop_lets_clients_finish_then_flushes_and_unmounts_once() {
     let uri: NbdUri = format!("nbd://{a}/").parse().unwrap();
     let clients: Vec<NbdClient> = (0..3).map(|_| NbdClient::connect(&uri).unwrap()).collect();
     for (i, c) in clients.iter().enumerate() {
-        c.write(i as u64 * 4096, &[i as u8 + 1; 4096], false).unwrap();
+        c.write(i as u64 * 4096, &[i as u8 + 1; 4096], false)
+            .unwrap();
     }
     let handle = listening.handle().clone();
     listening.stop().unwrap();

@@ -7,17 +7,18 @@ use std::sync::{Mutex, PoisonError, TryLockError};
 use std::thread;
 
 use crate::device::BlockDevice;
+use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
-use crate::proto::{Command, Cookie, Errno, Reply};
+use crate::proto::{Command, Cookie, Errno, Request};
 use crate::server::dispatch::Dispatcher;
 use crate::server::pool::{lock, BufferPool, KEEP_FREE_BYTES};
 use crate::server::reader::{Incoming, RequestReader};
 use crate::server::replies::{
-    peer_gone, write_replies, Done, Outbox, REPLIES_PER_WRITE, WRITE_OWN_REPLY,
+    encode_extents, peer_gone, write_replies, Done, Outbox, REPLIES_PER_WRITE, WRITE_OWN_REPLY,
 };
 use crate::server::request::{IoOp, IoRequest};
-use crate::server::validate::validate;
-use crate::server::{ServerError, ServerOptions};
+use crate::server::validate::{validate, validate_block_status};
+use crate::server::{Features, ServerError, ServerOptions};
 
 /// How the threads of a connection serve it.
 #[derive(Clone, Copy)]
@@ -31,6 +32,8 @@ pub(super) struct ConnParams {
     /// Most replies held back before writing them; below the permits, so that a thread never
     /// waits for a permit it holds itself.
     batch: usize,
+    /// What a network client negotiated (nothing for the kernel).
+    features: Features,
 }
 
 /// What a thread got from its turn at reading a connection.
@@ -40,6 +43,8 @@ pub(super) enum Next {
     Request(Cookie, IoRequest, Vec<u8>),
     /// A request answered without the device: an error reply.
     Answered(Done),
+    /// A valid BLOCK_STATUS request (with its permit).
+    Status(Request, Vec<u8>),
     /// DISC, EOF, a fatal error, or serving is stopping.
     Stop,
 }
@@ -145,14 +150,34 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
     }
 
     /// Calls the device for a request and makes its reply.
-    pub(super) fn complete(&self, cookie: Cookie, req: &IoRequest, mut buf: Vec<u8>) -> Done {
+    pub(super) fn complete(
+        &self,
+        cookie: Cookie,
+        req: &IoRequest,
+        mut buf: Vec<u8>,
+        structured: bool,
+    ) -> Done {
         match Dispatcher::new(self.device).dispatch(req, &mut buf) {
-            Ok(_) => Done {
-                header: Reply::ok(cookie).encode(),
-                with_data: req.op == IoOp::Read,
-                buf,
-            },
-            Err(errno) => Done::error(cookie, errno, buf),
+            Ok(_) if structured && req.op == IoOp::Read => {
+                Done::read_chunk(cookie, req.offset, buf)
+            }
+            Ok(_) => Done::ok(cookie, req.op == IoOp::Read, buf),
+            Err(errno) => Done::error(structured, cookie, errno, buf),
+        }
+    }
+
+    /// Asks the device for a BLOCK_STATUS request's extents and makes its reply.
+    fn status(&self, req: &Request, mut buf: Vec<u8>, features: Features) -> Done {
+        let Some(context) = features.block_status else {
+            return Done::error(features.structured, req.cookie, Errno::EINVAL, buf);
+        };
+        match Dispatcher::new(self.device).block_status(req.offset, u64::from(req.len)) {
+            Ok(extents) => {
+                let req_one = req.flags.contains(CMD_FLAG_REQ_ONE);
+                encode_extents(&extents, req.len, req_one, &mut buf);
+                Done::block_status(req.cookie, context, buf)
+            }
+            Err(errno) => Done::error(true, req.cookie, errno, buf),
         }
     }
 
@@ -186,7 +211,10 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
             let done = match next {
                 Next::Stop => break,
                 Next::Answered(done) => done,
-                Next::Request(cookie, req, buf) => self.complete(cookie, &req, buf),
+                Next::Request(cookie, req, buf) => {
+                    self.complete(cookie, &req, buf, params.features.structured)
+                }
+                Next::Status(req, buf) => self.status(&req, buf, params.features),
             };
             if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
                 self.flush(conn, Some(done), &mut spare);
@@ -213,11 +241,14 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
         if self.stop.load(Ordering::Relaxed) {
             return Next::Stop;
         }
-        let req = match r.next_header(conn) {
+        let structured = params.features.structured;
+        let mut req = match r.next_header(conn) {
             Ok(Incoming::Eof) => return Next::Stop,
             Ok(Incoming::Unknown { cookie }) => {
                 return match self.pool.take(0, flush_held) {
-                    Some(buf) => Next::Answered(Done::error(cookie, Errno::EINVAL, buf)),
+                    Some(buf) => {
+                        Next::Answered(Done::error(structured, cookie, Errno::EINVAL, buf))
+                    }
                     None => Next::Stop,
                 };
             }
@@ -230,6 +261,24 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
         if req.command == Command::Disc {
             return Next::Stop;
         }
+        if req.command == Command::BlockStatus && params.features.block_status.is_some() {
+            let checked = validate_block_status(&req, &params.export);
+            let Some(buf) = self.pool.take(0, flush_held) else {
+                return Next::Stop;
+            };
+            return match checked {
+                Ok(()) => Next::Status(req, buf),
+                Err(errno) => Next::Answered(Done::error(structured, req.cookie, errno, buf)),
+            };
+        }
+        // Flags a network client may send once advertised, with nothing left to do for them:
+        // the device's write-zeroes is the fast one, and a READ is always one chunk.
+        if params.features.fast_zero && req.command == Command::WriteZeroes {
+            req.flags.0 &= !CMD_FLAG_FAST_ZERO.0;
+        }
+        if params.features.df && req.command == Command::Read {
+            req.flags.0 &= !CMD_FLAG_DF.0;
+        }
         let io = match validate(&req, &params.export, params.max_io) {
             Ok(io) => io,
             Err(errno) => {
@@ -238,7 +287,7 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
                     return Next::Stop;
                 }
                 return match self.pool.take(0, flush_held) {
-                    Some(buf) => Next::Answered(Done::error(req.cookie, errno, buf)),
+                    Some(buf) => Next::Answered(Done::error(structured, req.cookie, errno, buf)),
                     None => Next::Stop,
                 };
             }
@@ -271,6 +320,7 @@ pub(super) fn serve<D: BlockDevice + ?Sized>(
     export: &Export,
     streams: &[UnixStream],
     options: &ServerOptions,
+    features: Features,
 ) -> Result<(), ServerError> {
     let n = streams.len();
     let mut inboxes = Vec::with_capacity(n);
@@ -303,6 +353,7 @@ pub(super) fn serve<D: BlockDevice + ?Sized>(
         max_io: options.max_io_len,
         hold_replies: per_conn == 1,
         batch: REPLIES_PER_WRITE.min(in_flight),
+        features,
     };
     let shared = Shared {
         device,

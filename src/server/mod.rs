@@ -40,7 +40,7 @@ pub use dispatch::{Dispatcher, IoResult};
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};
-pub use validate::{validate, validate_io};
+pub use validate::{validate, validate_block_status, validate_io};
 
 /// Tuning for a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -309,7 +309,14 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
         if self.finished {
             return Ok(());
         }
-        let error = conn::serve(&self.device, &self.export, &self.conns, &self.options).err();
+        let error = conn::serve(
+            &self.device,
+            &self.export,
+            &self.conns,
+            &self.options,
+            Features::default(),
+        )
+        .err();
         let ended = self.end();
         match error {
             Some(e) => Err(e),
@@ -326,6 +333,38 @@ impl<D, L> Drop for Server<D, L> {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// What a network client negotiated beyond what the kernel speaks (none of it for the kernel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Features {
+    /// Structured replies: READ data, holes and errors as chunks.
+    pub(crate) structured: bool,
+    /// `base:allocation` selected, with this context id: BLOCK_STATUS is served.
+    pub(crate) block_status: Option<u32>,
+    /// `NBD_FLAG_SEND_FAST_ZERO` was advertised: `NBD_CMD_FLAG_FAST_ZERO` is accepted (the
+    /// device's write-zeroes is the fast path, so the request is served as it is).
+    pub(crate) fast_zero: bool,
+    /// `NBD_FLAG_SEND_DF` was advertised: `NBD_CMD_FLAG_DF` is accepted on READ (a READ is
+    /// always one content chunk).
+    pub(crate) df: bool,
+}
+
+/// Serves one network client's connection (after its handshake) through the NBD loop, until
+/// DISC, EOF or a broken stream. The device is not unmounted: the listener does that once.
+pub(crate) fn serve_stream<D: BlockDevice + ?Sized>(
+    device: &D,
+    export: &Export,
+    stream: UnixStream,
+    options: &ServerOptions,
+    features: Features,
+) -> Result<(), ServerError> {
+    let conns = [stream];
+    let result = conn::serve(device, export, &conns, options, features);
+    for s in &conns {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    result
 }
 
 /// The export for a device, or why it cannot be served.

@@ -18,6 +18,8 @@
 
 use std::io::{self, Read, Write};
 
+use crate::proto::TransmissionFlags;
+
 use super::wire::{
     self, encode_export_name_reply, encode_meta_context_reply, encode_option_reply,
     encode_server_reply, info, BlockSizes, ExportData, Info, InfoRequest, MetaContextRequest, Opt,
@@ -81,6 +83,8 @@ pub struct Negotiated {
     pub base_allocation: bool,
     /// The client entered with `NBD_OPT_EXPORT_NAME` (old style) rather than `NBD_OPT_GO`.
     pub export_name: bool,
+    /// The transmission flags the client was given.
+    pub flags: TransmissionFlags,
 }
 
 /// How option haggling ended.
@@ -254,6 +258,25 @@ impl<'a> Handshake<'a> {
         self.base_allocation = false;
     }
 
+    /// Size and flags as this client is told them: `NBD_FLAG_SEND_DF` only with structured
+    /// replies, as the protocol requires.
+    fn export_data(&self) -> ExportData {
+        let mut e = self.offer.export;
+        if self.structured {
+            e.flags |= wire::FLAG_SEND_DF;
+        }
+        e
+    }
+
+    fn negotiated(&self, export_name: bool) -> Negotiated {
+        Negotiated {
+            structured_replies: self.structured,
+            base_allocation: self.structured && self.base_allocation,
+            export_name,
+            flags: self.export_data().flags,
+        }
+    }
+
     /// Answers options until the client enters transmission, aborts or starts TLS.
     pub fn options<S: Read + Write>(&mut self, s: &mut S) -> Result<Outcome, HandshakeError> {
         loop {
@@ -323,14 +346,10 @@ impl<'a> Handshake<'a> {
                 let no_zeroes = self.client_flags & FLAG_C_NO_ZEROES != 0;
                 send(
                     s,
-                    &encode_export_name_reply(self.offer.export, no_zeroes),
+                    &encode_export_name_reply(self.export_data(), no_zeroes),
                     "export reply",
                 )?;
-                Ok(Some(Outcome::Transmission(Negotiated {
-                    structured_replies: self.structured,
-                    base_allocation: self.structured && self.base_allocation,
-                    export_name: true,
-                })))
+                Ok(Some(Outcome::Transmission(self.negotiated(true))))
             }
             Opt::ABORT => {
                 // The client may hang up without reading the ACK.
@@ -416,7 +435,7 @@ impl<'a> Handshake<'a> {
             return Ok(None);
         }
         let offer = self.offer;
-        reply(s, Rep::INFO, &Info::Export(offer.export).encode())?;
+        reply(s, Rep::INFO, &Info::Export(self.export_data()).encode())?;
         // Block sizes go out whether asked for or not: the server enforces its minimum, and a
         // client ignores an item it did not ask for.
         reply(s, Rep::INFO, &Info::BlockSize(offer.block_sizes).encode())?;
@@ -439,11 +458,7 @@ impl<'a> Handshake<'a> {
         }
         reply(s, Rep::ACK, &[])?;
         if option == Opt::GO {
-            return Ok(Some(Outcome::Transmission(Negotiated {
-                structured_replies: self.structured,
-                base_allocation: self.structured && self.base_allocation,
-                export_name: false,
-            })));
+            return Ok(Some(Outcome::Transmission(self.negotiated(false))));
         }
         Ok(None)
     }
@@ -510,7 +525,6 @@ impl<'a> Handshake<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::TransmissionFlags;
     use wire::{OptionReplyHeader, OPTION_REPLY_HEADER_LEN};
 
     /// A scripted client: what it sends, and what the server wrote back.
@@ -607,7 +621,8 @@ mod tests {
             Outcome::Transmission(Negotiated {
                 structured_replies: false,
                 base_allocation: false,
-                export_name: false
+                export_name: false,
+                flags: offer().export.flags,
             })
         );
         assert_eq!(wire::parse_greeting(&d.output), Ok(SERVER_FLAGS));
@@ -725,7 +740,8 @@ mod tests {
             Outcome::Transmission(Negotiated {
                 structured_replies: true,
                 base_allocation: true,
-                export_name: false
+                export_name: false,
+                flags: offer().export.flags | wire::FLAG_SEND_DF,
             })
         );
         let r = replies(&d.output);
@@ -789,7 +805,8 @@ mod tests {
             Outcome::Transmission(Negotiated {
                 structured_replies: false,
                 base_allocation: false,
-                export_name: false
+                export_name: false,
+                flags: offer.export.flags,
             })
         );
     }

@@ -24,6 +24,7 @@ use super::signals::SignalWatch;
 use super::socket::{ListenAddr, Socket};
 use super::{NetError, NetEvent, NetOptions, TlsMode};
 use crate::device::BlockDevice;
+use crate::link::Export;
 
 /// Counters of a listener's clients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -217,6 +218,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 struct Ctx<'a, D: ?Sized> {
     device: &'a D,
     offer: Offer,
+    export: Export,
     options: &'a NetOptions,
     control: &'a Control,
 }
@@ -239,7 +241,7 @@ where
         device: &device,
         read_only: options.read_only,
     };
-    let (offer, _) = session::offer(&probe, options)?;
+    let (offer, export) = session::offer(&probe, options)?;
     let (bound, local) = Bound::bind(addr)?;
     let (waker_r, waker) = UnixStream::pair().map_err(|source| NetError::Io {
         op: "socketpair",
@@ -276,6 +278,7 @@ where
     let ctx = Ctx {
         device: &device,
         offer,
+        export,
         options,
         control: &control,
     };
@@ -493,7 +496,7 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
         device: ctx.device,
         read_only: options.read_only,
     };
-    let result = session::transmission(device, stream, options);
+    let result = session::transmission(&device, &ctx.export, stream, &negotiated, options);
     if let Some(bridge) = bridge {
         // The server has closed its end: the pumps send close_notify and end.
         let _ = bridge.join();

@@ -7,15 +7,15 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use super::handshake::{Handshake, HandshakeError, Negotiated, Offer, Outcome};
+use super::handshake::{Handshake, HandshakeError, Negotiated, Offer, Outcome, BASE_ALLOCATION_ID};
 use super::socket::Socket;
 use super::tls::{complete_handshake, TlsBridge, TlsConfig};
-use super::wire::{BlockSizes, ExportData};
+use super::wire::{BlockSizes, ExportData, FLAG_SEND_DF, FLAG_SEND_FAST_ZERO};
 use super::{NetEvent, NetOptions};
-use crate::device::{BlockDevice, Capabilities};
-use crate::link::{Export, KernelLink, LinkError, Started};
+use crate::device::{BlockDevice, Capabilities, Extent};
+use crate::link::Export;
 use crate::proto::TransmissionFlags;
-use crate::server::{export_of, Server, ServerError};
+use crate::server::{export_of, serve_stream, Features, ServerError};
 
 /// The device as every client sees it: `read_only` forced when asked, and `unmount` left to the
 /// listener (each client's server ends on its own, but the device is unmounted once, at the end).
@@ -56,6 +56,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Exported<'_, D> {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         self.device.write_zeroes(offset, len, may_trim)
     }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.device.block_status(offset, len)
+    }
     fn unmount(&self) {}
 }
 
@@ -67,7 +70,12 @@ pub(crate) fn offer<D: BlockDevice + ?Sized>(
     let export = export_of(device)?;
     // Every connection reaches the same device object, whose flush covers every write that
     // completed before it, whichever connection carried it: what CAN_MULTI_CONN promises.
-    let flags = export.flags | TransmissionFlags::CAN_MULTI_CONN;
+    let mut flags = export.flags | TransmissionFlags::CAN_MULTI_CONN;
+    // A device that says write-zeroes is worth sending has a write-zeroes faster than writing
+    // zeroes: FAST_ZERO requests are served as they are, never refused with ENOTSUP.
+    if flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) {
+        flags |= FLAG_SEND_FAST_ZERO;
+    }
     let bs = export.block_size;
     let offer = Offer {
         name: options.export_name.clone(),
@@ -81,22 +89,9 @@ pub(crate) fn offer<D: BlockDevice + ?Sized>(
             preferred: bs.max(4096),
             maximum: options.server.max_io_len.max(bs.max(4096)),
         },
-        structured_replies: false,
+        structured_replies: true,
     };
     Ok((offer, export))
-}
-
-/// The one connection a client's server reads and writes.
-struct OneSocket(Option<UnixStream>);
-
-impl KernelLink for OneSocket {
-    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
-        let conns = self.0.take().ok_or(LinkError::AlreadyStarted)?;
-        Ok(Started {
-            export: *export,
-            conns: vec![conns],
-        })
-    }
 }
 
 /// How a session ended before transmission, or the stream to serve.
@@ -166,14 +161,22 @@ pub(crate) fn handshake(
     })
 }
 
-/// Serves one client's transmission phase until DISC, EOF or a broken stream.
+/// Serves one client's transmission phase until DISC, EOF or a broken stream, through the same
+/// NBD loop as the kernel's connections, with what the client negotiated.
 pub(crate) fn transmission<D: BlockDevice + ?Sized>(
-    device: Exported<'_, D>,
+    device: &Exported<'_, D>,
+    export: &Export,
     stream: UnixStream,
+    negotiated: &Negotiated,
     options: &NetOptions,
 ) -> Result<(), ServerError> {
-    let mut server = Server::with_options(device, OneSocket(Some(stream)), options.server)?;
-    server.run()
+    let features = Features {
+        structured: negotiated.structured_replies,
+        block_status: negotiated.base_allocation.then_some(BASE_ALLOCATION_ID),
+        fast_zero: negotiated.flags.contains(FLAG_SEND_FAST_ZERO),
+        df: negotiated.flags.contains(FLAG_SEND_DF),
+    };
+    serve_stream(device, export, stream, &options.server, features)
 }
 
 /// Reports an event to the options' sink.
