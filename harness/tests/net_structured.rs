@@ -16,7 +16,10 @@ use userblk_harness::net_rig::{
 
 fn serve(dev: impl BlockDevice + 'static) -> (Listening, NbdUri) {
     let addr = ListenAddr::Tcp(([127, 0, 0, 1], 0).into());
-    let l = NetOptions::new().on_event(|_| {}).spawn(dev, &addr).unwrap();
+    let l = NetOptions::new()
+        .on_event(|_| {})
+        .spawn(dev, &addr)
+        .unwrap();
     let ListenAddr::Tcp(a) = l.local_addr().clone() else {
         unreachable!()
     };
