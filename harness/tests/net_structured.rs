@@ -10,9 +10,7 @@ use userblk::link::net::wire::{STATE_HOLE, STATE_ZERO};
 use userblk::link::net::{ListenAddr, Listening, NetOptions};
 use userblk::{BlockDevice, Capabilities, Extent, FileDevice, MemDevice};
 use userblk_harness::conformance;
-use userblk_harness::net_rig::{
-    ClientError, ClientOptions, NbdClient, NbdUri, NetRig, NetTransport,
-};
+use userblk_harness::net_rig::{ClientError, NbdClient, NbdUri, NetRig, NetTransport};
 
 fn serve(dev: impl BlockDevice + 'static) -> (Listening, NbdUri) {
     let addr = ListenAddr::Tcp(([127, 0, 0, 1], 0).into());

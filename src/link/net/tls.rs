@@ -4,6 +4,11 @@
 //! TLS session over a plain socket pair, so that the transmission phase reads and writes a socket
 //! as it does without TLS (several threads read and write at once; a TLS session is one state
 //! machine, so two pump threads own it and the server gets the other end of a socket pair).
+//!
+//! The pumps never hold the session while they wait on the network: a writer that blocks
+//! because the peer is not reading must not stop this side from reading (both sides would
+//! wait for each other). Records leave in order because whoever writes them holds the
+//! socket's write lock from taking them out of the session to the end of the write.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -11,7 +16,7 @@ use std::net::Shutdown;
 use std::ops::DerefMut;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use rustls::pki_types::pem::PemObject;
@@ -193,7 +198,7 @@ pub struct TlsBridge {
     sock: Socket,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -201,19 +206,17 @@ impl TlsBridge {
     /// Starts pumping `conn` (handshake done) over `sock`.
     pub fn start(conn: Connection, sock: Socket) -> io::Result<TlsBridge> {
         let (ours, theirs) = UnixStream::pair()?;
-        let conn = Arc::new(Mutex::new(conn));
-        let mut inbound = (
-            Arc::clone(&conn),
-            sock.try_clone()?,
-            sock.try_clone()?,
-            ours.try_clone()?,
-        );
-        let mut outbound = (conn, sock.try_clone()?, ours);
+        let shared = Arc::new(Session {
+            conn: Mutex::new(conn),
+            out: Mutex::new(sock.try_clone()?),
+        });
+        let mut inbound = (Arc::clone(&shared), sock.try_clone()?, ours.try_clone()?);
+        let mut outbound = (shared, ours);
         let pump_in = thread::Builder::new()
             .name("userblk-tls-in".into())
             .spawn(move || {
-                let (conn, r, w, plain) = &mut inbound;
-                let result = pump_in(conn, r, w, plain);
+                let (session, r, plain) = &mut inbound;
+                let result = pump_in(session, r, plain);
                 // EOF (or an error) from the network: the reader of the plain side sees EOF.
                 let _ = plain.shutdown(Shutdown::Write);
                 result
@@ -221,9 +224,9 @@ impl TlsBridge {
         let pump_out = thread::Builder::new()
             .name("userblk-tls-out".into())
             .spawn(move || {
-                let (conn, w, plain) = &mut outbound;
-                let result = pump_out(conn, w, plain);
-                let _ = w.shutdown(Shutdown::Write);
+                let (session, plain) = &mut outbound;
+                let result = pump_out(session, plain);
+                let _ = lock(&session.out).shutdown(Shutdown::Write);
                 result
             });
         let pump_out = match pump_out {
@@ -274,21 +277,52 @@ impl Drop for TlsBridge {
     }
 }
 
-/// Network to plaintext: reads records without holding the session, decrypts under it.
-fn pump_in(
-    conn: &Mutex<Connection>,
-    r: &mut Socket,
-    w: &mut Socket,
-    plain: &mut UnixStream,
+/// A TLS session shared by the two pumps. Lock order: `out`, then `conn` (or `conn`, then a
+/// `try_lock` of `out`, which never waits).
+struct Session {
+    conn: Mutex<Connection>,
+    /// The network socket's sending side.
+    out: Mutex<Socket>,
+}
+
+/// Sends the records the session has ready (and the plaintext of `rest`, encrypted), then lets
+/// go of the socket while still holding the session, so that a record queued meanwhile is seen
+/// by whoever holds the session next.
+fn send_records<'a>(
+    session: &'a Session,
+    mut out: MutexGuard<'a, Socket>,
+    mut conn: MutexGuard<'a, Connection>,
+    mut rest: &[u8],
 ) -> io::Result<()> {
-    let mut net = vec![0u8; 64 << 10];
-    let mut out = Vec::with_capacity(64 << 10);
-    // Plaintext decrypted during the handshake but not yet read goes first.
-    let mut closed = drain(&mut lock(conn), &mut out)?;
     loop {
-        if !out.is_empty() {
-            plain.write_all(&out)?;
-            out.clear();
+        if !rest.is_empty() {
+            let k = conn.writer().write(rest)?;
+            rest = &rest[k..];
+        }
+        let mut records = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut records)?;
+        }
+        if records.is_empty() && rest.is_empty() {
+            drop(out);
+            return Ok(());
+        }
+        drop(conn);
+        out.write_all(&records)?;
+        conn = lock(&session.conn);
+    }
+}
+
+/// Network to plaintext: reads records without holding the session, decrypts under it.
+fn pump_in(session: &Session, r: &mut Socket, plain: &mut UnixStream) -> io::Result<()> {
+    let mut net = vec![0u8; 64 << 10];
+    let mut text = Vec::with_capacity(64 << 10);
+    // Plaintext decrypted during the handshake but not yet read goes first.
+    let mut closed = drain(&mut lock(&session.conn), &mut text)?;
+    loop {
+        if !text.is_empty() {
+            plain.write_all(&text)?;
+            text.clear();
         }
         if closed {
             return Ok(());
@@ -300,24 +334,30 @@ fn pump_in(
             Err(e) if is_gone(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut c = lock(conn);
+        let mut c = lock(&session.conn);
         let mut rest = &net[..n];
+        let mut failed = None;
         while !rest.is_empty() {
             c.read_tls(&mut rest)?;
             if let Err(e) = c.process_new_packets() {
-                // Tell the peer why (an alert), then give up.
-                while c.wants_write() {
-                    if c.write_tls(w).is_err() {
-                        break;
-                    }
-                }
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                // An alert goes out below; then give up.
+                failed = Some(io::Error::new(io::ErrorKind::InvalidData, e));
+                break;
             }
-            closed |= drain(&mut c, &mut out)?;
+            closed |= drain(&mut c, &mut text)?;
         }
-        // Key updates and the like are answered at once, in order with other records.
-        while c.wants_write() {
-            c.write_tls(w)?;
+        // Key updates, alerts: out now if the socket is free, else its holder sends them
+        // before letting go (it looks at the session while still holding the socket).
+        if c.wants_write() {
+            if let Ok(out) = session.out.try_lock() {
+                let sent = send_records(session, out, c, &[]);
+                if failed.is_none() {
+                    sent?;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
 }
@@ -337,38 +377,30 @@ fn drain(c: &mut Connection, out: &mut Vec<u8>) -> io::Result<bool> {
     }
 }
 
-/// Plaintext to network: encrypts under the session and writes while holding it, so that records
-/// leave in the order they were made.
-fn pump_out(conn: &Mutex<Connection>, w: &mut Socket, plain: &mut UnixStream) -> io::Result<()> {
+/// Plaintext to network: encrypts under the session, writes holding only the socket.
+fn pump_out(session: &Session, plain: &mut UnixStream) -> io::Result<()> {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match plain.read(&mut buf) {
             Ok(0) => {
-                let mut c = lock(conn);
+                let out = lock(&session.out);
+                let mut c = lock(&session.conn);
                 c.send_close_notify();
-                while c.wants_write() {
-                    match c.write_tls(w) {
-                        Ok(_) => {}
-                        Err(e) if is_gone(&e) => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                return Ok(());
+                return match send_records(session, out, c, &[]) {
+                    Err(e) if is_gone(&e) => Ok(()),
+                    r => r,
+                };
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut c = lock(conn);
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let k = c.writer().write(rest)?;
-            rest = &rest[k..];
-            while c.wants_write() {
-                if let Err(e) = c.write_tls(w) {
-                    return if is_gone(&e) { Ok(()) } else { Err(e) };
-                }
-            }
+        let out = lock(&session.out);
+        let c = lock(&session.conn);
+        match send_records(session, out, c, &buf[..n]) {
+            Ok(()) => {}
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
