@@ -185,7 +185,7 @@ impl Attached for NbdClientTarget {
 pub enum NetTransport {
     /// TCP on 127.0.0.1, a port the system picks.
     Tcp,
-    /// TCP on [::1], a port the system picks.
+    /// TCP on the IPv6 loopback address `::1`, a port the system picks.
     Tcp6,
     /// A Unix socket in a temporary directory.
     Unix,

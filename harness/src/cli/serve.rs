@@ -84,8 +84,8 @@ pub struct Args {
     #[arg(long)]
     pub mlock: bool,
 
-    /// Serve NBD clients over the network instead of /dev/nbdN: unix:PATH, HOST:PORT or
-    /// [IPv6]:PORT (port 0 picks a free one and prints it).
+    /// Serve NBD clients over the network instead of /dev/nbdN: unix:PATH, HOST:PORT, or an
+    /// IPv6 address in brackets and a port (port 0 picks a free one and prints it).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<ListenAddr>,
 

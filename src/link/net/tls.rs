@@ -189,7 +189,7 @@ where
 }
 
 /// A TLS session over a socket, as seen through `TLS stream <-> plain socket pair`: write
-/// plaintext to [`stream`](Self::stream) and it leaves encrypted; what arrives comes out of it
+/// plaintext to [`take_stream`](Self::take_stream)'s socket and it leaves encrypted; what arrives comes out of it
 /// decrypted. EOF on either side reaches the other (a close_notify goes out on the way).
 #[derive(Debug)]
 pub struct TlsBridge {
