@@ -1,142 +1,141 @@
-//! The NBD transmission loop over the connections of one export: threads take turns reading a
-//! connection, call the device, and reply.
+//! The NBD transmission loop: [`serve`] answers the requests of one export's connections with a
+//! [`Dispatcher`], whatever carries the stream (the kernel's socket, a network client after its
+//! handshake).
+//!
+//! Each connection has threads of its own (as nbdkit does) that take turns reading it: the one
+//! whose turn it is reads the next request, checks it, takes memory for it from the pool, and
+//! lets go, so that another reads while it calls the device. Replies therefore go out of order,
+//! many requests are in flight, and no request waits for a hand-off between threads.
+//!
+//! # The completion path
+//!
+//! A request read from the wire becomes an [`InFlight`]: its cookie, its buffer and a handle on
+//! its connection's [`Outbox`]. Completing it, from any thread, queues its reply there; whoever
+//! finds the connection's writer free writes every queued reply in one `writev`. An `InFlight`
+//! dropped without being completed replies EIO, so every request gets exactly one reply
+//! whichever way its handling ends.
+//!
+//! # Where an asynchronous device plugs in
+//!
+//! Today the thread that read a request calls the device and completes the `InFlight` itself.
+//! An `AsyncBlockDevice` whose futures complete later changes only that step: the reading thread
+//! hands `(IoRequest, InFlight)` to the device (or to a per-connection executor polling its
+//! futures) and goes back to reading at once; when a future resolves, whatever thread polls it
+//! calls [`InFlight::complete`] with the result. `InFlight` is `Send + 'static` and owns
+//! everything its reply needs, so it can travel with the future. Nothing else changes: validation,
+//! the pool's byte bound (which then also bounds how many futures are pending), reply batching,
+//! and the exactly-one-reply rule (a dropped future drops its `InFlight`, which replies EIO).
+//! [`serve`] already waits for nothing but its threads; with futures it would also wait until
+//! the pool has nothing in flight before it returns.
 
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crate::device::BlockDevice;
 use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
-use crate::proto::{Command, Cookie, Errno, Request};
-use crate::server::dispatch::Dispatcher;
-use crate::server::pool::{lock, BufferPool, KEEP_FREE_BYTES};
+use crate::proto::Request;
+use crate::proto::{Command, Cookie, Errno};
+use crate::server::dispatch::{Dispatcher, IoResult};
+use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::server::reader::{Incoming, RequestReader};
-use crate::server::replies::{
-    encode_extents, peer_gone, write_replies, Done, Outbox, REPLIES_PER_WRITE, WRITE_OWN_REPLY,
-};
+use crate::server::replies::{encode_extents, peer_gone, Done, Outbox, REPLIES_PER_WRITE};
 use crate::server::request::{IoOp, IoRequest};
 use crate::server::validate::{validate, validate_block_status};
 use crate::server::{Features, ServerError, ServerOptions};
 
+/// A byte stream the NBD loop can serve: it is read by one thread at a time, written by another,
+/// and shut down from any, through clones of the same connection.
+pub trait ConnStream: Read + Write + Send + Sync + Sized + 'static {
+    /// Another handle on the same connection.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Ends the connection in both directions, waking a thread blocked reading it.
+    fn shutdown(&self) -> io::Result<()>;
+}
+
+impl ConnStream for UnixStream {
+    fn try_clone(&self) -> io::Result<UnixStream> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Both)
+    }
+}
+
+impl ConnStream for TcpStream {
+    fn try_clone(&self) -> io::Result<TcpStream> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, Shutdown::Both)
+    }
+}
+
 /// How the threads of a connection serve it.
-#[derive(Clone, Copy)]
-pub(super) struct ConnParams {
+#[derive(Clone, Copy, Debug)]
+struct ConnParams {
     export: Export,
     max_io: u32,
-    /// One thread per connection: it holds replies back while more requests are buffered, and
-    /// writes them together before it waits on the socket again. (With several threads a held
-    /// reply could wait behind a thread blocked reading, so they never hold one back.)
+    /// Replies are held back while the connection has more requests buffered, and written
+    /// together when the thread whose turn it is to read would wait, or `batch` are queued.
+    /// Only for devices that never block: a reply held behind a slow device call would wait.
     hold_replies: bool,
-    /// Most replies held back before writing them; below the permits, so that a thread never
-    /// waits for a permit it holds itself.
     batch: usize,
     /// What a network client negotiated (nothing for the kernel).
     features: Features,
 }
 
-/// What a thread got from its turn at reading a connection.
-pub(super) enum Next {
-    /// A valid request (its cookie, and what it asks of the device), with its permit and buffer
-    /// (a WRITE's payload in it).
-    Request(Cookie, IoRequest, Vec<u8>),
-    /// A request answered without the device: an error reply.
-    Answered(Done),
-    /// A valid BLOCK_STATUS request (with its permit).
-    Status(Request, Vec<u8>),
-    /// DISC, EOF, a fatal error, or serving is stopping.
-    Stop,
-}
-
-/// The reading side of one connection: one thread at a time reads the next request, then lets
-/// go, so that another reads while it calls the device.
-pub(super) struct Inbox {
-    reading: Mutex<Reading>,
-}
-
-pub(super) struct Reading {
-    r: RequestReader,
-    /// The stream has ended for every thread of this connection.
-    finished: bool,
-}
-
-/// State shared by the threads of one [`Server::run`].
-pub(super) struct Shared<'a, D: ?Sized> {
-    device: &'a D,
-    inboxes: Vec<Inbox>,
-    outboxes: Vec<Outbox>,
+/// State shared by every thread (and every [`InFlight`]) of one [`serve`].
+#[derive(Debug)]
+struct Group<S> {
+    outboxes: Vec<Outbox<S>>,
     /// Clones of the connections, to shut them down without waiting for a writer.
-    closers: Vec<UnixStream>,
+    closers: Vec<S>,
     pool: BufferPool,
     /// Set when serving must stop early (a fatal error on any connection).
     stop: AtomicBool,
     error: Mutex<Option<ServerError>>,
 }
 
-impl<D: BlockDevice + ?Sized> Shared<'_, D> {
-    /// Queues a reply on its connection and writes what is pending unless another thread is at
-    /// it. `spare` is the caller's own (empty) list, swapped with the pending one.
-    pub(super) fn reply(&self, conn: usize, done: Done, spare: &mut Vec<Done>) {
-        if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
-            // Large data is written by the thread that just produced it, from its warm cache.
-            self.flush(conn, Some(done), spare);
-        } else {
-            self.defer(conn, done);
-            self.flush(conn, None, spare);
-        }
-    }
-
-    /// Queues a reply on its connection for the next [`flush`](Self::flush).
-    pub(super) fn defer(&self, conn: usize, done: Done) {
-        lock(&self.outboxes[conn].pending).push(done);
-    }
-
-    /// Writes the connection's pending replies (and `own`, first) unless another thread is at it
-    /// (then that thread writes them); waits for the writer only when there is `own` to write.
-    pub(super) fn flush(&self, conn: usize, mut own: Option<Done>, spare: &mut Vec<Done>) {
-        let outbox = &self.outboxes[conn];
-        loop {
-            let mut w = match own {
-                Some(_) => lock(&outbox.writer),
-                None => match outbox.writer.try_lock() {
-                    Ok(w) => w,
-                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
-                    // The holder writes our reply before it lets go (it checks `pending` after).
-                    Err(TryLockError::WouldBlock) => return,
-                },
+impl<S: ConnStream> Group<S> {
+    /// The group for `streams`, and the reading side of each.
+    #[allow(clippy::type_complexity)]
+    fn new(
+        streams: &[S],
+        max_in_flight_bytes: usize,
+    ) -> Result<(Arc<Group<S>>, Vec<Mutex<Reading<S>>>), ServerError> {
+        let n = streams.len();
+        let mut readers = Vec::with_capacity(n);
+        let mut outboxes = Vec::with_capacity(n);
+        let mut closers = Vec::with_capacity(n);
+        for (conn, s) in streams.iter().enumerate() {
+            let clone = || {
+                s.try_clone()
+                    .map_err(|source| ServerError::Io { conn, source })
             };
-            let mut result = Ok(());
-            if let Some(done) = own.take() {
-                result = write_replies(&mut w, std::slice::from_ref(&done));
-                self.pool.give(std::iter::once(done.buf));
-            }
-            loop {
-                std::mem::swap(&mut *lock(&outbox.pending), spare);
-                if spare.is_empty() {
-                    break;
-                }
-                if result.is_ok() {
-                    result = write_replies(&mut w, spare);
-                }
-                // After a failed write the rest are dropped: the connection is finished.
-                self.pool.give(spare.drain(..).map(|d| d.buf));
-            }
-            drop(w);
-            if let Err(e) = result {
-                if !peer_gone(&e) {
-                    self.fail(ServerError::Io { conn, source: e });
-                }
-            }
-            // A reply queued while we were letting go would otherwise be stranded.
-            if lock(&outbox.pending).is_empty() {
-                return;
-            }
+            readers.push(Mutex::new(Reading {
+                r: RequestReader::new(clone()?),
+                finished: false,
+            }));
+            outboxes.push(Outbox::new(clone()?));
+            closers.push(clone()?);
         }
+        let group = Group {
+            outboxes,
+            closers,
+            pool: BufferPool::new(max_in_flight_bytes),
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+        };
+        Ok((Arc::new(group), readers))
     }
 
     /// Records the first fatal error and closes every connection, so all readers stop.
-    pub(super) fn fail(&self, err: ServerError) {
+    fn fail(&self, err: ServerError) {
         let mut slot = lock(&self.error);
         if slot.is_none() {
             *slot = Some(err);
@@ -145,269 +144,402 @@ impl<D: BlockDevice + ?Sized> Shared<'_, D> {
         self.stop.store(true, Ordering::SeqCst);
         self.pool.close();
         for s in &self.closers {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown();
         }
     }
 
-    /// Calls the device for a request and makes its reply.
-    pub(super) fn complete(
-        &self,
-        cookie: Cookie,
-        req: &IoRequest,
-        mut buf: Vec<u8>,
-        structured: bool,
-    ) -> Done {
-        match Dispatcher::new(self.device).dispatch(req, &mut buf) {
-            Ok(_) if structured && req.op == IoOp::Read => {
-                Done::read_chunk(cookie, req.offset, buf)
-            }
-            Ok(_) => Done::ok(cookie, req.op == IoOp::Read, buf),
-            Err(errno) => Done::error(structured, cookie, errno, buf),
-        }
-    }
-
-    /// Asks the device for a BLOCK_STATUS request's extents and makes its reply.
-    fn status(&self, req: &Request, mut buf: Vec<u8>, features: Features) -> Done {
-        let Some(context) = features.block_status else {
-            return Done::error(features.structured, req.cookie, Errno::EINVAL, buf);
-        };
-        match Dispatcher::new(self.device).block_status(req.offset, u64::from(req.len)) {
-            Ok(extents) => {
-                let req_one = req.flags.contains(CMD_FLAG_REQ_ONE);
-                encode_extents(&extents, req.len, req_one, &mut buf);
-                Done::block_status(req.cookie, context, buf)
-            }
-            Err(errno) => Done::error(true, req.cookie, errno, buf),
-        }
-    }
-
-    /// One thread's share of serving a connection, until DISC, EOF or a fatal error: take a turn
-    /// at reading the next request, let go, call the device, reply; again.
-    pub(super) fn serve(&self, conn: usize, params: ConnParams) {
-        let mut spare = Vec::with_capacity(REPLIES_PER_WRITE);
-        let mut held = 0;
-        loop {
-            let mut reading = lock(&self.inboxes[conn].reading);
-            if held > 0 && (held >= params.batch || !reading.r.has_header()) {
-                // About to wait on the socket, or enough gathered: out they go.
-                self.flush(conn, None, &mut spare);
-                held = 0;
-            }
-            let next = if reading.finished {
-                Next::Stop
-            } else {
-                let spare = &mut spare;
-                let flush_held = move || {
-                    if held > 0 {
-                        self.flush(conn, None, spare);
-                    }
-                };
-                self.next(conn, &mut reading.r, &params, flush_held)
-            };
-            if matches!(next, Next::Stop) {
-                reading.finished = true;
-            }
-            drop(reading);
-            let done = match next {
-                Next::Stop => break,
-                Next::Answered(done) => done,
-                Next::Request(cookie, req, buf) => {
-                    self.complete(cookie, &req, buf, params.features.structured)
-                }
-                Next::Status(req, buf) => self.status(&req, buf, params.features),
-            };
-            if done.with_data && done.buf.len() >= WRITE_OWN_REPLY {
-                self.flush(conn, Some(done), &mut spare);
-                held = 0;
-            } else if params.hold_replies {
-                self.defer(conn, done);
-                held += 1;
-            } else {
-                self.reply(conn, done, &mut spare);
-            }
-        }
-        self.flush(conn, None, &mut spare);
-    }
-
-    /// Reads the next request of a connection (the caller holds its reading turn) and checks
-    /// it. `flush_held` runs before waiting for a permit.
-    pub(super) fn next(
-        &self,
-        conn: usize,
-        r: &mut RequestReader,
-        params: &ConnParams,
-        flush_held: impl FnOnce(),
-    ) -> Next {
-        if self.stop.load(Ordering::Relaxed) {
-            return Next::Stop;
-        }
-        let structured = params.features.structured;
-        let mut req = match r.next_header(conn) {
-            Ok(Incoming::Eof) => return Next::Stop,
-            Ok(Incoming::Unknown { cookie }) => {
-                return match self.pool.take(0, flush_held) {
-                    Some(buf) => {
-                        Next::Answered(Done::error(structured, cookie, Errno::EINVAL, buf))
-                    }
-                    None => Next::Stop,
-                };
-            }
-            Ok(Incoming::Request(req)) => req,
-            Err(e) => {
-                self.fail_unless_stopping(e);
-                return Next::Stop;
-            }
-        };
-        if req.command == Command::Disc {
-            return Next::Stop;
-        }
-        if req.command == Command::BlockStatus && params.features.block_status.is_some() {
-            let checked = validate_block_status(&req, &params.export);
-            let Some(buf) = self.pool.take(0, flush_held) else {
-                return Next::Stop;
-            };
-            return match checked {
-                Ok(()) => Next::Status(req, buf),
-                Err(errno) => Next::Answered(Done::error(structured, req.cookie, errno, buf)),
-            };
-        }
-        // Flags a network client may send once advertised, with nothing left to do for them:
-        // the device's write-zeroes is the fast one, and a READ is always one chunk.
-        if params.features.fast_zero && req.command == Command::WriteZeroes {
-            req.flags.0 &= !CMD_FLAG_FAST_ZERO.0;
-        }
-        if params.features.df && req.command == Command::Read {
-            req.flags.0 &= !CMD_FLAG_DF.0;
-        }
-        let io = match validate(&req, &params.export, params.max_io) {
-            Ok(io) => io,
-            Err(errno) => {
-                if let Err(e) = r.skip(conn, &req) {
-                    self.fail_unless_stopping(e);
-                    return Next::Stop;
-                }
-                return match self.pool.take(0, flush_held) {
-                    Some(buf) => Next::Answered(Done::error(structured, req.cookie, errno, buf)),
-                    None => Next::Stop,
-                };
-            }
-        };
-        let Some(mut buf) = self.pool.take(io.data_len(), flush_held) else {
-            return Next::Stop;
-        };
-        if req.command == Command::Write {
-            if let Err(e) = r.payload(conn, &req, &mut buf) {
-                self.pool.give(std::iter::once(buf));
-                self.fail_unless_stopping(e);
-                return Next::Stop;
-            }
-        }
-        Next::Request(req.cookie, io, buf)
-    }
-
-    pub(super) fn fail_unless_stopping(&self, err: ServerError) {
+    fn fail_unless_stopping(&self, err: ServerError) {
         // Once another connection failed, this one's read error is only the shutdown's echo.
         if !self.stop.load(Ordering::SeqCst) {
             self.fail(err);
         }
     }
+
+    /// Writes the connection's pending replies (and `own` first); see [`Outbox::flush`].
+    fn flush(&self, conn: usize, own: Option<Done>) {
+        if let Err(e) = self.outboxes[conn].flush(&self.pool, own) {
+            if !peer_gone(&e) {
+                self.fail(ServerError::Io { conn, source: e });
+            }
+        }
+    }
+
+    /// Queues a reply and writes what is pending unless another thread is at it. Large READ
+    /// data is written by the thread that produced it, from its warm cache.
+    fn reply(&self, conn: usize, done: Done) {
+        if done.is_large() {
+            self.flush(conn, Some(done));
+        } else {
+            self.outboxes[conn].defer(done);
+            self.flush(conn, None);
+        }
+    }
 }
 
-/// Serves `streams` (the connections of one export) until each has sent DISC or reached EOF, or
-/// one fails; returns the first fatal error.
-pub(super) fn serve<D: BlockDevice + ?Sized>(
-    device: &D,
+/// A request read from a connection and not yet answered: the handle its result is completed
+/// through, from any thread. Dropped without [`complete`](Self::complete), it replies EIO.
+#[derive(Debug)]
+pub(crate) struct InFlight<S: ConnStream> {
+    group: Arc<Group<S>>,
+    conn: usize,
+    cookie: Cookie,
+    /// A successful reply carries the buffer as READ data.
+    read: bool,
+    /// Replies go out as structured chunks (a network client asked for them).
+    structured: bool,
+    /// The request's offset (a structured READ reply names it).
+    offset: u64,
+    /// `None` once answered.
+    buf: Option<Buffer>,
+}
+
+impl<S: ConnStream> InFlight<S> {
+    /// The request's data buffer: a WRITE's payload, or where a READ's data goes.
+    pub(crate) fn data(&mut self) -> &mut [u8] {
+        match &mut self.buf {
+            Some(b) => b.as_mut_slice(),
+            None => &mut [],
+        }
+    }
+
+    /// Sends the reply for `result` on the request's connection (or queues it for the thread
+    /// writing there). Any thread may call this.
+    pub(crate) fn complete(self, result: IoResult) {
+        let (group, conn) = (Arc::clone(&self.group), self.conn);
+        if let Some(done) = self.into_done(result) {
+            group.reply(conn, done);
+        }
+    }
+
+    /// The reply for `result`, for the connection's own threads to write or hold back. (`None`
+    /// only if already answered, which ownership rules out: the buffer is taken only by what
+    /// consumes `self`.)
+    fn into_done(mut self, result: IoResult) -> Option<Done> {
+        let buf = self.buf.take()?;
+        let structured = self.structured;
+        Some(match result {
+            Ok(n) if self.read && n != buf.as_slice().len() => {
+                // A READ must bring all its bytes: the protocol has no short read.
+                Done::error_in(structured, self.cookie, Errno::EIO, buf)
+            }
+            Ok(_) if self.read && structured => Done::read_chunk(self.cookie, self.offset, buf),
+            Ok(_) => Done::ok(self.cookie, self.read, buf),
+            Err(errno) => Done::error_in(structured, self.cookie, errno, buf),
+        })
+    }
+
+    /// The reply to a BLOCK_STATUS request: its descriptors for `context`, or an error chunk.
+    fn into_status(mut self, result: Result<Vec<u8>, Errno>, context: u32) -> Option<Done> {
+        let buf = self.buf.take()?;
+        Some(match result {
+            Ok(descriptors) => Done::block_status(self.cookie, context, descriptors, buf),
+            Err(errno) => Done::error_in(true, self.cookie, errno, buf),
+        })
+    }
+
+    /// Gives the memory back without a reply, for a request whose stream broke before it was
+    /// whole (a truncated WRITE payload): there is nobody left to reply to.
+    fn abandon(mut self) {
+        if let Some(b) = self.buf.take() {
+            self.group.pool.give(std::iter::once(b));
+        }
+    }
+}
+
+impl<S: ConnStream> Drop for InFlight<S> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let done = Done::error_in(self.structured, self.cookie, Errno::EIO, buf);
+            self.group.reply(self.conn, done);
+        }
+    }
+}
+
+/// What a thread got from its turn at reading a connection.
+enum Next<S: ConnStream> {
+    /// A valid request for the device, its buffer in the `InFlight` (a WRITE's payload in it).
+    Request(InFlight<S>, IoRequest),
+    /// A request answered without the device.
+    Rejected(InFlight<S>, Errno),
+    /// A valid BLOCK_STATUS request, for the device's extents.
+    Status(InFlight<S>, Request),
+    /// DISC, EOF, a fatal error, or serving is stopping.
+    Stop,
+}
+
+/// The reading side of one connection: one thread at a time reads the next request, then lets
+/// go, so that another reads while it calls the device.
+struct Reading<S> {
+    r: RequestReader<S>,
+    /// The stream has ended for every thread of this connection.
+    finished: bool,
+}
+
+/// Serves `streams`, the connections of one export already past any handshake, until each has
+/// sent DISC or reached EOF, or one fails: a corrupt stream or a write error closes every one of
+/// them and is returned. Requests are checked against `export` and `options.max_io_len`, and
+/// what passes goes to `dispatcher`; in-flight memory is bounded by
+/// `options.max_in_flight_bytes`.
+///
+/// Threads per connection: two that hold replies back and write them in batches for a device
+/// whose capabilities say [`never_blocks`](crate::Capabilities::never_blocks) (unless
+/// `options.batch_never_blocks` is off); `options.workers` otherwise (one, holding replies
+/// back, for `0` or `1`).
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use std::os::unix::net::UnixStream;
+/// use userblk::proto::{Command, Cookie, Reply, Request, REPLY_LEN};
+/// use userblk::server::{export_of, serve, Dispatcher};
+/// use userblk::{MemDevice, ServerOptions};
+///
+/// let dev = MemDevice::new(1 << 20);
+/// let export = export_of(&dev)?;
+/// let (mut client, server_end) = UnixStream::pair()?;
+/// std::thread::scope(|s| {
+///     let server = s.spawn(|| {
+///         serve(Dispatcher::new(&dev), &export, &[server_end], &ServerOptions::default())
+///     });
+///     client.write_all(&Request::new(Command::Read, Cookie(7), 0, 512).encode())?;
+///     let mut reply = [0u8; REPLY_LEN + 512];
+///     client.read_exact(&mut reply)?;
+///     assert_eq!(Reply::parse(&reply)?, Reply::ok(Cookie(7)));
+///     client.write_all(&Request::new(Command::Disc, Cookie(8), 0, 0).encode())?;
+///     server.join().unwrap()?;
+///     Ok::<(), Box<dyn std::error::Error>>(())
+/// })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn serve<D: BlockDevice + ?Sized, S: ConnStream>(
+    dispatcher: Dispatcher<'_, D>,
     export: &Export,
-    streams: &[UnixStream],
+    streams: &[S],
+    options: &ServerOptions,
+) -> Result<(), ServerError> {
+    serve_with(dispatcher, export, streams, options, Features::default())
+}
+
+/// [`serve`], with what a network client negotiated in its handshake.
+pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
+    dispatcher: Dispatcher<'_, D>,
+    export: &Export,
+    streams: &[S],
     options: &ServerOptions,
     features: Features,
 ) -> Result<(), ServerError> {
-    let n = streams.len();
-    let mut inboxes = Vec::with_capacity(n);
-    let mut outboxes = Vec::with_capacity(n);
-    let mut closers = Vec::with_capacity(n);
-    for (conn, s) in streams.iter().enumerate() {
-        let clone = || {
-            s.try_clone()
-                .map_err(|source| ServerError::Io { conn, source })
-        };
-        inboxes.push(Inbox {
-            reading: Mutex::new(Reading {
-                r: RequestReader::new(clone()?),
-                finished: false,
-            }),
-        });
-        outboxes.push(Outbox {
-            writer: Mutex::new(clone()?),
-            pending: Mutex::new(Vec::with_capacity(REPLIES_PER_WRITE)),
-        });
-        closers.push(clone()?);
-    }
-    let inline = options.inline_never_blocks && device.capabilities().never_blocks;
-    let per_conn = if inline { 1 } else { options.workers.max(1) };
-    // Every request between its header and its reply holds a permit: one per thread, and
-    // `queue_depth` more for replies waiting to be written.
-    let in_flight = options.queue_depth.max(1) + n * per_conn;
+    let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
+    let never_blocks = dispatcher.device().capabilities().never_blocks;
+    let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {
+        // Two threads: calls may overlap, and neither waits long for the other's turn.
+        (2, true)
+    } else {
+        let workers = options.workers.max(1);
+        (workers, workers == 1)
+    };
     let params = ConnParams {
         export: *export,
         max_io: options.max_io_len,
-        hold_replies: per_conn == 1,
-        batch: REPLIES_PER_WRITE.min(in_flight),
+        hold_replies,
+        batch: REPLIES_PER_WRITE,
         features,
     };
-    let shared = Shared {
-        device,
-        inboxes,
-        outboxes,
-        closers,
-        pool: BufferPool::new(in_flight, KEEP_FREE_BYTES),
-        stop: AtomicBool::new(false),
-        error: Mutex::new(None),
-    };
     thread::scope(|s| {
-        'spawn: for conn in 0..n {
+        'spawn: for (conn, reading) in readers.iter().enumerate() {
             for _ in 0..per_conn {
-                let shared = &shared;
+                let group = &group;
                 let spawned = thread::Builder::new()
                     .name(format!("userblk-conn{conn}"))
-                    .spawn_scoped(s, move || shared.serve(conn, params));
+                    .spawn_scoped(s, move || {
+                        serve_turns(group, reading, conn, dispatcher, params);
+                    });
                 if let Err(source) = spawned {
                     // Closing every connection makes the threads already running stop too.
-                    shared.fail(ServerError::Io { conn, source });
+                    group.fail(ServerError::Io { conn, source });
                     break 'spawn;
                 }
             }
         }
     });
-    let error = shared
-        .error
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
+    debug_assert_eq!(group.pool.in_flight(), 0, "a request was never answered");
+    let error = lock(&group.error).take();
     match error {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
+/// One thread's share of serving a connection, until DISC, EOF or a fatal error: take a turn at
+/// reading the next request, let go, call the device, reply; again.
+fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
+    group: &Arc<Group<S>>,
+    reading: &Mutex<Reading<S>>,
+    conn: usize,
+    dispatcher: Dispatcher<'_, D>,
+    params: ConnParams,
+) {
+    let outbox = &group.outboxes[conn];
+    // About to wait (for the socket or for memory): what is held back must go out first, and
+    // whoever completes a request meanwhile writes its reply itself.
+    let before_wait = || {
+        outbox.reader_waiting.store(true, Ordering::SeqCst);
+        group.flush(conn, None);
+    };
+    loop {
+        let mut turn = lock(reading);
+        if turn.finished {
+            break;
+        }
+        if params.hold_replies && !turn.r.has_header() {
+            before_wait();
+        }
+        let next = next(group, conn, &mut turn.r, &params, before_wait);
+        outbox.reader_waiting.store(false, Ordering::SeqCst);
+        if matches!(next, Next::Stop) {
+            turn.finished = true;
+        }
+        drop(turn);
+        let done = match next {
+            Next::Stop => break,
+            Next::Rejected(inflight, errno) => inflight.into_done(Err(errno)),
+            Next::Request(mut inflight, io) => {
+                let result = dispatcher.dispatch(&io, inflight.data());
+                if !params.hold_replies {
+                    inflight.complete(result);
+                    continue;
+                }
+                inflight.into_done(result)
+            }
+            Next::Status(inflight, req) => {
+                let result = dispatcher
+                    .block_status(req.offset, u64::from(req.len))
+                    .map(|e| encode_extents(&e, req.len, req.flags.contains(CMD_FLAG_REQ_ONE)));
+                let context = params.features.block_status.unwrap_or_default();
+                inflight.into_status(result, context)
+            }
+        };
+        let Some(done) = done else {
+            continue;
+        };
+        if !params.hold_replies {
+            group.reply(conn, done);
+            continue;
+        }
+        if done.is_large() {
+            group.flush(conn, Some(done));
+        } else if outbox.defer(done) >= params.batch || outbox.reader_waiting.load(Ordering::SeqCst)
+        {
+            group.flush(conn, None);
+        }
+    }
+    group.flush(conn, None);
+}
+
+/// Reads the next request of a connection (the caller holds its turn) and checks it.
+/// `before_wait` runs before waiting for memory.
+fn next<S: ConnStream>(
+    group: &Arc<Group<S>>,
+    conn: usize,
+    r: &mut RequestReader<S>,
+    params: &ConnParams,
+    before_wait: impl FnOnce(),
+) -> Next<S> {
+    if group.stop.load(Ordering::Relaxed) {
+        return Next::Stop;
+    }
+    let structured = params.features.structured;
+    let in_flight = |cookie: Cookie, read: bool, offset: u64, buf: Buffer| InFlight {
+        group: Arc::clone(group),
+        conn,
+        cookie,
+        read,
+        structured,
+        offset,
+        buf: Some(buf),
+    };
+    let mut req = match r.next_header(conn) {
+        Ok(Incoming::Eof) => return Next::Stop,
+        Ok(Incoming::Unknown { cookie }) => {
+            return match group.pool.take(0, before_wait) {
+                Some(buf) => Next::Rejected(in_flight(cookie, false, 0, buf), Errno::EINVAL),
+                None => Next::Stop,
+            };
+        }
+        Ok(Incoming::Request(req)) => req,
+        Err(e) => {
+            group.fail_unless_stopping(e);
+            return Next::Stop;
+        }
+    };
+    if req.command == Command::Disc {
+        return Next::Stop;
+    }
+    if req.command == Command::BlockStatus && params.features.block_status.is_some() {
+        let checked = validate_block_status(&req, &params.export);
+        let Some(buf) = group.pool.take(0, before_wait) else {
+            return Next::Stop;
+        };
+        let inflight = in_flight(req.cookie, false, req.offset, buf);
+        return match checked {
+            Ok(()) => Next::Status(inflight, req),
+            Err(errno) => Next::Rejected(inflight, errno),
+        };
+    }
+    // Flags a network client may send once they were advertised, with nothing left to do: the
+    // device's write-zeroes is the fast one, and a READ is always one content chunk.
+    if params.features.fast_zero && req.command == Command::WriteZeroes {
+        req.flags.0 &= !CMD_FLAG_FAST_ZERO.0;
+    }
+    if params.features.df && req.command == Command::Read {
+        req.flags.0 &= !CMD_FLAG_DF.0;
+    }
+    let io = match validate(&req, &params.export, params.max_io) {
+        Ok(io) => io,
+        Err(errno) => {
+            if let Err(e) = r.skip(conn, &req) {
+                group.fail_unless_stopping(e);
+                return Next::Stop;
+            }
+            return match group.pool.take(0, before_wait) {
+                Some(buf) => Next::Rejected(in_flight(req.cookie, false, 0, buf), errno),
+                None => Next::Stop,
+            };
+        }
+    };
+    let Some(buf) = group.pool.take(io.data_len(), before_wait) else {
+        return Next::Stop;
+    };
+    let mut inflight = in_flight(req.cookie, io.op == IoOp::Read, req.offset, buf);
+    if io.op == IoOp::Write {
+        if let Err(e) = r.payload(conn, &req, inflight.data()) {
+            inflight.abandon();
+            group.fail_unless_stopping(e);
+            return Next::Stop;
+        }
+    }
+    Next::Request(inflight, io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Cookie, Request};
+    use crate::proto::Request;
     use rstest::rstest;
 
     /// A pipelined burst: errors get no payload, every request one reply, in either mode.
     #[rstest]
-    #[case::workers(4, 256)]
-    #[case::inline(0, 256)]
-    #[case::inline_one_permit(0, 1)]
-    fn burst_of_good_and_bad_requests(#[case] workers: usize, #[case] queue_depth: usize) {
+    #[case::workers(4, 1 << 20)]
+    #[case::one_thread(0, 1 << 20)]
+    #[case::one_thread_one_request_at_a_time(0, 1)]
+    #[case::workers_one_request_at_a_time(3, 1)]
+    fn burst_of_good_and_bad_requests(#[case] workers: usize, #[case] max_in_flight_bytes: usize) {
         use crate::link::loopback::RawKernel;
         use crate::proto::encode_request;
         use crate::MemDevice;
 
         let options = ServerOptions {
             workers,
-            queue_depth,
+            max_in_flight_bytes,
+            batch_never_blocks: false,
             ..ServerOptions::default()
         };
         let mut raw = RawKernel::with_options(MemDevice::new(1 << 20), options).unwrap();
@@ -439,12 +571,14 @@ mod tests {
         raw.disconnect().unwrap();
     }
 
-    /// Few permits shared by connections whose threads hold replies back: whoever runs short
-    /// writes what it holds before waiting, so nobody waits for permits it holds itself.
+    /// Little memory shared by connections whose threads hold replies back: whoever runs short
+    /// writes what it holds before waiting, so nobody waits for memory it holds itself. With a
+    /// limit of one byte every request goes alone.
     #[rstest]
-    #[case::inline(0)]
-    #[case::threads(3)]
-    fn scarce_permits_over_several_connections(#[case] workers: usize) {
+    #[case::one_thread(0, false)]
+    #[case::threads(3, false)]
+    #[case::never_blocks_pair(0, true)]
+    fn scarce_memory_over_several_connections(#[case] workers: usize, #[case] batch: bool) {
         use crate::link::loopback::LoopbackKernel;
         use crate::{LoopbackOptions, MemDevice};
 
@@ -453,7 +587,8 @@ mod tests {
             max_request: 4096,
             server: ServerOptions {
                 workers,
-                queue_depth: 1,
+                max_in_flight_bytes: 1,
+                batch_never_blocks: batch,
                 ..ServerOptions::default()
             },
             ..LoopbackOptions::default()
@@ -463,5 +598,59 @@ mod tests {
         k.write(0, &data).unwrap();
         assert_eq!(k.read(0, data.len()).unwrap(), data);
         k.shutdown().unwrap();
+    }
+
+    /// The completion path: any thread completes a request into its connection, a dropped
+    /// `InFlight` replies EIO, a short READ becomes EIO with no data, and every buffer goes back.
+    #[test]
+    fn requests_complete_from_any_thread_with_exactly_one_reply_each() {
+        use crate::proto::{Reply, REPLY_LEN};
+        use std::io::Read;
+
+        let (mut kernel, server) = UnixStream::pair().unwrap();
+        let (group, _readers) = Group::new(&[server], 1 << 20).unwrap();
+        let take = |cookie: u64, read: bool, len: usize| InFlight {
+            group: Arc::clone(&group),
+            conn: 0,
+            cookie: Cookie(cookie),
+            read,
+            structured: false,
+            offset: 0,
+            buf: Some(group.pool.take(len, || {}).unwrap()),
+        };
+        let mut read = take(1, true, 512);
+        read.data().fill(9);
+        let flush = take(2, false, 0);
+        let short = take(3, true, 512);
+        let forgotten = take(4, false, 0);
+        std::thread::spawn(move || read.complete(Ok(512)))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || flush.complete(Err(Errno::ENOSPC)))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || short.complete(Ok(100)))
+            .join()
+            .unwrap();
+        drop(forgotten);
+        let reply = |kernel: &mut UnixStream, want: Reply| {
+            let mut header = [0u8; REPLY_LEN];
+            kernel.read_exact(&mut header).unwrap();
+            assert_eq!(Reply::parse(&header).unwrap(), want);
+        };
+        reply(&mut kernel, Reply::ok(Cookie(1)));
+        let mut data = [0u8; 512];
+        kernel.read_exact(&mut data).unwrap();
+        assert_eq!(data, [9; 512]);
+        reply(&mut kernel, Reply::error(Cookie(2), Errno::ENOSPC));
+        reply(&mut kernel, Reply::error(Cookie(3), Errno::EIO));
+        reply(&mut kernel, Reply::error(Cookie(4), Errno::EIO));
+        assert_eq!(group.pool.in_flight(), 0);
+        // Nothing else was sent: no data after the error replies.
+        drop(group);
+        drop(_readers);
+        let mut rest = Vec::new();
+        kernel.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} stray bytes", rest.len());
     }
 }

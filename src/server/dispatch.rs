@@ -12,6 +12,7 @@ use std::panic::{self, AssertUnwindSafe};
 use crate::device::{BlockDevice, Extent};
 use crate::proto::Errno;
 use crate::server::request::{IoFlags, IoOp, IoRequest};
+use crate::server::unfilled::poison;
 use crate::server::ServerError;
 
 /// What a request came to: the bytes moved through its buffer (`len` for READ and WRITE, 0
@@ -34,6 +35,7 @@ pub type IoResult = Result<usize, Errno>;
 /// ```
 pub struct Dispatcher<'d, D: ?Sized> {
     device: &'d D,
+    poison_reads: bool,
 }
 
 impl<D: ?Sized> Clone for Dispatcher<'_, D> {
@@ -46,14 +48,27 @@ impl<D: ?Sized> Copy for Dispatcher<'_, D> {}
 
 impl<D: ?Sized> fmt::Debug for Dispatcher<'_, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Dispatcher").finish_non_exhaustive()
+        f.debug_struct("Dispatcher")
+            .field("poison_reads", &self.poison_reads)
+            .finish_non_exhaustive()
     }
 }
 
 impl<'d, D: BlockDevice + ?Sized> Dispatcher<'d, D> {
-    /// A dispatcher for `device`.
+    /// A dispatcher for `device`. READ buffers are zeroed before the device sees them.
     pub fn new(device: &'d D) -> Dispatcher<'d, D> {
-        Dispatcher { device }
+        Dispatcher {
+            device,
+            poison_reads: false,
+        }
+    }
+
+    /// With `true`, READ buffers are filled with the unfilled marker instead of zeroes before
+    /// the device sees them, so that [`unfilled_ranges`](crate::server::unfilled_ranges) finds
+    /// in the data read whatever the device did not write.
+    pub fn poison_reads(mut self, poison: bool) -> Dispatcher<'d, D> {
+        self.poison_reads = poison;
+        self
     }
 
     /// The device.
@@ -66,6 +81,9 @@ impl<'d, D: BlockDevice + ?Sized> Dispatcher<'d, D> {
     /// `buf` holds a WRITE's payload, or receives a READ's data: its first
     /// [`req.data_len()`](IoRequest::data_len) bytes are used, and a shorter one gets EINVAL.
     /// A panic in the device becomes EIO.
+    ///
+    /// A READ buffer is zeroed (or poisoned) first: buffers are recycled, and a device that
+    /// fills only part of one must not hand another request's data to the kernel.
     pub fn dispatch(&self, req: &IoRequest, buf: &mut [u8]) -> IoResult {
         let len = req.data_len();
         let Some(buf) = buf.get_mut(..len) else {
@@ -74,6 +92,13 @@ impl<'d, D: BlockDevice + ?Sized> Dispatcher<'d, D> {
         let device = self.device;
         let fua = req.flags.contains(IoFlags::FUA);
         let off = req.offset;
+        if req.op == IoOp::Read {
+            if self.poison_reads {
+                poison(buf, off);
+            } else {
+                buf.fill(0);
+            }
+        }
         let result = panic::catch_unwind(AssertUnwindSafe(|| match req.op {
             IoOp::Read => device.read(off, buf),
             IoOp::Write if fua => device.write_fua(off, buf),

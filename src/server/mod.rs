@@ -1,20 +1,31 @@
-//! [`Server`]: reads NBD requests from a [`KernelLink`]'s sockets, validates them, calls the
-//! [`BlockDevice`] and writes the replies.
+//! [`Server`]: serves a [`BlockDevice`] over a [`KernelLink`], and the pieces every transport
+//! shares.
 //!
-//! [`Server::run`] serves every connection at once, each with threads of its own (as nbdkit
-//! does): the threads of a connection take turns reading the next request; the one that read it
-//! lets go, so that another reads while it calls the device, and replies as soon as the device
-//! answers. So replies go out of order, many requests are in flight, and no request waits for a
-//! hand-off between threads. [`Server::handle_one`] does exactly one request, synchronously, for
-//! tests that drive the protocol step by step.
+//! One idea per file:
+//! - `request`: [`IoRequest`], what a transport asks of a device whatever its framing;
+//! - `validate`: [`validate_io`] (and [`validate`] for an NBD header) checks a request against
+//!   the export, so the device never sees one outside its size, misaligned, empty, or for a
+//!   command it did not advertise;
+//! - `dispatch`: [`Dispatcher`] calls the device for a validated request (FUA, errno mapping,
+//!   panics caught) and is shared by every transport (the NBD loop, a ublk queue);
+//! - `unfilled`: the marker READ buffers can be poisoned with, and [`unfilled_ranges`], which
+//!   finds what a device left unwritten;
+//! - `pool`: the memory of requests in flight, bounded in bytes and recycled;
+//! - `reader` and `replies`: reading NBD requests from a stream, and writing replies in batches;
+//! - `conn`: [`serve`], the NBD transmission loop over the connections of one export, and its
+//!   per-connection completion path (how an asynchronous device will plug in is described
+//!   there).
 //!
-//! The hot path, per request in steady state: no heap allocation (request buffers are recycled
-//! and bounded by permits: at most `queue_depth` plus one per thread between their header and
-//! their reply, after which reading stops and the kernel waits); no copy but the device's own
-//! (WRITE payloads go from the socket straight into the buffer the device gets, READ data from
-//! that buffer to the socket); one `read` takes every request that has arrived; replies that
-//! complete together leave in one `writev`, header and READ data side by side, and no thread
-//! waits for another's `writev` unless it has large data of its own to send.
+//! [`Server::run`] starts the link, [`serve`]s its connections, then unmounts the device and
+//! finishes the link. [`Server::handle_one`] does exactly one request, synchronously, for tests
+//! that drive the protocol step by step.
+//!
+//! The hot path, per request in steady state: no heap allocation (request buffers are recycled;
+//! the bytes in flight are bounded, after which reading stops and the kernel waits); no copy but
+//! the device's own (WRITE payloads go from the socket straight into the buffer the device gets,
+//! READ data from that buffer to the socket); one `read` takes every request that has arrived;
+//! replies that complete together leave in one `writev`, header and READ data side by side, and
+//! no thread waits for another's `writev` unless it has large data of its own to send.
 //!
 //! The rules it keeps: the device never sees a request outside its size, misaligned, empty, or
 //! for a command it did not advertise; every request gets exactly one reply; no payload follows an
@@ -34,34 +45,47 @@ mod pool;
 mod reader;
 mod replies;
 mod request;
+mod unfilled;
 mod validate;
 
+pub(crate) use conn::serve_with;
+pub use conn::{serve, ConnStream};
 pub use dispatch::{Dispatcher, IoResult};
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};
+pub use unfilled::{unfilled_ranges, unfilled_record, UNFILLED_RECORD};
 pub use validate::{validate, validate_block_status, validate_io};
 
-/// Tuning for a [`Server`].
+/// Tuning for a [`Server`] (and for [`serve`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Threads serving each connection, each calling the device for one request at a time.
     /// Default: twice the CPUs, between 4 and 16.
     ///
     /// `0` or `1`: one thread per connection, which also holds replies back while more requests
-    /// are already buffered and writes them together. The least overhead per request for a
-    /// device that never blocks (RAM); concurrency then comes from the connections alone.
+    /// are already buffered and writes them together; device calls on a connection then never
+    /// overlap, and concurrency comes from the connections alone.
     pub workers: usize,
-    /// Replies that may wait to be written, over all connections. At most this many requests
-    /// plus one per thread are between their header and their reply (each holding its data
-    /// buffer); then reading stops until replies have gone out (back-pressure), so memory stays
-    /// bounded however long the run. Default: 256.
-    pub queue_depth: usize,
+    /// The memory requests in flight may hold, over all connections, in bytes: each request's
+    /// data buffer (a power of two from 512 bytes) plus a little for its reply, from its header
+    /// until its reply is written, and the free buffers kept for reuse. When the next request
+    /// does not fit, reading stops until replies have gone out (back-pressure), so memory stays
+    /// bounded however long the run. A request larger than this is served alone. Default:
+    /// 64 MiB, two requests of the largest size ([`MAX_IO_LEN`]).
+    pub max_in_flight_bytes: usize,
     /// The largest READ or WRITE accepted; larger ones get EINVAL. Default: [`MAX_IO_LEN`].
     pub max_io_len: u32,
     /// Serve a device whose capabilities say [`never_blocks`](Capabilities::never_blocks) with
-    /// one thread per connection, whatever `workers` says. Default: `true`.
-    pub inline_never_blocks: bool,
+    /// two threads per connection that take turns reading and hold replies back to write them
+    /// in batches, whatever `workers` says: the least overhead per request, with device calls
+    /// still free to overlap. Default: `true`.
+    pub batch_never_blocks: bool,
+    /// Fill READ buffers with the public unfilled marker instead of zeroes before the device
+    /// sees them, so that a test can find bytes a device did not write with
+    /// [`unfilled_ranges`]. Either way no READ ever carries bytes of an earlier request.
+    /// Default: `false`.
+    pub poison_reads: bool,
 }
 
 impl Default for ServerOptions {
@@ -69,9 +93,10 @@ impl Default for ServerOptions {
         let cpus = thread::available_parallelism().map_or(2, |n| n.get());
         ServerOptions {
             workers: (2 * cpus).clamp(4, 16),
-            queue_depth: 256,
+            max_in_flight_bytes: 2 * MAX_IO_LEN as usize,
             max_io_len: MAX_IO_LEN,
-            inline_never_blocks: true,
+            batch_never_blocks: true,
+            poison_reads: false,
         }
     }
 }
@@ -284,6 +309,7 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
                     read_payload(&mut r, conn, &req, &mut buf)?;
                 }
                 Dispatcher::new(&self.device)
+                    .poison_reads(self.options.poison_reads)
                     .dispatch(&io, &mut buf)
                     .map(|_| (io.op, buf))
             }
@@ -309,14 +335,8 @@ impl<D: BlockDevice, L: KernelLink> Server<D, L> {
         if self.finished {
             return Ok(());
         }
-        let error = conn::serve(
-            &self.device,
-            &self.export,
-            &self.conns,
-            &self.options,
-            Features::default(),
-        )
-        .err();
+        let dispatcher = Dispatcher::new(&self.device).poison_reads(self.options.poison_reads);
+        let error = serve(dispatcher, &self.export, &self.conns, &self.options).err();
         let ended = self.end();
         match error {
             Some(e) => Err(e),
@@ -348,23 +368,6 @@ pub(crate) struct Features {
     /// `NBD_FLAG_SEND_DF` was advertised: `NBD_CMD_FLAG_DF` is accepted on READ (a READ is
     /// always one content chunk).
     pub(crate) df: bool,
-}
-
-/// Serves one network client's connection (after its handshake) through the NBD loop, until
-/// DISC, EOF or a broken stream. The device is not unmounted: the listener does that once.
-pub(crate) fn serve_stream<D: BlockDevice + ?Sized>(
-    device: &D,
-    export: &Export,
-    stream: UnixStream,
-    options: &ServerOptions,
-    features: Features,
-) -> Result<(), ServerError> {
-    let conns = [stream];
-    let result = conn::serve(device, export, &conns, options, features);
-    for s in &conns {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
-    result
 }
 
 /// The export for a device, or why it cannot be served.

@@ -2,7 +2,6 @@
 //! WRITEs skipped to keep the stream in sync.
 
 use std::io::{self, Read};
-use std::os::unix::net::UnixStream;
 
 use crate::proto::{Cookie, ParseError, Request, REQUEST_LEN};
 use crate::server::ServerError;
@@ -19,7 +18,7 @@ pub(super) enum Incoming {
 }
 
 /// Reads exactly one request header, unbuffered (for [`Server::handle_one`]).
-pub(super) fn read_header(r: &mut UnixStream, conn: usize) -> Result<Incoming, ServerError> {
+pub(super) fn read_header(r: &mut impl Read, conn: usize) -> Result<Incoming, ServerError> {
     let mut header = [0u8; REQUEST_LEN];
     let got = read_full(r, &mut header).map_err(|source| ServerError::Io { conn, source })?;
     if got == 0 {
@@ -38,7 +37,7 @@ pub(super) fn parse_header(header: &[u8], conn: usize) -> Result<Incoming, Serve
 
 /// Reads a WRITE's payload into `buf`, or fails with `TruncatedPayload`.
 pub(super) fn read_payload(
-    r: &mut UnixStream,
+    r: &mut impl Read,
     conn: usize,
     req: &Request,
     buf: &mut [u8],
@@ -57,7 +56,7 @@ pub(super) fn read_payload(
 
 /// Reads and discards the payload of a rejected WRITE, to keep the stream in sync.
 pub(super) fn skip_payload(
-    r: &mut UnixStream,
+    r: &mut impl Read,
     conn: usize,
     req: &Request,
 ) -> Result<(), ServerError> {
@@ -86,15 +85,15 @@ const READ_AHEAD: usize = 64 << 10;
 
 /// Reads one connection's requests through a buffer, so that a queue of small requests costs
 /// one `read` for many; large payloads go straight from the socket into their request's buffer.
-pub(super) struct RequestReader {
-    sock: UnixStream,
+pub(super) struct RequestReader<S> {
+    sock: S,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
 }
 
-impl RequestReader {
-    pub(super) fn new(sock: UnixStream) -> RequestReader {
+impl<S: Read> RequestReader<S> {
+    pub(super) fn new(sock: S) -> RequestReader<S> {
         RequestReader {
             sock,
             buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
@@ -194,6 +193,7 @@ mod tests {
     use super::*;
     use crate::proto::Command;
     use std::io::Write;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn reader_handles_headers_and_payloads_split_anywhere() {

@@ -1,19 +1,20 @@
 //! The sending side of a connection: replies queued by whichever thread has one, written in
-//! batches by one `writev`; and their framing: simple replies (the kernel's), or structured reply
-//! chunks once a network client negotiated them (`doc/proto.md`, "Structured reply chunk
-//! message": data, hole, block status, error).
+//! batches by one `writev`, by whoever finds the writer free; and their framing: simple replies
+//! (the kernel's), or structured reply chunks once a network client negotiated them
+//! (`doc/proto.md`, "Structured reply chunk message": data, hole, block status, error).
 
-use std::io::{self, IoSlice};
-use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::io::{self, IoSlice, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, TryLockError};
 
 use crate::device::Extent;
 use crate::link::net::wire::{chunk, ChunkHeader, REPLY_FLAG_DONE, STATE_HOLE, STATE_ZERO};
 use crate::proto::{Cookie, Errno, Reply};
+use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::stream::write_all_vectored;
 
 /// Writes a reply header and, on success, its data, in one `writev` where the socket allows.
-pub(super) fn send_reply(w: &mut UnixStream, reply: Reply, data: &[u8]) -> io::Result<()> {
+pub(super) fn send_reply(w: &mut impl Write, reply: Reply, data: &[u8]) -> io::Result<()> {
     let header = reply.encode();
     let data = if reply.error == 0 { data } else { &[] };
     write_all_vectored(w, &mut [IoSlice::new(&header), IoSlice::new(data)])
@@ -37,18 +38,21 @@ pub(super) const REPLIES_PER_WRITE: usize = 32;
 /// OFFSET_HOLE payload (12).
 const MAX_HEADER: usize = 32;
 
-/// A reply ready to go out, with the permit (and buffer) of its request.
+/// A reply ready to go out, with the buffer its request was charged for.
+#[derive(Debug)]
 pub(super) struct Done {
     header: [u8; MAX_HEADER],
     header_len: u8,
-    /// Whether `buf` is the data that follows the header (READ data, block-status
-    /// descriptors). Never after an error.
+    /// Whether `buf` is the READ data that follows the header. Never after an error.
     pub(super) with_data: bool,
-    pub(super) buf: Vec<u8>,
+    pub(super) buf: Buffer,
+    /// A block-status reply's descriptors (outside the pool: their number is the device's, and
+    /// the command is rare).
+    extra: Vec<u8>,
 }
 
 impl Done {
-    fn new(header: &[u8], with_data: bool, buf: Vec<u8>) -> Done {
+    fn new(header: &[u8], with_data: bool, buf: Buffer) -> Done {
         let mut h = [0u8; MAX_HEADER];
         let n = header.len().min(MAX_HEADER);
         h[..n].copy_from_slice(&header[..n]);
@@ -57,26 +61,32 @@ impl Done {
             header_len: n as u8,
             with_data,
             buf,
+            extra: Vec::new(),
         }
     }
 
     /// The bytes before the data.
-    pub(super) fn header(&self) -> &[u8] {
+    fn header(&self) -> &[u8] {
         &self.header[..usize::from(self.header_len)]
     }
 
     /// A simple success reply; `with_data` for READ.
-    pub(super) fn ok(cookie: Cookie, with_data: bool, buf: Vec<u8>) -> Done {
+    pub(super) fn ok(cookie: Cookie, with_data: bool, buf: Buffer) -> Done {
         Done::new(&Reply::ok(cookie).encode(), with_data, buf)
     }
 
-    /// An error reply: simple, or an error chunk once structured replies are on (a READ's must
-    /// be one).
-    pub(super) fn error(structured: bool, cookie: Cookie, errno: Errno, buf: Vec<u8>) -> Done {
+    /// A simple error reply.
+    pub(super) fn error(cookie: Cookie, errno: Errno, buf: Buffer) -> Done {
+        Done::new(&Reply::error(cookie, errno).encode(), false, buf)
+    }
+
+    /// An error reply in the connection's framing: an error chunk once structured replies are
+    /// on (a READ's must be one).
+    pub(super) fn error_in(structured: bool, cookie: Cookie, errno: Errno, buf: Buffer) -> Done {
         if !structured {
-            return Done::new(&Reply::error(cookie, errno).encode(), false, buf);
+            return Done::error(cookie, errno, buf);
         }
-        let mut h = [0u8; CHUNK_ERROR_LEN];
+        let mut h = [0u8; 26];
         h[..20].copy_from_slice(&chunk_header(cookie, chunk::ERROR, 6));
         h[20..24].copy_from_slice(&errno.0.to_be_bytes());
         // Message length 0: the errno says it all.
@@ -85,32 +95,43 @@ impl Done {
 
     /// A READ's structured reply: one OFFSET_DATA chunk, or one OFFSET_HOLE when the data is all
     /// zeroes (the client fills in the zeroes; nothing else crosses the network).
-    pub(super) fn read_chunk(cookie: Cookie, offset: u64, buf: Vec<u8>) -> Done {
-        if !buf.is_empty() && buf.iter().all(|&b| b == 0) {
+    pub(super) fn read_chunk(cookie: Cookie, offset: u64, buf: Buffer) -> Done {
+        let data = buf.as_slice();
+        if !data.is_empty() && data.iter().all(|&b| b == 0) {
             let mut h = [0u8; 32];
             h[..20].copy_from_slice(&chunk_header(cookie, chunk::OFFSET_HOLE, 12));
             h[20..28].copy_from_slice(&offset.to_be_bytes());
-            h[28..32].copy_from_slice(&(buf.len() as u32).to_be_bytes());
+            h[28..32].copy_from_slice(&(data.len() as u32).to_be_bytes());
             return Done::new(&h, false, buf);
         }
         let mut h = [0u8; 28];
-        let len = u32::try_from(buf.len() + 8).unwrap_or(u32::MAX);
+        let len = u32::try_from(data.len() + 8).unwrap_or(u32::MAX);
         h[..20].copy_from_slice(&chunk_header(cookie, chunk::OFFSET_DATA, len));
         h[20..28].copy_from_slice(&offset.to_be_bytes());
         Done::new(&h, true, buf)
     }
 
-    /// A BLOCK_STATUS reply: one chunk for context `context`, the descriptors in `buf`.
-    pub(super) fn block_status(cookie: Cookie, context: u32, buf: Vec<u8>) -> Done {
+    /// A BLOCK_STATUS reply: one chunk for context `context`, with `descriptors`.
+    pub(super) fn block_status(
+        cookie: Cookie,
+        context: u32,
+        descriptors: Vec<u8>,
+        buf: Buffer,
+    ) -> Done {
         let mut h = [0u8; 24];
-        let len = u32::try_from(buf.len() + 4).unwrap_or(u32::MAX);
+        let len = u32::try_from(descriptors.len() + 4).unwrap_or(u32::MAX);
         h[..20].copy_from_slice(&chunk_header(cookie, chunk::BLOCK_STATUS, len));
         h[20..24].copy_from_slice(&context.to_be_bytes());
-        Done::new(&h, true, buf)
+        let mut d = Done::new(&h, false, buf);
+        d.extra = descriptors;
+        d
+    }
+
+    /// Whether this reply carries data large enough to be written by its own thread.
+    pub(super) fn is_large(&self) -> bool {
+        self.with_data && self.buf.as_slice().len() >= WRITE_OWN_REPLY
     }
 }
-
-const CHUNK_ERROR_LEN: usize = 26;
 
 fn chunk_header(cookie: Cookie, kind: u16, len: u32) -> [u8; 20] {
     ChunkHeader {
@@ -126,11 +147,10 @@ fn chunk_header(cookie: Cookie, kind: u16, len: u32) -> [u8; 20] {
 /// keep a reply small, and the client asks again from where it ends).
 const MAX_EXTENTS: usize = 1 << 16;
 
-/// The descriptors (length, flags) of a block-status reply for a request of `len` bytes, into
-/// `out`: the device's extents with empty ones dropped, equal neighbours merged, cut at `len`
-/// (and at one with `req_one`). A device that reports nothing gets one data extent for it all.
-pub(super) fn encode_extents(extents: &[Extent], len: u32, req_one: bool, out: &mut Vec<u8>) {
-    out.clear();
+/// The descriptors (length, flags) of a block-status reply for a request of `len` bytes: the
+/// device's extents with empty ones dropped, equal neighbours merged, cut at `len` (and at one
+/// with `req_one`). A device that reports nothing gets one data extent for it all.
+pub(super) fn encode_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<u8> {
     let mut runs: Vec<(u32, u32)> = Vec::new();
     let mut total = 0u64;
     for e in extents {
@@ -155,22 +175,27 @@ pub(super) fn encode_extents(extents: &[Extent], len: u32, req_one: bool, out: &
     if req_one {
         runs.truncate(1);
     }
+    let mut out = Vec::with_capacity(8 * runs.len());
     for (l, f) in runs {
         out.extend_from_slice(&l.to_be_bytes());
         out.extend_from_slice(&f.to_be_bytes());
     }
+    out
 }
 
 /// Writes replies in as few `writev` calls as the slices allow.
-pub(super) fn write_replies(w: &mut UnixStream, replies: &[Done]) -> io::Result<()> {
+fn write_replies(w: &mut impl Write, replies: &[Done]) -> io::Result<()> {
     let mut iov = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
     for group in replies.chunks(REPLIES_PER_WRITE) {
         let mut n = 0;
         for d in group {
             iov[n] = IoSlice::new(d.header());
             n += 1;
-            if d.with_data && !d.buf.is_empty() {
-                iov[n] = IoSlice::new(&d.buf);
+            if d.with_data && !d.buf.as_slice().is_empty() {
+                iov[n] = IoSlice::new(d.buf.as_slice());
+                n += 1;
+            } else if !d.extra.is_empty() {
+                iov[n] = IoSlice::new(&d.extra);
                 n += 1;
             }
         }
@@ -179,12 +204,84 @@ pub(super) fn write_replies(w: &mut UnixStream, replies: &[Done]) -> io::Result<
     Ok(())
 }
 
+/// The writing end of a connection, with the list it swaps with `pending` (so that taking every
+/// pending reply never allocates).
+#[derive(Debug)]
+struct Writer<S> {
+    stream: S,
+    taken: Vec<Done>,
+}
+
 /// The sending side of one connection.
 ///
-/// Whoever has a reply puts it in `pending` and, if `writer` is free, writes everything pending
-/// in one go; if `writer` is busy its holder writes the new reply too before it lets go. So no
+/// Whoever has a reply puts it in `pending` and, if the writer is free, writes everything pending
+/// in one go; if the writer is busy its holder writes the new reply too before it lets go. So no
 /// thread waits for another's `writev`, and replies that complete together leave together.
-pub(super) struct Outbox {
-    pub(super) writer: Mutex<UnixStream>,
-    pub(super) pending: Mutex<Vec<Done>>,
+#[derive(Debug)]
+pub(super) struct Outbox<S> {
+    writer: Mutex<Writer<S>>,
+    pending: Mutex<Vec<Done>>,
+    /// The thread whose turn it is to read this connection waits for the socket or for memory:
+    /// it wrote what was pending before it started waiting, and nobody will write a reply
+    /// queued after that but the thread queueing it.
+    pub(super) reader_waiting: AtomicBool,
+}
+
+impl<S: Write> Outbox<S> {
+    pub(super) fn new(stream: S) -> Outbox<S> {
+        Outbox {
+            writer: Mutex::new(Writer {
+                stream,
+                taken: Vec::with_capacity(4 * REPLIES_PER_WRITE),
+            }),
+            pending: Mutex::new(Vec::with_capacity(4 * REPLIES_PER_WRITE)),
+            reader_waiting: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a reply for the next [`flush`](Self::flush); returns how many are queued.
+    pub(super) fn defer(&self, done: Done) -> usize {
+        let mut pending = lock(&self.pending);
+        pending.push(done);
+        pending.len()
+    }
+
+    /// Writes the pending replies (and `own`, first) unless another thread is at it (then that
+    /// thread writes them); waits for the writer only when there is `own` to write. Every
+    /// buffer written (or dropped after a failed write) goes back to `pool`. Returns the first
+    /// write error: the connection is finished, and what was pending is dropped.
+    pub(super) fn flush(&self, pool: &BufferPool, mut own: Option<Done>) -> io::Result<()> {
+        let mut result = Ok(());
+        loop {
+            let mut guard = match own {
+                Some(_) => lock(&self.writer),
+                None => match self.writer.try_lock() {
+                    Ok(w) => w,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    // The holder writes ours before it lets go (it checks `pending` after).
+                    Err(TryLockError::WouldBlock) => return result,
+                },
+            };
+            let w = &mut *guard;
+            if let Some(done) = own.take() {
+                result = write_replies(&mut w.stream, std::slice::from_ref(&done));
+                pool.give(std::iter::once(done.buf));
+            }
+            loop {
+                std::mem::swap(&mut *lock(&self.pending), &mut w.taken);
+                if w.taken.is_empty() {
+                    break;
+                }
+                if result.is_ok() {
+                    result = write_replies(&mut w.stream, &w.taken);
+                }
+                pool.give(w.taken.drain(..).map(|d| d.buf));
+            }
+            drop(guard);
+            // A reply queued while we were letting go would otherwise be stranded.
+            if lock(&self.pending).is_empty() {
+                return result;
+            }
+        }
+    }
 }

@@ -189,7 +189,7 @@ struct Slot {
 }
 
 struct Shared {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Socket>,
     slots: Mutex<Slots>,
     cookies: AtomicU64,
     structured: bool,
@@ -214,7 +214,7 @@ pub struct NbdClient {
     timeout: Duration,
     reader: Option<JoinHandle<()>>,
     bridge: Option<TlsBridge>,
-    closer: UnixStream,
+    closer: Socket,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -423,6 +423,7 @@ impl NbdClient {
                     .map_err(io_err("starting the TLS pumps"))?;
                 let stream = bridge
                     .take_stream()
+                    .map(Socket::unix)
                     .ok_or_else(|| ClientError::Closed("no TLS stream".into()))?;
                 (info, stream, Some(bridge))
             }
@@ -435,7 +436,7 @@ impl NbdClient {
                 let info = negotiate(&mut sock, &uri.export, options, no_zeroes)?;
                 sock.set_deadline(None)
                     .map_err(io_err("clearing the deadline"))?;
-                (info, sock.into_stream(), None)
+                (info, sock, None)
             }
         };
         let reader_stream = stream.try_clone().map_err(io_err("dup"))?;
@@ -709,7 +710,7 @@ fn close(shared: &Shared, why: String) {
 }
 
 /// The reader thread: every reply, checked, to its waiting request.
-fn read_replies(shared: &Shared, stream: UnixStream) {
+fn read_replies(shared: &Shared, stream: Socket) {
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let why = match read_loop(shared, &mut r) {
         Ok(()) => "the server closed the connection".to_string(),

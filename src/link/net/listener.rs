@@ -449,7 +449,7 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
     let control = ctx.control;
     let options = ctx.options;
     let result = session::handshake(sock, &ctx.offer, options);
-    let (stream, negotiated, bridge) = match result {
+    let (conn, negotiated) = match result {
         Err(error) => {
             control
                 .counters
@@ -468,9 +468,9 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
             emit(options, NetEvent::Aborted { client: id });
             return;
         }
-        Ok(Handshaken::Plain(stream, n)) => (stream, n, None),
+        Ok(Handshaken::Plain(sock, n)) => (Conn::Plain(sock), n),
         Ok(Handshaken::Tls(mut bridge, n)) => match bridge.take_stream() {
-            Some(stream) => (stream, n, Some(bridge)),
+            Some(stream) => (Conn::Tls(stream, bridge), n),
             None => return,
         },
     };
@@ -488,7 +488,7 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
         options,
         NetEvent::Serving {
             client: id,
-            tls: bridge.is_some(),
+            tls: matches!(conn, Conn::Tls(..)),
             structured_replies: negotiated.structured_replies,
         },
     );
@@ -496,7 +496,17 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
         device: ctx.device,
         read_only: options.read_only,
     };
-    let result = session::transmission(&device, &ctx.export, stream, &negotiated, options);
+    let export = &ctx.export;
+    let (result, bridge) = match conn {
+        Conn::Plain(sock) => (
+            session::transmission(&device, export, sock, &negotiated, options),
+            None,
+        ),
+        Conn::Tls(stream, bridge) => (
+            session::transmission(&device, export, stream, &negotiated, options),
+            Some(bridge),
+        ),
+    };
     if let Some(bridge) = bridge {
         // The server has closed its end: the pumps send close_notify and end.
         let _ = bridge.join();
@@ -514,6 +524,14 @@ fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket
             result: result.as_ref().map(|_| ()),
         },
     );
+}
+
+/// A client's connection once its handshake is done.
+enum Conn {
+    /// Requests straight from the socket.
+    Plain(Socket),
+    /// Requests through the TLS pumps, from the plaintext end of their socket pair.
+    Tls(UnixStream, super::tls::TlsBridge),
 }
 
 /// A listener serving in the background ([`NetOptions::spawn`]). Dropping it stops serving and

@@ -4,7 +4,6 @@
 //! another client or the device beyond the requests the server validates.
 
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use super::handshake::{Handshake, HandshakeError, Negotiated, Offer, Outcome, BASE_ALLOCATION_ID};
@@ -15,7 +14,7 @@ use super::{NetEvent, NetOptions};
 use crate::device::{BlockDevice, Capabilities, Extent};
 use crate::link::Export;
 use crate::proto::TransmissionFlags;
-use crate::server::{export_of, serve_stream, Features, ServerError};
+use crate::server::{export_of, serve_with, ConnStream, Dispatcher, Features, ServerError};
 
 /// The device as every client sees it: `read_only` forced when asked, and `unmount` left to the
 /// listener (each client's server ends on its own, but the device is unmounted once, at the end).
@@ -97,7 +96,7 @@ pub(crate) fn offer<D: BlockDevice + ?Sized>(
 /// How a session ended before transmission, or the stream to serve.
 pub(crate) enum Handshaken {
     /// Plain connection, ready for requests.
-    Plain(UnixStream, Negotiated),
+    Plain(Socket, Negotiated),
     /// TLS through a bridge, ready for requests.
     Tls(TlsBridge, Negotiated),
     /// The client sent `NBD_OPT_ABORT`.
@@ -152,7 +151,7 @@ pub(crate) fn handshake(
     sock.set_deadline(None)
         .map_err(io("clearing the handshake deadline"))?;
     Ok(match tls {
-        None => Handshaken::Plain(sock.into_stream(), negotiated),
+        None => Handshaken::Plain(sock, negotiated),
         Some(conn) => Handshaken::Tls(
             TlsBridge::start(rustls::Connection::Server(conn), sock)
                 .map_err(io("starting the TLS pumps"))?,
@@ -163,10 +162,10 @@ pub(crate) fn handshake(
 
 /// Serves one client's transmission phase until DISC, EOF or a broken stream, through the same
 /// NBD loop as the kernel's connections, with what the client negotiated.
-pub(crate) fn transmission<D: BlockDevice + ?Sized>(
+pub(crate) fn transmission<D: BlockDevice + ?Sized, S: ConnStream>(
     device: &Exported<'_, D>,
     export: &Export,
-    stream: UnixStream,
+    stream: S,
     negotiated: &Negotiated,
     options: &NetOptions,
 ) -> Result<(), ServerError> {
@@ -176,7 +175,20 @@ pub(crate) fn transmission<D: BlockDevice + ?Sized>(
         fast_zero: negotiated.flags.contains(FLAG_SEND_FAST_ZERO),
         df: negotiated.flags.contains(FLAG_SEND_DF),
     };
-    serve_stream(device, export, stream, &options.server, features)
+    let streams = [stream];
+    let result = serve_with(
+        Dispatcher::new(device).poison_reads(options.server.poison_reads),
+        export,
+        &streams,
+        &options.server,
+        features,
+    );
+    // DISC or EOF: the server closes its side, as the protocol asks (with TLS, the pump
+    // sends close_notify first).
+    for s in &streams {
+        let _ = s.shutdown();
+    }
+    result
 }
 
 /// Reports an event to the options' sink.

@@ -7,11 +7,13 @@
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+use crate::server::ConnStream;
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -170,15 +172,15 @@ impl Socket {
             Inner::Unix(_) => "unix".into(),
         }
     }
+}
 
-    /// The connection as a `UnixStream`, for a server that reads and writes a socket descriptor.
-    /// The calls it makes (`read`, `writev`, `shutdown`, `dup`) behave alike on TCP and Unix
-    /// sockets; nothing address-specific is called on it.
-    pub fn into_stream(self) -> UnixStream {
-        match self.inner {
-            Inner::Tcp(s) => UnixStream::from(OwnedFd::from(s)),
-            Inner::Unix(s) => s,
-        }
+/// The transmission phase reads and writes the client's socket itself (no deadline by then).
+impl ConnStream for Socket {
+    fn try_clone(&self) -> io::Result<Socket> {
+        Socket::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        Socket::shutdown(self, Shutdown::Both)
     }
 }
 
