@@ -50,3 +50,54 @@ fn random_sequences_over_tcp() {
         panic!("{f}");
     }
 }
+
+#[test]
+fn read_only_export_and_export_names() {
+    use userblk::link::net::wire::Rep;
+    use userblk::link::net::{ListenAddr, NetOptions};
+    use userblk::proto::TransmissionFlags;
+    use userblk_harness::net_rig::{ClientError, NbdClient, NbdUri};
+
+    let dev = std::sync::Arc::new(MemDevice::new(1 << 20));
+    dev.write(0, &[7; 512]).unwrap();
+    let listening = NetOptions::new()
+        .export_name("disk")
+        .read_only(true)
+        .on_event(|_| {})
+        .spawn(
+            std::sync::Arc::clone(&dev),
+            &ListenAddr::Tcp(([127, 0, 0, 1], 0).into()),
+        )
+        .unwrap();
+    let ListenAddr::Tcp(a) = listening.local_addr().clone() else {
+        unreachable!()
+    };
+    // By its name and as the default export: read-only, reads work, every write is EPERM.
+    for name in ["disk", ""] {
+        let uri: NbdUri = format!("nbd://{a}/{name}").parse().unwrap();
+        let c = NbdClient::connect(&uri).unwrap();
+        assert_eq!(c.info().name.as_deref(), Some("disk"));
+        assert!(c.info().flags.contains(TransmissionFlags::READ_ONLY));
+        assert_eq!(c.read(0, 512).unwrap(), vec![7; 512]);
+        for r in [
+            c.write(0, &[1; 512], false),
+            c.trim(0, 512),
+            c.write_zeroes(0, 512, false),
+        ] {
+            assert!(
+                matches!(r, Err(ClientError::Errno { errno: 1, .. })),
+                "{r:?}"
+            );
+        }
+    }
+    // Another name: NBD_REP_ERR_UNKNOWN, and nothing else happens.
+    let uri: NbdUri = format!("nbd://{a}/other").parse().unwrap();
+    match NbdClient::connect(&uri) {
+        Err(ClientError::Refused { reply, .. }) => assert_eq!(reply, Rep::ERR_UNKNOWN),
+        other => panic!("{other:?}"),
+    }
+    listening.stop().unwrap();
+    let mut buf = [0u8; 512];
+    dev.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [7; 512]);
+}
