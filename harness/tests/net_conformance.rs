@@ -101,3 +101,16 @@ fn read_only_export_and_export_names() {
     dev.read(0, &mut buf).unwrap();
     assert_eq!(buf, [7; 512]);
 }
+
+#[test]
+fn recorded_traces_replay_over_the_network() {
+    use userblk_harness::trace::{replay_on, Trace};
+    let rig = NetRig::new(NetTransport::Unix);
+    for name in ["fio-6.12.ubt", "ext4-6.1.ubt"] {
+        let path = format!("{}/traces/{name}", env!("CARGO_MANIFEST_DIR"));
+        let trace = Trace::read_file(&path).unwrap();
+        let device = Box::new(MemDevice::new(trace.header.size));
+        let report = replay_on(&rig, device, &trace).unwrap_or_else(|e| panic!("{name}: {e}"));
+        println!("{name}: {report}");
+    }
+}

@@ -255,17 +255,20 @@ impl TlsBridge {
 
     /// Waits for both pumps; returns the first error either met (a peer that vanished without
     /// close_notify is not one).
+    ///
+    /// Call it once the plaintext end is closed: the outgoing pump then sends close_notify and
+    /// ends, and the connection is shut, so that the incoming pump ends too even if the peer
+    /// never closes its side.
     pub fn join(mut self) -> io::Result<()> {
-        let mut first = Ok(());
-        for t in self.pumps.drain(..) {
-            let r = t
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("TLS pump panicked")));
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        let wait = |t: JoinHandle<io::Result<()>>| {
+            t.join()
+                .unwrap_or_else(|_| Err(io::Error::other("TLS pump panicked")))
+        };
+        let mut pumps = std::mem::take(&mut self.pumps);
+        let outgoing = pumps.pop().map_or(Ok(()), wait);
+        let _ = self.sock.shutdown(Shutdown::Both);
+        let incoming = pumps.pop().map_or(Ok(()), wait);
+        incoming.and(outgoing)
     }
 }
 
