@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use rstest::rstest;
 use tempfile::NamedTempFile;
-use userblk::link::loopback::{LoopbackLink, Op};
+use userblk::link::loopback::{LoopbackLink, Op, RawKernel};
 use userblk::proto::{Command, Cookie, Request, TransmissionFlags};
 use userblk::{
     BlockDevice, BlockDeviceMut, Capabilities, Export, FileDevice, KernelLink, LinkError,
@@ -438,18 +438,17 @@ fn calls_overlap_on_one_connection_unless_one_thread_is_asked_for(
         most: AtomicUsize::new(0),
         changed: Condvar::new(),
     });
-    let options = LoopbackOptions {
-        server,
-        ..LoopbackOptions::default()
-    };
-    let k = LoopbackKernel::with_options(Arc::clone(&dev), options).unwrap();
-    let tickets: Vec<_> = (0..32u64)
-        .map(|i| k.submit(Op::read(i * 512, 512)).unwrap())
+    // All 32 requests in one write: the server finds them queued together.
+    let mut raw = RawKernel::with_options(Arc::clone(&dev), server).unwrap();
+    let burst: Vec<u8> = (0..32u64)
+        .flat_map(|i| Request::new(Command::Read, Cookie(i), i * 512, 512).encode())
         .collect();
-    for t in tickets {
-        k.wait(t).unwrap();
+    raw.send(&burst).unwrap();
+    for _ in 0..32 {
+        assert_eq!(raw.recv_reply().unwrap().errno(), None);
+        assert_eq!(raw.recv_data(512).unwrap(), vec![0; 512]);
     }
-    k.shutdown().unwrap();
+    raw.disconnect().unwrap();
     assert_eq!(dev.most.load(Ordering::SeqCst), most);
 }
 

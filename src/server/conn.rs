@@ -87,6 +87,11 @@ struct ConnParams {
     batch: usize,
     /// What a network client negotiated (nothing for the kernel).
     features: Features,
+    /// A thread keeps its turn at reading while it calls the device, unless another request is
+    /// already buffered for another thread to take: for a device that never blocks, handing the
+    /// turn over with nothing to read costs a wake-up and gains nothing, while calls still
+    /// overlap whenever requests queue up.
+    keep_idle_turn: bool,
 }
 
 /// State shared by every thread (and every [`InFlight`]) of one [`serve`].
@@ -283,8 +288,10 @@ struct Reading<S> {
 ///
 /// Threads per connection: two that hold replies back and write them in batches for a device
 /// whose capabilities say [`never_blocks`](crate::Capabilities::never_blocks) (unless
-/// `options.batch_never_blocks` is off); `options.workers` otherwise (one, holding replies
-/// back, for `0` or `1`).
+/// `options.batch_never_blocks` is off), the one calling the device keeping its turn at reading
+/// unless another request is waiting, so that calls overlap whenever requests queue up and a
+/// lone request costs no hand-off; `options.workers` otherwise (one, holding replies back, for
+/// `0` or `1`).
 ///
 /// ```
 /// use std::io::{Read, Write};
@@ -342,6 +349,7 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
         hold_replies,
         batch: REPLIES_PER_WRITE,
         features,
+        keep_idle_turn: hold_replies,
     };
     thread::scope(|s| {
         'spawn: for (conn, reading) in readers.iter().enumerate() {
@@ -384,8 +392,9 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
         outbox.reader_waiting.store(true, Ordering::SeqCst);
         group.flush(conn, None);
     };
+    let mut kept = None;
     loop {
-        let mut turn = lock(reading);
+        let mut turn = kept.take().unwrap_or_else(|| lock(reading));
         if turn.finished {
             break;
         }
@@ -397,7 +406,11 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
         if matches!(next, Next::Stop) {
             turn.finished = true;
         }
-        drop(turn);
+        if params.keep_idle_turn && !turn.finished && !turn.r.has_header() {
+            kept = Some(turn);
+        } else {
+            drop(turn);
+        }
         let done = match next {
             Next::Stop => break,
             Next::Rejected(inflight, errno) => inflight.into_done(Err(errno)),
