@@ -17,6 +17,9 @@ use userblk_harness::target::LoopbackRig;
 
 const SIZE: u64 = 8 << 20;
 
+#[path = "seeded_bugs/offsets.rs"]
+mod offsets;
+
 /// A MemDevice with one method replaced.
 struct Buggy {
     mem: MemDevice,
