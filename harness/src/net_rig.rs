@@ -30,7 +30,8 @@ use userblk::link::net::{ListenAddr, Listening, NetOptions};
 use userblk::proto::TransmissionFlags;
 use userblk::BlockDevice;
 
-use crate::target::{Attached, OpError, Rig, Target};
+use crate::target::{Attached, OpError, RawRequests, Rig, Target};
+use userblk::link::loopback::Op;
 
 impl From<ClientError> for OpError {
     fn from(e: ClientError) -> OpError {
@@ -160,6 +161,19 @@ impl Target for NbdClientTarget {
             done += n;
         }
         Ok(())
+    }
+    fn raw(&self) -> Option<&dyn RawRequests> {
+        Some(self)
+    }
+}
+
+/// The conformance suite's server checks go straight to the server: an NBD client sends what it
+/// is given.
+impl RawRequests for NbdClientTarget {
+    fn request(&self, op: Op<'_>) -> Result<Vec<u8>, OpError> {
+        Ok(self
+            .c()?
+            .raw_request(op.command, op.flags, op.offset, op.len, op.data)?)
     }
 }
 

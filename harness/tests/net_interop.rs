@@ -328,25 +328,36 @@ fn conformance_against(uri: &str) -> Report {
     report
 }
 
-/// nbdkit's memory plugin advertises no block sizes (so the protocol's default minimum of 1
-/// applies) and qemu-nbd advertises a minimum of 1 for a raw file: for them a read at offset 1,
-/// of 513 bytes, or a write one byte into a block is valid. out_of_range_rejected expects
-/// 512-byte alignment (what the kernel and userblk enforce), so there the case, not the server,
-/// is wrong; everything past the end must still be refused.
-fn misalignment_is_the_only_range_finding(report: &Report) {
-    if let Some(c) = report.case("out_of_range_rejected") {
-        if let Outcome::Fail(why) = &c.outcome {
-            let wrong = why.trim_start_matches("these requests succeeded but must fail: ");
-            for item in wrong.split("; ") {
-                assert!(
-                    item == "read at offset 1"
-                        || item == "read of 513 bytes"
-                        // "write at N" alone is the misaligned one; past-end ones say ", L bytes".
-                        || (item.starts_with("write at ") && !item.contains(',')),
-                    "a request past the end succeeded: {item} ({why})"
-                );
-            }
-        }
+/// What out_of_range_rejected may report of a third-party server without the server being
+/// unsafe: nbdkit's memory plugin advertises no block sizes (the protocol's default minimum is
+/// then 1) and qemu-nbd advertises a minimum of 1, so misaligned requests are valid there; a
+/// zero-length request's outcome is unspecified by the protocol; a READ longer than 32 MiB may be
+/// served by a server that advertised no maximum; and qemu-nbd answers EINVAL where the protocol
+/// says a write past the end SHOULD get ENOSPC (a deviation from a SHOULD, reported, not unsafe).
+/// What must never happen, and fails this test: a request reaching past the end succeeding.
+fn no_request_past_the_end_succeeded(report: &Report, size: u64) {
+    let Some(c) = report.case("out_of_range_rejected") else {
+        return;
+    };
+    let Outcome::Fail(why) = &c.outcome else {
+        return;
+    };
+    for line in why
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("answer: "))
+    {
+        // "WRITE at 67108352, 1024 bytes: answered EINVAL (22), expected ENOSPC (28)"
+        let (request, answer) = line.split_once(": ").unwrap_or((line, ""));
+        let numbers: Vec<u64> = request
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let (offset, len) = (numbers[0], numbers[1]);
+        let past_end = offset.checked_add(len).is_none_or(|end| end > size);
+        assert!(
+            !(past_end && answer.starts_with("succeeded")),
+            "a request past the end succeeded: {line}\n{why}"
+        );
     }
 }
 
@@ -390,7 +401,7 @@ fn client_rig_against_nbdkit_memory() {
     );
     wait_for_socket(&sock);
     let report = conformance_against(&format!("nbd+unix:///?socket={}", sock.display()));
-    misalignment_is_the_only_range_finding(&report);
+    no_request_past_the_end_succeeded(&report, 64 << 20);
 }
 
 #[test]
@@ -416,7 +427,7 @@ fn client_rig_against_qemu_nbd() {
     );
     wait_for_socket(&sock);
     let report = conformance_against(&format!("nbd+unix:///?socket={}", sock.display()));
-    misalignment_is_the_only_range_finding(&report);
+    no_request_past_the_end_succeeded(&report, 64 << 20);
 }
 
 #[test]

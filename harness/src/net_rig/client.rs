@@ -483,11 +483,6 @@ impl NbdClient {
             if let Some(why) = &slots.closed {
                 return Err(ClientError::Closed(why.clone()));
             }
-            let data = if command == Command::Read && self.shared.structured {
-                vec![0u8; len as usize]
-            } else {
-                Vec::new()
-            };
             slots.waiting.insert(
                 cookie,
                 Slot {
@@ -495,7 +490,9 @@ impl NbdClient {
                     offset,
                     len,
                     tx,
-                    data,
+                    // Allocated when the first data chunk comes: a request the server refuses
+                    // (a 4 GiB READ, say) costs nothing.
+                    data: Vec::new(),
                     covered: Vec::new(),
                     extents: None,
                     error: None,
@@ -626,6 +623,22 @@ impl NbdClient {
             other => Err(ClientError::Protocol(format!(
                 "BLOCK_STATUS answered with {other:?}"
             ))),
+        }
+    }
+
+    /// Sends one request exactly as given (no bounds, alignment or read-only checks, no
+    /// splitting) and waits for its reply: a READ's data, nothing for other commands.
+    pub fn raw_request(
+        &self,
+        command: Command,
+        flags: CommandFlags,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        match self.request(command, flags, offset, len, payload)? {
+            Answer::Data(d) => Ok(d),
+            Answer::Done | Answer::Extents(_) => Ok(Vec::new()),
         }
     }
 
@@ -807,7 +820,14 @@ fn structured_chunk(shared: &Shared, r: &mut impl Read, magic: [u8; 4]) -> Resul
     h[..4].copy_from_slice(&magic);
     read_exact(r, &mut h[4..], "reading a reply chunk")?;
     let h = wire::ChunkHeader::parse(&h)?;
-    if h.len > MAX_CHUNK {
+    // A READ's data chunk may be as long as what was asked for (a server that advertised no
+    // maximum may serve more than 32 MiB at once); anything else stays small.
+    let read_len = lock(&shared.slots)
+        .waiting
+        .get(&h.cookie)
+        .filter(|s| s.command == Command::Read)
+        .map_or(0, |s| s.len.saturating_add(8));
+    if h.len > MAX_CHUNK.max(read_len) {
         return violation(format!("chunk of {} bytes", h.len));
     }
     let mut payload = vec![0u8; h.len as usize];
@@ -864,6 +884,9 @@ fn structured_chunk(shared: &Shared, r: &mut impl Read, magic: [u8; 4]) -> Resul
             }
             slot.covered.push((start, len));
             if h.kind == chunk::OFFSET_DATA {
+                if slot.data.is_empty() {
+                    slot.data = vec![0u8; slot.len as usize];
+                }
                 slot.data[start as usize..(start + len) as usize].copy_from_slice(&payload[8..]);
             }
         }
@@ -931,7 +954,10 @@ fn structured_chunk(shared: &Shared, r: &mut impl Read, magic: [u8; 4]) -> Resul
                     let _ = slot.tx.send(Err(ClientError::Protocol(msg.clone())));
                     return violation(msg);
                 }
-                Ok(Answer::Data(slot.data))
+                let mut data = slot.data;
+                // All holes: zeroes, made only now.
+                data.resize(slot.len as usize, 0);
+                Ok(Answer::Data(data))
             }
             Command::BlockStatus => match slot.extents {
                 Some(e) => Ok(Answer::Extents(e)),
