@@ -479,3 +479,31 @@ fn client_rig_against_userblk_serve_listen_and_sigterm() {
     drop(c);
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn nbdinfo_map_of_a_sparse_mem_device() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let dev = Arc::new(MemDevice::new(4 << 20));
+    dev.write(1 << 20, &vec![5; 128 << 10]).unwrap();
+    let served = Served::new(Arc::clone(&dev));
+    let map = text(&run(Command::new(&nbdinfo).arg("--map").arg(&served.uri)));
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let want = [
+        ["0", "1048576", "3", "hole,zero"],
+        ["1048576", "131072", "0", "data"],
+        ["1179648", "3014656", "3", "hole,zero"],
+    ];
+    assert_eq!(rows, want, "{map}");
+    // Zeroing the data frees it: one hole again.
+    served
+        .client()
+        .write_zeroes(1 << 20, 128 << 10, false)
+        .unwrap();
+    let map = text(&run(Command::new(&nbdinfo).arg("--map").arg(&served.uri)));
+    assert_eq!(map.lines().count(), 1, "{map}");
+}
