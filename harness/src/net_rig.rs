@@ -18,6 +18,7 @@
 //! zero-filled WRITEs, flush does nothing, FUA becomes WRITE + FLUSH.
 
 mod client;
+mod replies;
 mod uri;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //! any of these gets a [`ClientError::Protocol`] naming what it did, and the connection is closed.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,16 +19,14 @@ use std::time::{Duration, Instant};
 
 use userblk::link::net::tls::{self, TlsBridge, TlsError};
 use userblk::link::net::wire::{
-    self, chunk, BlockSizes, Info, InfoRequest, MetaContextRequest, Opt, OptionReplyHeader, Rep,
-    WireError, BASE_ALLOCATION, CHUNK_HEADER_LEN, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, GREETING_LEN, OPTION_REPLY_HEADER_LEN, REPLY_FLAG_DONE,
-    STRUCTURED_REPLY_MAGIC,
+    self, BlockSizes, Info, InfoRequest, MetaContextRequest, Opt, OptionReplyHeader, Rep,
+    WireError, BASE_ALLOCATION, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES, GREETING_LEN, OPTION_REPLY_HEADER_LEN,
 };
 use userblk::link::net::Socket;
-use userblk::proto::{
-    Command, CommandFlags, Cookie, Reply, Request, TransmissionFlags, REPLY_LEN, REPLY_MAGIC,
-};
+use userblk::proto::{Command, CommandFlags, Cookie, Request, TransmissionFlags};
 
+use super::replies::{close, read_replies};
 use super::uri::{NbdAddr, NbdUri};
 
 /// Why a client operation failed.
@@ -82,7 +80,7 @@ impl From<WireError> for ClientError {
     }
 }
 
-fn io_err(what: &'static str) -> impl Fn(io::Error) -> ClientError {
+pub(super) fn io_err(what: &'static str) -> impl Fn(io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
 }
 
@@ -169,41 +167,41 @@ pub struct Extent {
 
 /// What a reply carried.
 #[derive(Debug)]
-enum Answer {
+pub(super) enum Answer {
     Done,
     Data(Vec<u8>),
     Extents(Vec<Extent>),
 }
 
 /// A request waiting for its reply, as the reader thread sees it.
-struct Slot {
-    command: Command,
-    offset: u64,
-    len: u32,
-    tx: mpsc::Sender<Result<Answer, ClientError>>,
+pub(super) struct Slot {
+    pub(super) command: Command,
+    pub(super) offset: u64,
+    pub(super) len: u32,
+    pub(super) tx: mpsc::Sender<Result<Answer, ClientError>>,
     /// READ: the data so far, and the ranges (relative) covered by chunks.
-    data: Vec<u8>,
-    covered: Vec<(u64, u64)>,
-    extents: Option<Vec<Extent>>,
-    error: Option<(u32, String)>,
+    pub(super) data: Vec<u8>,
+    pub(super) covered: Vec<(u64, u64)>,
+    pub(super) extents: Option<Vec<Extent>>,
+    pub(super) error: Option<(u32, String)>,
 }
 
-struct Shared {
-    writer: Mutex<Socket>,
-    slots: Mutex<Slots>,
-    cookies: AtomicU64,
-    structured: bool,
-    context: Option<u32>,
+pub(super) struct Shared {
+    pub(super) writer: Mutex<Socket>,
+    pub(super) slots: Mutex<Slots>,
+    pub(super) cookies: AtomicU64,
+    pub(super) structured: bool,
+    pub(super) context: Option<u32>,
 }
 
 #[derive(Default)]
-struct Slots {
-    waiting: HashMap<u64, Slot>,
+pub(super) struct Slots {
+    pub(super) waiting: HashMap<u64, Slot>,
     /// Why the connection is closed, once it is.
-    closed: Option<String>,
+    pub(super) closed: Option<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -228,7 +226,11 @@ impl std::fmt::Debug for NbdClient {
 /// Bound on option reply data read from a server (its longest legitimate reply is a few KiB).
 const MAX_OPTION_REPLY: u32 = 1 << 20;
 
-fn read_exact(s: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), ClientError> {
+pub(super) fn read_exact(
+    s: &mut impl Read,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ClientError> {
     s.read_exact(buf).map_err(io_err(what))
 }
 
@@ -704,272 +706,4 @@ fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
 fn max_effect(b: Option<BlockSizes>) -> u64 {
     let bs = u64::from(b.map_or(512, |b| b.minimum.max(1)));
     u64::from(u32::MAX) / bs * bs
-}
-
-/// Marks the connection closed and fails every waiting request.
-fn close(shared: &Shared, why: String) {
-    let mut slots = lock(&shared.slots);
-    if slots.closed.is_none() {
-        slots.closed = Some(why.clone());
-    }
-    for (_, slot) in slots.waiting.drain() {
-        let err = if why.starts_with("protocol violation") {
-            ClientError::Protocol(why.clone())
-        } else {
-            ClientError::Closed(why.clone())
-        };
-        let _ = slot.tx.send(Err(err));
-    }
-}
-
-/// The reader thread: every reply, checked, to its waiting request.
-fn read_replies(shared: &Shared, stream: Socket) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
-    let why = match read_loop(shared, &mut r) {
-        Ok(()) => "the server closed the connection".to_string(),
-        Err(ClientError::Protocol(m)) => format!("protocol violation: {m}"),
-        Err(e) => e.to_string(),
-    };
-    close(shared, why);
-}
-
-fn violation<T>(msg: String) -> Result<T, ClientError> {
-    Err(ClientError::Protocol(msg))
-}
-
-fn read_loop(shared: &Shared, r: &mut impl Read) -> Result<(), ClientError> {
-    loop {
-        let mut magic = [0u8; 4];
-        match r.read(&mut magic[..1]) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("reading a reply")(e)),
-        }
-        read_exact(r, &mut magic[1..], "reading a reply")?;
-        match u32::from_be_bytes(magic) {
-            REPLY_MAGIC => simple_reply(shared, r, magic)?,
-            STRUCTURED_REPLY_MAGIC => structured_chunk(shared, r, magic)?,
-            other => return violation(format!("reply magic {other:#010x}")),
-        }
-    }
-}
-
-fn take_slot(shared: &Shared, cookie: u64, what: &str) -> Result<Slot, ClientError> {
-    lock(&shared.slots).waiting.remove(&cookie).map_or_else(
-        || {
-            violation(format!(
-                "{what} for cookie {cookie:#x}, which is not in flight"
-            ))
-        },
-        Ok,
-    )
-}
-
-fn simple_reply(shared: &Shared, r: &mut impl Read, magic: [u8; 4]) -> Result<(), ClientError> {
-    let mut h = [0u8; REPLY_LEN];
-    h[..4].copy_from_slice(&magic);
-    read_exact(r, &mut h[4..], "reading a reply")?;
-    let reply = Reply::parse(&h)?;
-    let slot = take_slot(shared, reply.cookie.0, "a simple reply")?;
-    if let Some(errno) = reply.errno() {
-        let _ = slot.tx.send(Err(ClientError::Errno {
-            errno: errno.0,
-            message: String::new(),
-        }));
-        return Ok(());
-    }
-    let answer = match slot.command {
-        Command::Read if shared.structured => {
-            let _ = slot.tx.send(Err(ClientError::Protocol(
-                "simple reply to READ after structured replies were negotiated".into(),
-            )));
-            return violation(
-                "simple reply to READ after structured replies were negotiated".into(),
-            );
-        }
-        Command::Read => {
-            let mut data = vec![0u8; slot.len as usize];
-            read_exact(r, &mut data, "reading READ data")?;
-            Answer::Data(data)
-        }
-        Command::BlockStatus => {
-            return violation("simple success reply to BLOCK_STATUS".into());
-        }
-        _ => Answer::Done,
-    };
-    let _ = slot.tx.send(Ok(answer));
-    Ok(())
-}
-
-impl From<userblk::proto::ReplyParseError> for ClientError {
-    fn from(e: userblk::proto::ReplyParseError) -> ClientError {
-        ClientError::Protocol(e.to_string())
-    }
-}
-
-/// The largest chunk payload accepted: a 32 MiB READ plus its offset, or a block-status chunk
-/// of 2^20 extents.
-const MAX_CHUNK: u32 = (32 << 20) + 8;
-
-fn structured_chunk(shared: &Shared, r: &mut impl Read, magic: [u8; 4]) -> Result<(), ClientError> {
-    if !shared.structured {
-        return violation("structured reply chunk without structured replies negotiated".into());
-    }
-    let mut h = [0u8; CHUNK_HEADER_LEN];
-    h[..4].copy_from_slice(&magic);
-    read_exact(r, &mut h[4..], "reading a reply chunk")?;
-    let h = wire::ChunkHeader::parse(&h)?;
-    // A READ's data chunk may be as long as what was asked for (a server that advertised no
-    // maximum may serve more than 32 MiB at once); anything else stays small.
-    let read_len = lock(&shared.slots)
-        .waiting
-        .get(&h.cookie)
-        .filter(|s| s.command == Command::Read)
-        .map_or(0, |s| s.len.saturating_add(8));
-    if h.len > MAX_CHUNK.max(read_len) {
-        return violation(format!("chunk of {} bytes", h.len));
-    }
-    let mut payload = vec![0u8; h.len as usize];
-    read_exact(r, &mut payload, "reading a chunk payload")?;
-    let mut slots = lock(&shared.slots);
-    let Some(slot) = slots.waiting.get_mut(&h.cookie) else {
-        return violation(format!(
-            "chunk for cookie {:#x}, which is not in flight",
-            h.cookie
-        ));
-    };
-    let be32 = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    let be64 = |b: &[u8], at: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[at..at + 8]);
-        u64::from_be_bytes(a)
-    };
-    let is_read = slot.command == Command::Read;
-    match h.kind {
-        chunk::NONE => {
-            if h.len != 0 || h.flags & REPLY_FLAG_DONE == 0 {
-                return violation("NBD_REPLY_TYPE_NONE with a payload or without DONE".into());
-            }
-        }
-        chunk::OFFSET_DATA | chunk::OFFSET_HOLE if is_read => {
-            let (off, len) = if h.kind == chunk::OFFSET_DATA {
-                if h.len < 9 {
-                    return violation(format!("OFFSET_DATA chunk of {} bytes", h.len));
-                }
-                (be64(&payload, 0), u64::from(h.len) - 8)
-            } else {
-                if h.len != 12 {
-                    return violation(format!("OFFSET_HOLE chunk of {} bytes", h.len));
-                }
-                let l = u64::from(be32(&payload, 8));
-                if l == 0 {
-                    return violation("OFFSET_HOLE of 0 bytes".into());
-                }
-                (be64(&payload, 0), l)
-            };
-            let start = off.wrapping_sub(slot.offset);
-            if off < slot.offset || start + len > u64::from(slot.len) {
-                return violation(format!(
-                    "content chunk {off}+{len} outside the READ {}+{}",
-                    slot.offset, slot.len
-                ));
-            }
-            if slot
-                .covered
-                .iter()
-                .any(|&(s, l)| start < s + l && s < start + len)
-            {
-                return violation(format!("content chunk {off}+{len} overlaps an earlier one"));
-            }
-            slot.covered.push((start, len));
-            if h.kind == chunk::OFFSET_DATA {
-                if slot.data.is_empty() {
-                    slot.data = vec![0u8; slot.len as usize];
-                }
-                slot.data[start as usize..(start + len) as usize].copy_from_slice(&payload[8..]);
-            }
-        }
-        chunk::BLOCK_STATUS if slot.command == Command::BlockStatus => {
-            if h.len < 12 || (h.len - 4) % 8 != 0 {
-                return violation(format!("BLOCK_STATUS chunk of {} bytes", h.len));
-            }
-            if Some(be32(&payload, 0)) != shared.context {
-                return violation(format!("block status for context {}", be32(&payload, 0)));
-            }
-            if slot.extents.is_some() {
-                return violation("two BLOCK_STATUS chunks for one context".into());
-            }
-            let extents: Vec<Extent> = payload[4..]
-                .chunks(8)
-                .map(|d| Extent {
-                    len: be32(d, 0),
-                    flags: be32(d, 4),
-                })
-                .collect();
-            if extents.iter().any(|e| e.len == 0) {
-                return violation("an extent of length 0".into());
-            }
-            slot.extents = Some(extents);
-        }
-        chunk::ERROR | chunk::ERROR_OFFSET => {
-            let fixed = if h.kind == chunk::ERROR { 6 } else { 14 };
-            if h.len < fixed {
-                return violation(format!("error chunk of {} bytes", h.len));
-            }
-            let errno = be32(&payload, 0);
-            let mlen = usize::from(u16::from_be_bytes([payload[4], payload[5]]));
-            if errno == 0 || mlen > h.len as usize - fixed as usize {
-                return violation(format!(
-                    "error chunk with errno {errno}, message {mlen} bytes"
-                ));
-            }
-            let message = String::from_utf8_lossy(&payload[6..6 + mlen]).into_owned();
-            slot.error.get_or_insert((errno, message));
-        }
-        other if other & 0x8000 != 0 => {
-            slot.error
-                .get_or_insert((5, format!("unknown error chunk type {other:#x}")));
-        }
-        other => return violation(format!("chunk type {other} in reply to {}", slot.command)),
-    }
-    if h.flags & REPLY_FLAG_DONE == 0 {
-        return Ok(());
-    }
-    let Some(slot) = slots.waiting.remove(&h.cookie) else {
-        return Ok(());
-    };
-    drop(slots);
-    let result = if let Some((errno, message)) = slot.error {
-        Err(ClientError::Errno { errno, message })
-    } else {
-        match slot.command {
-            Command::Read => {
-                let covered: u64 = slot.covered.iter().map(|c| c.1).sum();
-                if covered != u64::from(slot.len) {
-                    let msg = format!(
-                        "READ {}+{} done after {covered} bytes of content",
-                        slot.offset, slot.len
-                    );
-                    let _ = slot.tx.send(Err(ClientError::Protocol(msg.clone())));
-                    return violation(msg);
-                }
-                let mut data = slot.data;
-                // All holes: zeroes, made only now.
-                data.resize(slot.len as usize, 0);
-                Ok(Answer::Data(data))
-            }
-            Command::BlockStatus => match slot.extents {
-                Some(e) => Ok(Answer::Extents(e)),
-                None => {
-                    let msg = "BLOCK_STATUS done without a status chunk".to_string();
-                    let _ = slot.tx.send(Err(ClientError::Protocol(msg.clone())));
-                    return violation(msg);
-                }
-            },
-            _ => Ok(Answer::Done),
-        }
-    };
-    let _ = slot.tx.send(result);
-    Ok(())
 }
