@@ -279,3 +279,52 @@ fn nbdinfo_over_tls_with_and_without_a_certificate() {
     assert!(nbdinfo(pki.dir.path()).status.success());
     listening.stop().unwrap();
 }
+
+#[test]
+fn garbage_instead_of_a_tls_handshake_is_a_typed_error() {
+    use std::io::{Read, Write};
+    use userblk::link::net::wire::{self, Opt, OptionReplyHeader};
+
+    if !have("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    let log = Log::default();
+    let (listening, addr) = serve(&pki, TlsMode::Require, &log);
+    for garbage in [&b""[..], b"\x16\x03\x01\x00", &[0x42; 300]] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut greeting = [0u8; wire::GREETING_LEN];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&wire::FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .unwrap();
+        s.write_all(&wire::encode_option(Opt::STARTTLS, &[]))
+            .unwrap();
+        let mut h = [0u8; wire::OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(OptionReplyHeader::parse(&h).unwrap().reply, Rep::ACK);
+        s.write_all(garbage).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // A client with its certificate is served all the same.
+    let uri: NbdUri = format!(
+        "nbds://127.0.0.1:{}/?tls-certificates={}",
+        addr.port(),
+        pki.dir.path().display()
+    )
+    .parse()
+    .unwrap();
+    let c = NbdClient::connect(&uri).unwrap();
+    c.write(0, &[1; 4096], false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![1; 4096]);
+    c.disconnect().unwrap();
+    listening.stop().unwrap();
+    let lines = log.0.lock().unwrap().clone();
+    let failed = lines
+        .iter()
+        .filter(|l| l.contains("handshake failed") && l.contains("TLS"))
+        .count();
+    assert_eq!(failed, 3, "{lines:#?}");
+}
