@@ -434,13 +434,17 @@ fn client_rig_against_qemu_nbd() {
 fn client_rig_against_userblk_serve_listen_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("userblk.sock");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_userblk"))
-        .args(["serve", "ram:64M", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed on drop if an assertion fails first; else it ends on SIGTERM below.
+    let mut guard = Process(
+        Command::new(env!("CARGO_BIN_EXE_userblk"))
+            .args(["serve", "ram:64M", "--listen"])
+            .arg(format!("unix:{}", sock.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let server = &mut guard.0;
     wait_for_socket(&sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let report = conformance_against(&uri);
@@ -471,9 +475,12 @@ fn client_rig_against_userblk_serve_listen_and_sigterm() {
         assert!(Instant::now() < deadline, "userblk serve ignored SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let out = server.wait_with_output().unwrap();
+    let mut stdout = String::new();
+    if let Some(mut o) = server.stdout.take() {
+        use std::io::Read as _;
+        o.read_to_string(&mut stdout).unwrap();
+    }
     assert!(status.success(), "{status}");
-    let stdout = text(&out);
     assert!(stdout.contains("stopped on SIGTERM"), "{stdout}");
     assert!(!sock.exists(), "the socket file is left behind");
     drop(c);
