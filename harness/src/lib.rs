@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod crash;
 pub mod factory;
 pub mod nbd_rig;
+pub mod net_rig;
 pub mod random;
 pub mod script;
 pub mod spec;
