@@ -3,6 +3,7 @@
 
 use userblk::{BlockDevice, MemDevice};
 use userblk_harness::conformance;
+use userblk_harness::factory::DeviceFactory;
 use userblk_harness::net_rig::{NetRig, NetTransport};
 use userblk_harness::random::{random_test, RandomConfig};
 
@@ -10,10 +11,15 @@ fn factory() -> Box<dyn BlockDevice> {
     Box::new(MemDevice::new(64 << 20))
 }
 
+/// RAM that can be re-opened and crashed, so the durability cases run too.
+fn storage() -> impl DeviceFactory {
+    userblk_harness::factory::mem(64 << 20)
+}
+
 #[test]
 fn conformance_over_tcp() {
     let rig = NetRig::new(NetTransport::Tcp);
-    let report = conformance::run_all(&rig, &factory, factory().capabilities());
+    let report = conformance::run_all(&rig, &storage(), factory().capabilities());
     println!("{report}");
     assert!(report.all_passed(), "{report}");
 }
@@ -21,7 +27,7 @@ fn conformance_over_tcp() {
 #[test]
 fn conformance_over_unix_socket() {
     let rig = NetRig::new(NetTransport::Unix);
-    let report = conformance::run_all(&rig, &factory, factory().capabilities());
+    let report = conformance::run_all(&rig, &storage(), factory().capabilities());
     println!("{report}");
     assert!(report.all_passed(), "{report}");
 }
@@ -33,7 +39,7 @@ fn conformance_over_ipv6_loopback() {
         return;
     }
     let rig = NetRig::new(NetTransport::Tcp6);
-    let report = conformance::run_all(&rig, &factory, factory().capabilities());
+    let report = conformance::run_all(&rig, &storage(), factory().capabilities());
     assert!(report.all_passed(), "{report}");
 }
 

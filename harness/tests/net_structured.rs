@@ -209,7 +209,8 @@ fn block_status_without_negotiation_is_refused() {
 fn conformance_with_simple_replies_only() {
     let mut rig = NetRig::new(NetTransport::Unix);
     rig.client.structured_replies = false;
-    let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
-    let report = conformance::run_all(&rig, &factory, factory().capabilities());
+    // Re-openable and crashable RAM, so the durability cases run too.
+    let factory = userblk_harness::factory::mem(64 << 20);
+    let report = conformance::run_all(&rig, &factory, MemDevice::new(1 << 20).capabilities());
     assert!(report.all_passed(), "{report}");
 }

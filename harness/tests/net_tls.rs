@@ -229,8 +229,9 @@ fn conformance_over_tls() {
         tls: Some((config, "localhost".into())),
         ..ClientOptions::default()
     };
-    let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
-    let report = conformance::run_all(&rig, &factory, factory().capabilities());
+    // Re-openable and crashable RAM, so the durability cases run too.
+    let factory = userblk_harness::factory::mem(64 << 20);
+    let report = conformance::run_all(&rig, &factory, MemDevice::new(1 << 20).capabilities());
     assert!(report.all_passed(), "{report}");
 }
 
