@@ -88,13 +88,12 @@ fn parse_pos(s: &str) -> Option<Pos> {
         if rest.is_empty() {
             return Some(Pos::FromEnd(0));
         }
-        let (sign, n) = rest.split_at(1);
-        let n = i64::try_from(parse_u64(n)?).ok()?;
-        return match sign {
-            "-" => Some(Pos::FromEnd(-n)),
-            "+" => Some(Pos::FromEnd(n)),
-            _ => None,
-        };
+        // By prefix, not by byte index: `rest` may start with a multi-byte character.
+        if let Some(n) = rest.strip_prefix('-') {
+            return Some(Pos::FromEnd(-i64::try_from(parse_u64(n)?).ok()?));
+        }
+        let n = rest.strip_prefix('+')?;
+        return Some(Pos::FromEnd(i64::try_from(parse_u64(n)?).ok()?));
     }
     parse_u64(s).map(Pos::Abs)
 }

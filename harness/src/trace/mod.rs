@@ -18,7 +18,7 @@ mod model;
 mod recorder;
 mod replay;
 
-pub use format::{TraceError, MAGIC, VERSION};
+pub use format::{TraceError, MAGIC, MAX_BODY, MAX_DECODED, VERSION};
 pub use model::{Expectation, Fill, VerifyReport};
 pub use recorder::Recorder;
 pub use replay::{
