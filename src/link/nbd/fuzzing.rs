@@ -6,7 +6,7 @@
 
 use super::netlink::{self, Collector, ConnectRequest, NbdCmd, Outcome};
 
-/// [`netlink::parse_messages`]: each message as `(type, seq, payload)`, or `None` when the
+/// `netlink::parse_messages`: each message as `(type, seq, payload)`, or `None` when the
 /// datagram is malformed.
 pub fn messages(datagram: &[u8]) -> Option<Vec<(u16, u32, &[u8])>> {
     netlink::parse_messages(datagram)
@@ -14,7 +14,7 @@ pub fn messages(datagram: &[u8]) -> Option<Vec<(u16, u32, &[u8])>> {
         .map(|ms| ms.into_iter().map(|m| (m.kind, m.seq, m.payload)).collect())
 }
 
-/// [`netlink::parse_attrs`]: `(type, payload)` pairs, flag bits masked off.
+/// `netlink::parse_attrs`: `(type, payload)` pairs, flag bits masked off.
 pub fn attrs(buf: &[u8]) -> Option<Vec<(u16, &[u8])>> {
     netlink::parse_attrs(buf).ok()
 }
