@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time and prints, per target, the executions, libFuzzer's
-# coverage (`cov:` edges and `ft:` features from the final stats) and the corpus size. Exits
-# non-zero if any target crashed (the input is kept in fuzz/artifacts/TARGET/).
+# coverage (`cov:` edges and `ft:` features from its last status line), the corpus it holds
+# (`corp:` inputs) and the files in fuzz/corpus/TARGET. Exits non-zero if any target crashed
+# (the input is kept in fuzz/artifacts/TARGET/).
 #
 #   fuzz/run.sh [SECONDS_PER_TARGET]      # default 10; targets run one after another
 #   TARGETS="proto server" fuzz/run.sh 60 # a subset
@@ -43,7 +44,7 @@ rm -f logs.build
 bin_dir=$(pwd)/target/x86_64-unknown-linux-gnu/release
 
 failed=0
-printf '%-16s %10s %8s %8s %8s  %s\n' target execs cov ft corpus result
+printf '%-16s %10s %8s %8s %8s %8s  %s\n' target execs cov ft corp files result
 for t in $targets; do
     mkdir -p "corpus/$t" "artifacts/$t" "logs" "seeds/$t"
     log=logs/$t.log
@@ -68,13 +69,14 @@ for t in $targets; do
     last=$(grep -E '^#[0-9]+.*cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
     cov=$(sed -n 's/.*cov: \([0-9]*\).*/\1/p' <<<"$last")
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
-    corpus=$(find "corpus/$t" -type f | wc -l)
+    corp=$(sed -n 's/.* corp: \([0-9]*\).*/\1/p' <<<"$last")
+    files=$(find "corpus/$t" -type f | wc -l)
     if [[ $rc -eq 0 ]]; then
         result=ok
     else
         result="CRASH (exit $rc; see fuzz/$log and fuzz/artifacts/$t/)"
         failed=1
     fi
-    printf '%-16s %10s %8s %8s %8s  %s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$corpus" "$result"
+    printf '%-16s %10s %8s %8s %8s %8s  %s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$files" "$result"
 done
 exit $failed
