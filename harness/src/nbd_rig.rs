@@ -96,8 +96,8 @@ impl Rig for NbdRig {
 pub struct NbdTarget {
     // Declared before `mounted`: the descriptors close before the device is unmounted on drop,
     // so the node is free when serving ends.
-    direct: File,
-    dsync: File,
+    direct: blk::BlockNode,
+    dsync: blk::BlockNode,
     export: Export,
     path: PathBuf,
     mounted: Mounted,

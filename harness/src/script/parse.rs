@@ -114,6 +114,7 @@ fn parse_pos(s: &str) -> Option<Pos> {
         if rest.is_empty() {
             return Some(Pos::FromEnd(0));
         }
+        // By prefix, not by byte index: `rest` may start with a multi-byte character.
         if let Some(n) = rest.strip_prefix('-') {
             // `checked_sub_unsigned` reaches i64::MIN, which `-i64` cannot.
             return Some(Pos::FromEnd(0i64.checked_sub_unsigned(parse_u64(n)?)?));

@@ -17,8 +17,14 @@ pub const MAGIC: [u8; 8] = *b"UBLKTRAC";
 /// The format version this code writes and reads.
 pub const VERSION: u16 = 1;
 
-/// The body is refused beyond this many bytes once decompressed (a zip bomb guard).
-const MAX_BODY: usize = 1 << 30;
+/// The body is refused beyond this many bytes once decompressed (a zip bomb guard: deflate
+/// expands up to ~1000 times). The largest shipped trace's body is 17 MB.
+pub const MAX_BODY: usize = 256 << 20;
+
+/// What a decoded trace may hold in memory (its ops, piece table and write references), counted
+/// while decoding. A FLUSH record is 3 bytes of body but an op of about 70 bytes in memory, so
+/// without this bound a body of flushes within [`MAX_BODY`] would still ask for 6 GiB.
+pub const MAX_DECODED: usize = 512 << 20;
 
 // Record tags: low 3 bits the kind, then flags.
 const T_READ: u8 = 1;
@@ -57,6 +63,15 @@ pub enum TraceError {
         at: usize,
         /// What was being read.
         what: &'static str,
+    },
+    /// The file expands beyond what a trace may use: its body beyond [`MAX_BODY`] bytes, or the
+    /// decoded trace beyond [`MAX_DECODED`] bytes of memory.
+    #[error("trace too large: {what} beyond the {limit}-byte limit")]
+    TooLarge {
+        /// "decompressed body" or "decoded trace".
+        what: &'static str,
+        /// The limit.
+        limit: usize,
     },
     /// A field has an impossible value.
     #[error("corrupt trace at body byte {at}: {what}")]
@@ -235,17 +250,7 @@ impl Trace {
         if version != VERSION || reserved != 0 {
             return Err(TraceError::UnsupportedVersion(version));
         }
-        let body = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(&bytes[12..], MAX_BODY)
-            .map_err(|e| {
-                use miniz_oxide::inflate::TINFLStatus as S;
-                TraceError::Compression(match e.status {
-                    S::FailedCannotMakeProgress => "cut short".into(),
-                    S::Adler32Mismatch => "checksum mismatch (damaged)".into(),
-                    S::HasMoreOutput => format!("larger than the {MAX_BODY}-byte limit"),
-                    other => format!("damaged ({other:?})"),
-                })
-            })?;
-        decode_body(&body)
+        decode_limited(&bytes[12..], MAX_BODY, MAX_DECODED)
     }
 
     /// Reads a trace file.
@@ -259,7 +264,51 @@ impl Trace {
     }
 }
 
-fn decode_body(body: &[u8]) -> Result<Trace, TraceError> {
+/// Decompresses and decodes a body within the given limits (the tests use small ones).
+fn decode_limited(
+    compressed: &[u8],
+    max_body: usize,
+    max_decoded: usize,
+) -> Result<Trace, TraceError> {
+    let body = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(compressed, max_body)
+        .map_err(|e| {
+            use miniz_oxide::inflate::TINFLStatus as S;
+            TraceError::Compression(match e.status {
+                S::FailedCannotMakeProgress => "cut short".into(),
+                S::Adler32Mismatch => "checksum mismatch (damaged)".into(),
+                S::HasMoreOutput => {
+                    return TraceError::TooLarge {
+                        what: "decompressed body",
+                        limit: max_body,
+                    }
+                }
+                other => format!("damaged ({other:?})"),
+            })
+        })?;
+    decode_body(&body, max_decoded)
+}
+
+/// Counts the memory a decoded trace takes, against a limit.
+struct Budget {
+    left: usize,
+    limit: usize,
+}
+
+impl Budget {
+    fn spend(&mut self, bytes: usize) -> Result<(), TraceError> {
+        self.left = self.left.checked_sub(bytes).ok_or(TraceError::TooLarge {
+            what: "decoded trace",
+            limit: self.limit,
+        })?;
+        Ok(())
+    }
+}
+
+fn decode_body(body: &[u8], max_decoded: usize) -> Result<Trace, TraceError> {
+    let mut budget = Budget {
+        left: max_decoded,
+        limit: max_decoded,
+    };
     let mut r = Reader { buf: body, pos: 0 };
     let size = r.var("device size")?;
     let at = r.pos;
@@ -310,7 +359,9 @@ fn decode_body(body: &[u8]) -> Result<Trace, TraceError> {
                 if sectors == 0 || sectors > PIECE / SECTOR || flag || failed {
                     return Err(r.corrupt_at(at, format!("piece of {sectors} sectors")));
                 }
-                pieces.push(r.bytes(sectors * SECTOR, "piece data")?.into());
+                let data = r.bytes(sectors * SECTOR, "piece data")?;
+                budget.spend(data.len() + size_of::<Box<[u8]>>())?;
+                pieces.push(data.into());
                 continue;
             }
             T_END => {
@@ -411,6 +462,11 @@ fn decode_body(body: &[u8]) -> Result<Trace, TraceError> {
             T_TRIM => OpKind::Trim,
             _ => OpKind::WriteZeroes { may_trim: flag },
         };
+        let refs = match &kind {
+            OpKind::Write { pieces, .. } => pieces.len(),
+            _ => 0,
+        };
+        budget.spend(size_of::<TraceOp>() + refs * size_of::<u32>())?;
         ops.push(TraceOp {
             start,
             end,
@@ -470,7 +526,7 @@ mod tests {
     #[test]
     fn mutated_bodies_give_errors_never_panics() {
         let body = sample().encode_body();
-        assert!(decode_body(&body).is_ok());
+        assert!(decode_body(&body, MAX_DECODED).is_ok());
         let mut seed = 0x1234_5678_9abc_def0u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -480,7 +536,7 @@ mod tests {
         };
         for cut in 0..body.len() {
             assert!(
-                decode_body(&body[..cut]).is_err(),
+                decode_body(&body[..cut], MAX_DECODED).is_err(),
                 "prefix of {cut} bytes accepted"
             );
         }
@@ -490,7 +546,7 @@ mod tests {
                 let i = (next() % b.len() as u64) as usize;
                 b[i] = next() as u8;
             }
-            let _ = decode_body(&b);
+            let _ = decode_body(&b, MAX_DECODED);
         }
     }
 
@@ -514,5 +570,71 @@ mod tests {
             pos: 0,
         };
         assert!(matches!(r.var("v"), Err(TraceError::Truncated { .. })));
+    }
+
+    /// A body of `n` FLUSH records (3 bytes each: tag, start delta, duration), compressed.
+    fn flushes(n: usize) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        for v in [1 << 20, 512, 0, 0, 0] {
+            w.var(v); // size, block size, flags, content flags, description length
+        }
+        for _ in 0..n {
+            w.bytes(&[T_FLUSH, 1, 1]);
+        }
+        w.u8(T_END);
+        w.var(n as u64);
+        w.var(0);
+        miniz_oxide::deflate::compress_to_vec_zlib(&w.0, 6)
+    }
+
+    /// Each op costs its in-memory size against the limit: a file of flushes, tiny once
+    /// compressed, cannot make the decoder allocate 24 times its body. (Before the budget, and
+    /// with the former 1 GiB body limit, a 1 MiB file of flushes asked for 25 GiB of ops.)
+    #[test]
+    fn decoded_memory_is_bounded_with_a_typed_error() {
+        let file = flushes(10_000);
+        assert!(file.len() < 1000, "{} bytes compressed", file.len());
+        let op = size_of::<TraceOp>();
+        let trace = decode_limited(&file, MAX_BODY, 10_000 * op).unwrap();
+        assert_eq!(trace.ops.len(), 10_000);
+        let err = decode_limited(&file, MAX_BODY, 10_000 * op - 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TraceError::TooLarge {
+                    what: "decoded trace",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trace too large: decoded trace beyond the {}-byte limit",
+                10_000 * op - 1
+            )
+        );
+    }
+
+    #[test]
+    fn a_body_beyond_the_limit_is_too_large() {
+        let file = flushes(10_000);
+        let err = decode_limited(&file, 1000, MAX_DECODED).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TraceError::TooLarge {
+                    what: "decompressed body",
+                    limit: 1000
+                }
+            ),
+            "{err:?}"
+        );
+        // Through the public entry point, with the real limits, the same file is fine.
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0, 0, 0]);
+        bytes.extend_from_slice(&file);
+        assert_eq!(Trace::decode(&bytes).unwrap().ops.len(), 10_000);
     }
 }

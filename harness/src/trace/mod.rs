@@ -21,7 +21,7 @@ mod recorder;
 mod replay;
 
 pub use as_recorded::{replay_kernel, replay_loopback};
-pub use format::{TraceError, MAGIC, VERSION};
+pub use format::{TraceError, MAGIC, MAX_BODY, MAX_DECODED, VERSION};
 pub use model::{Expectation, Fill, VerifyReport};
 pub use recorder::Recorder;
 pub use replay::{

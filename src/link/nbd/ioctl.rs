@@ -1,15 +1,24 @@
-//! Configuring the driver with the classic ioctls, in the order nbd-client uses: open
-//! `/dev/nbdN`, SET_BLKSIZE, SET_SIZE_BLOCKS, CLEAR_SOCK, SET_FLAGS, SET_TIMEOUT, SET_SOCK (each
-//! socket), DO_IT, then CLEAR_SOCK and close once DO_IT returns.
+//! Configuring the driver with the classic ioctls: open `/dev/nbdN`, SET_SOCK (the first socket),
+//! SET_BLKSIZE, SET_SIZE_BLOCKS, SET_FLAGS, SET_TIMEOUT, SET_SOCK (the other sockets), DO_IT, then
+//! CLEAR_SOCK and close once DO_IT returns.
+//!
+//! The first SET_SOCK claims the device before anything changes it: the kernel takes it for the
+//! calling task only if no other task is setting it up and it is not running, and fails with
+//! EBUSY otherwise (`nbd_add_socket`, `task_setup`, drivers/block/nbd.c). nbd-client sends
+//! CLEAR_SOCK first instead, but CLEAR_SOCK shuts down the sockets of whoever holds the device,
+//! even a device started by netlink (`nbd_ioctl` lets CLEAR_SOCK through on a bound device;
+//! `nbd_clear_sock_ioctl` -> `sock_shutdown`), so with an automatically picked device it could
+//! tear down another process's. Nothing is cleared here before the claim, and after a failure
+//! only our own claim is.
 //!
 //! All of it runs on one thread of its own (the kernel wants SET_SOCK and DO_IT from the task that
 //! set the device up), with most signals blocked: a handled signal would abort DO_IT and tear the
 //! device down. That thread only configures the device; it never reads or writes it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
@@ -18,10 +27,7 @@ use std::thread::{self, JoinHandle};
 
 use nix::sys::signal::{SigSet, Signal};
 
-use super::sys::{nbd_ioctl, NbdIoctl};
-
-/// The NBD driver's block major number.
-const NBD_MAJOR: u64 = 43;
+use super::sys::{nbd_ioctl, NbdIoctl, NbdNode};
 
 /// What the ioctls tell the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,12 +52,13 @@ pub(crate) struct SetupError {
 pub(crate) struct DoIt {
     /// The device, open read-write; shared so that DISCONNECT, SET_TIMEOUT and fsync can be
     /// issued from other threads while DO_IT blocks.
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<NbdNode>,
     pub(crate) thread: JoinHandle<io::Result<()>>,
 }
 
-/// Opens `path`, checking that it is an NBD device node (block major 43).
-fn open_device(path: &Path) -> Result<File, SetupError> {
+/// Opens `path`, checking that it is an NBD device node (block major 43); anything else is
+/// ENODEV, which the caller reports as "not an NBD device".
+fn open_device(path: &Path) -> Result<NbdNode, SetupError> {
     let open_err = |source| SetupError {
         ioctl: None,
         source,
@@ -62,12 +69,12 @@ fn open_device(path: &Path) -> Result<File, SetupError> {
         .custom_flags(nix::libc::O_CLOEXEC)
         .open(path)
         .map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    let major = (meta.rdev() >> 8) & 0xfff;
-    if !meta.file_type().is_block_device() || major != NBD_MAJOR {
-        return Err(open_err(io::Error::from_raw_os_error(nix::libc::ENODEV)));
-    }
-    Ok(file)
+    NbdNode::new(file).map_err(|e| {
+        open_err(match e {
+            super::blk::NodeError::Stat(source) => source,
+            _ => io::Error::from_raw_os_error(nix::libc::ENODEV),
+        })
+    })
 }
 
 /// Blocks every signal that can be blocked except the synchronous ones (a fault must still
@@ -97,34 +104,29 @@ pub(crate) fn start(
     config: IoctlConfig,
     kernel_ends: Vec<UnixStream>,
 ) -> Result<DoIt, SetupError> {
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<OwnedFd>, SetupError>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<NbdNode>, SetupError>>();
     let path = path.to_path_buf();
     let thread = thread::Builder::new()
         .name("userblk-nbd-doit".into())
         .spawn(move || -> io::Result<()> {
             block_signals();
-            let fd: Arc<OwnedFd> = match open_device(&path) {
-                Ok(f) => Arc::new(f.into()),
+            let node = match open_device(&path) {
+                Ok(n) => Arc::new(n),
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return Ok(());
                 }
             };
-            let mut socks_given = 0;
-            let setup = configure(&fd, config, &kernel_ends, &mut socks_given);
+            let setup =
+                socket_args(&kernel_ends).and_then(|socks| configure(&mut &*node, config, &socks));
             drop(kernel_ends);
             if let Err(e) = setup {
-                // Release what we set up; with no socket given, the device was never ours (it
-                // may be someone else's, being set up), so it is left alone.
-                if socks_given > 0 {
-                    let _ = nbd_ioctl(fd.as_fd(), NbdIoctl::ClearSock, 0);
-                }
                 let _ = ready_tx.send(Err(e));
                 return Ok(());
             }
-            let _ = ready_tx.send(Ok(Arc::clone(&fd)));
-            let result = nbd_ioctl(fd.as_fd(), NbdIoctl::DoIt, 0);
-            let _ = nbd_ioctl(fd.as_fd(), NbdIoctl::ClearSock, 0);
+            let _ = ready_tx.send(Ok(Arc::clone(&node)));
+            let result = nbd_ioctl(&node, NbdIoctl::DoIt, 0);
+            let _ = nbd_ioctl(&node, NbdIoctl::ClearSock, 0);
             result
         })
         .map_err(|source| SetupError {
@@ -148,32 +150,155 @@ pub(crate) fn start(
     }
 }
 
-fn configure(
-    fd: &OwnedFd,
+/// The NBD ioctls the set-up issues: on the device, or in tests on a recorder.
+pub(crate) trait NbdCalls {
+    /// Issues `ioctl` with `arg`.
+    fn call(&mut self, ioctl: NbdIoctl, arg: u64) -> io::Result<()>;
+}
+
+impl NbdCalls for &NbdNode {
+    fn call(&mut self, ioctl: NbdIoctl, arg: u64) -> io::Result<()> {
+        nbd_ioctl(self, ioctl, arg)
+    }
+}
+
+/// The kernel ends' descriptors as SET_SOCK arguments.
+fn socket_args(kernel_ends: &[UnixStream]) -> Result<Vec<u64>, SetupError> {
+    kernel_ends
+        .iter()
+        .map(|s| {
+            u64::try_from(s.as_raw_fd()).map_err(|_| SetupError {
+                ioctl: Some(NbdIoctl::SetSock),
+                source: io::Error::from_raw_os_error(nix::libc::EBADF),
+            })
+        })
+        .collect()
+}
+
+/// Everything before DO_IT. The first SET_SOCK claims the device (EBUSY if another task is
+/// setting it up or it runs), so nothing changes a device that is not ours; on a failure after
+/// the claim, CLEAR_SOCK releases it (our sockets only).
+pub(crate) fn configure(
+    calls: &mut impl NbdCalls,
     c: IoctlConfig,
-    kernel_ends: &[UnixStream],
-    socks_given: &mut usize,
+    socks: &[u64],
 ) -> Result<(), SetupError> {
-    let call = |ioctl: NbdIoctl, arg: u64| {
-        nbd_ioctl(fd.as_fd(), ioctl, arg).map_err(|source| SetupError {
+    let mut call = |ioctl: NbdIoctl, arg: u64| {
+        calls.call(ioctl, arg).map_err(|source| SetupError {
             ioctl: Some(ioctl),
             source,
         })
     };
-    call(NbdIoctl::SetBlksize, u64::from(c.block_size))?;
-    call(NbdIoctl::SetSizeBlocks, c.size / u64::from(c.block_size))?;
-    call(NbdIoctl::ClearSock, 0)?;
-    call(NbdIoctl::SetFlags, c.flags)?;
-    if c.timeout > 0 {
-        call(NbdIoctl::SetTimeout, c.timeout)?;
-    }
-    for s in kernel_ends {
-        let raw = u64::try_from(s.as_raw_fd()).map_err(|_| SetupError {
+    let Some((&first, rest)) = socks.split_first() else {
+        return Err(SetupError {
             ioctl: Some(NbdIoctl::SetSock),
-            source: io::Error::from_raw_os_error(nix::libc::EBADF),
-        })?;
-        call(NbdIoctl::SetSock, raw)?;
-        *socks_given += 1;
+            source: io::Error::from_raw_os_error(nix::libc::EINVAL),
+        });
+    };
+    call(NbdIoctl::SetSock, first)?;
+    let claimed = (|| {
+        call(NbdIoctl::SetBlksize, u64::from(c.block_size))?;
+        call(NbdIoctl::SetSizeBlocks, c.size / u64::from(c.block_size))?;
+        call(NbdIoctl::SetFlags, c.flags)?;
+        if c.timeout > 0 {
+            call(NbdIoctl::SetTimeout, c.timeout)?;
+        }
+        for &s in rest {
+            call(NbdIoctl::SetSock, s)?;
+        }
+        Ok(())
+    })();
+    if claimed.is_err() {
+        let _ = calls.call(NbdIoctl::ClearSock, 0);
     }
-    Ok(())
+    claimed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the calls, failing the `nth` call to `fail_on` with `errno`.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<(NbdIoctl, u64)>,
+        fail: Option<(NbdIoctl, usize, i32)>,
+    }
+
+    impl NbdCalls for Recorder {
+        fn call(&mut self, ioctl: NbdIoctl, arg: u64) -> io::Result<()> {
+            self.calls.push((ioctl, arg));
+            if let Some((which, nth, errno)) = self.fail {
+                let seen = self.calls.iter().filter(|(i, _)| *i == which).count();
+                if which == ioctl && seen == nth {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    const CONFIG: IoctlConfig = IoctlConfig {
+        block_size: 4096,
+        size: 64 << 20,
+        flags: 0x10d,
+        timeout: 30,
+    };
+
+    #[test]
+    fn the_first_call_claims_the_device_and_nothing_clears_it() {
+        let mut r = Recorder::default();
+        configure(&mut r, CONFIG, &[5, 6]).unwrap();
+        use NbdIoctl::*;
+        assert_eq!(
+            r.calls,
+            [
+                (SetSock, 5),
+                (SetBlksize, 4096),
+                (SetSizeBlocks, 16384),
+                (SetFlags, 0x10d),
+                (SetTimeout, 30),
+                (SetSock, 6),
+            ]
+        );
+    }
+
+    /// Another task is setting the device up (or runs it): the kernel refuses our SET_SOCK with
+    /// EBUSY, and then nothing else is sent: no size, and above all no CLEAR_SOCK, which would
+    /// have shut down the other task's sockets.
+    #[test]
+    fn a_device_claimed_by_another_task_is_left_alone() {
+        let mut r = Recorder {
+            fail: Some((NbdIoctl::SetSock, 1, nix::libc::EBUSY)),
+            ..Recorder::default()
+        };
+        let e = configure(&mut r, CONFIG, &[5]).unwrap_err();
+        assert_eq!(e.ioctl, Some(NbdIoctl::SetSock));
+        assert_eq!(e.source.raw_os_error(), Some(nix::libc::EBUSY));
+        assert_eq!(r.calls, [(NbdIoctl::SetSock, 5)]);
+    }
+
+    /// A failure once the device is ours releases it: CLEAR_SOCK, last and once.
+    #[test]
+    fn a_failure_after_the_claim_releases_our_claim_only() {
+        for (fail, nth) in [(NbdIoctl::SetBlksize, 1), (NbdIoctl::SetSock, 2)] {
+            let mut r = Recorder {
+                fail: Some((fail, nth, nix::libc::EINVAL)),
+                ..Recorder::default()
+            };
+            let e = configure(&mut r, CONFIG, &[5, 6]).unwrap_err();
+            assert_eq!(e.ioctl, Some(fail));
+            assert_eq!(r.calls.first(), Some(&(NbdIoctl::SetSock, 5)));
+            assert_eq!(r.calls.last(), Some(&(NbdIoctl::ClearSock, 0)));
+            let clears = r.calls.iter().filter(|(i, _)| *i == NbdIoctl::ClearSock);
+            assert_eq!(clears.count(), 1, "{fail:?}: {:?}", r.calls);
+        }
+    }
+
+    #[test]
+    fn no_socket_is_an_error_before_any_call() {
+        let mut r = Recorder::default();
+        assert!(configure(&mut r, CONFIG, &[]).is_err());
+        assert!(r.calls.is_empty());
+    }
 }

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::ioctl::{self, IoctlConfig, SetupError};
 use super::mount::MountOptions;
 use super::netlink::{ConnectRequest, NbdNetlink, RequestError};
-use super::sys::{self, nbd_ioctl, NbdIoctl};
+use super::sys::{self, nbd_ioctl, NbdIoctl, NbdNode};
 use super::{
     block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
     request_error, Context, Setup, Step, EBUSY,
@@ -52,7 +52,7 @@ struct State {
     /// What the kernel was told.
     export: Option<Export>,
     /// The device node, open while DO_IT runs (ioctl set-up only).
-    ioctl_fd: Option<Arc<OwnedFd>>,
+    ioctl_fd: Option<Arc<NbdNode>>,
     disconnect_sent: bool,
     unmount_requested: bool,
     io_flusher: bool,
@@ -174,6 +174,20 @@ impl MountHandle {
     /// server then sees DISC, answers what is in flight, calls the device's `unmount` and
     /// returns; the device node is free again once it has. Disconnects even when the flush
     /// fails, and returns the flush's error then. Unmounting twice is harmless.
+    ///
+    /// # Requests still in flight
+    ///
+    /// With netlink set-up (the default), the kernel's DISCONNECT sends DISC and then shuts the
+    /// sockets down at once, failing every request still in flight with EIO: drivers/block/nbd.c,
+    /// `nbd_genl_disconnect` -> `nbd_disconnect_and_put` -> `nbd_disconnect` (DISC) then
+    /// `nbd_clear_sock` -> `sock_shutdown` and `nbd_clear_que` (each pending request completed
+    /// with `BLK_STS_IOERR`); read in mainline 5.x, and the same in the 5.15–6.17 sources this
+    /// project checked (`NBD-KERNEL.md`). The server may nevertheless already have the request
+    /// and still apply it to the device: a write the application saw fail with EIO can be on the
+    /// device after the unmount. So stop writers (unmount the file system, close the node) before
+    /// unmounting if that matters; the flush only covers writes that completed before it. The
+    /// ioctl set-up's DISCONNECT only sends DISC, and DO_IT returns once the server has answered
+    /// and closed, so nothing is failed there.
     pub fn unmount(&self) -> Result<(), LinkError> {
         let flushed = self.flush();
         self.disconnect()?;
@@ -181,7 +195,8 @@ impl MountHandle {
     }
 
     /// Asks the kernel to disconnect at once, without flushing: it sends DISC on every
-    /// connection (netlink DISCONNECT also shuts them down, failing requests still in flight).
+    /// connection (netlink DISCONNECT also shuts them down, failing requests still in flight
+    /// with EIO while the device may still apply them: see [`unmount`](Self::unmount)).
     /// Before the link has started, the disconnect happens as soon as it has.
     pub fn disconnect(&self) -> Result<(), LinkError> {
         let (index, setup, fd) = {
@@ -227,7 +242,7 @@ impl MountHandle {
         let secs = whole_seconds(timeout);
         let cx = context(Some(index), 512);
         match (setup, fd) {
-            (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd.as_fd(), NbdIoctl::SetTimeout, secs)
+            (Setup::Ioctl, Some(fd)) => nbd_ioctl(&fd, NbdIoctl::SetTimeout, secs)
                 .map_err(|e| io_error(Step::Other(NbdIoctl::SetTimeout.name()), e, &cx)),
             _ => NbdNetlink::open()
                 .and_then(|mut nl| nl.set_timeout(index, secs))
@@ -236,10 +251,10 @@ impl MountHandle {
     }
 }
 
-fn send_disconnect(index: u32, setup: Setup, fd: Option<&OwnedFd>) -> Result<(), LinkError> {
+fn send_disconnect(index: u32, setup: Setup, fd: Option<&NbdNode>) -> Result<(), LinkError> {
     let cx = context(Some(index), 512);
     match (setup, fd) {
-        (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd.as_fd(), NbdIoctl::Disconnect, 0)
+        (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd, NbdIoctl::Disconnect, 0)
             .map_err(|e| io_error(Step::Other(NbdIoctl::Disconnect.name()), e, &cx)),
         _ => NbdNetlink::open()
             .and_then(|mut nl| nl.disconnect(index))
@@ -496,10 +511,16 @@ impl NbdLink {
         let mut last = None;
         for index in candidates {
             let cx = context(Some(index), export.block_size);
-            // Never configure a device that has a server: the ioctls (CLEAR_SOCK first of all)
-            // would break it. One that only lingers, held open by udev, frees up soon.
+            // Never try a device that has a server. One that only lingers, held open by udev,
+            // frees up soon; with auto-pick, one taken since the listing is skipped. (The check
+            // is only a courtesy: the set-up's first SET_SOCK is what claims the device, and it
+            // fails with EBUSY rather than disturb a device another task holds.)
             if wanted.is_some() && !wait_until_free(index, deadline) {
                 return Err(classify(Step::Other("NBD_SET_SOCK"), EBUSY, &cx));
+            }
+            if wanted.is_none() && device_connected(index) {
+                last = Some(classify(Step::Other("NBD_SET_SOCK"), EBUSY, &cx));
+                continue;
             }
             loop {
                 match try_ioctl(index, config, export, &kernel_ends, &cx) {
@@ -671,7 +692,7 @@ fn wait_until_free(index: u32, deadline: Instant) -> bool {
 
 /// Closes the device node once no handle still uses it (a flush or timeout change in flight
 /// holds a reference for the length of one call).
-fn close_last(fd: Option<Arc<OwnedFd>>) {
+fn close_last(fd: Option<Arc<NbdNode>>) {
     let Some(mut fd) = fd else { return };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

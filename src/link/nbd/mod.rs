@@ -39,6 +39,8 @@ use std::path::{Path, PathBuf};
 use crate::link::LinkError;
 
 pub mod blk;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ioctl;
 mod link;
 mod mount;

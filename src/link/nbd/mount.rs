@@ -336,7 +336,8 @@ impl Mounted {
     }
 
     /// Unmounts (flush, DISC) and waits for the server; returns how serving ended, or the
-    /// flush's error.
+    /// flush's error. Requests still in flight when the kernel disconnects fail with EIO and
+    /// may still reach the device: see [`MountHandle::unmount`].
     pub fn unmount(mut self) -> Result<(), ServerError> {
         let flushed = self.handle.unmount();
         let served = self.join();

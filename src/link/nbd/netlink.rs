@@ -114,11 +114,31 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn put_attr_header(buf: &mut Vec<u8>, kind: u16, payload_len: usize) {
-    // Lengths are bounded by what this module builds (a few hundred bytes).
-    let len = u16::try_from(NLA_HDRLEN + payload_len).unwrap_or(u16::MAX);
+/// Why a request could not be encoded: netlink counts an attribute's length in 16 bits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EncodeError {
+    /// An attribute (with what is nested in it) is longer than `nla_len` can say: e.g. the
+    /// SOCKETS list of more than 5,460 connections.
+    #[error(
+        "netlink attribute {kind} would be {len} bytes, beyond the 65,535 its length field holds"
+    )]
+    AttrTooLong {
+        /// The attribute's type.
+        kind: u16,
+        /// Its length with its header.
+        len: usize,
+    },
+}
+
+fn attr_len(kind: u16, len: usize) -> Result<u16, EncodeError> {
+    u16::try_from(len).map_err(|_| EncodeError::AttrTooLong { kind, len })
+}
+
+fn put_attr_header(buf: &mut Vec<u8>, kind: u16, payload_len: usize) -> Result<(), EncodeError> {
+    let len = attr_len(kind, NLA_HDRLEN + payload_len)?;
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
+    Ok(())
 }
 
 fn pad(buf: &mut Vec<u8>) {
@@ -126,60 +146,64 @@ fn pad(buf: &mut Vec<u8>) {
 }
 
 impl Attr {
-    fn encode(&self, buf: &mut Vec<u8>) {
+    fn encode(&self, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
         match self {
             Attr::U32(kind, v) => {
-                put_attr_header(buf, *kind, 4);
+                put_attr_header(buf, *kind, 4)?;
                 buf.extend_from_slice(&v.to_ne_bytes());
             }
             Attr::U64(kind, v) => {
-                put_attr_header(buf, *kind, 8);
+                put_attr_header(buf, *kind, 8)?;
                 buf.extend_from_slice(&v.to_ne_bytes());
             }
             Attr::Str(kind, s) => {
-                put_attr_header(buf, *kind, s.len() + 1);
+                put_attr_header(buf, *kind, s.len() + 1)?;
                 buf.extend_from_slice(s.as_bytes());
                 buf.push(0);
             }
             Attr::Nested(kind, children) => {
                 let start = buf.len();
-                put_attr_header(buf, *kind, 0);
+                put_attr_header(buf, *kind, 0)?;
                 for c in children {
-                    c.encode(buf);
+                    c.encode(buf)?;
                 }
-                let len = u16::try_from(buf.len() - start).unwrap_or(u16::MAX);
+                let len = attr_len(*kind, buf.len() - start)?;
                 buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
             }
         }
         pad(buf);
+        Ok(())
     }
 }
 
 /// Builds one generic netlink request: headers and attributes, asking for an acknowledgement.
+/// Fails rather than write a length that does not fit its field (the kernel would misparse
+/// the rest).
 pub(crate) fn encode_request(
     family: u16,
     seq: u32,
     cmd: u8,
     version: u8,
     attrs: &[Attr],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, EncodeError> {
     let mut buf = Vec::with_capacity(64);
     buf.extend_from_slice(&[0; NLMSG_HDRLEN]);
     buf.extend_from_slice(&[cmd, version, 0, 0]);
     for a in attrs {
-        a.encode(&mut buf);
+        a.encode(&mut buf)?;
     }
+    // Bounded by the attributes' 16-bit lengths times their (few) count.
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
     buf[0..4].copy_from_slice(&len.to_ne_bytes());
     buf[4..6].copy_from_slice(&family.to_ne_bytes());
     buf[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     buf[8..12].copy_from_slice(&seq.to_ne_bytes());
     // pid 0: the kernel fills in our port id.
-    buf
+    Ok(buf)
 }
 
 /// The GETFAMILY request that resolves a family name to its id.
-pub(crate) fn get_family_request(seq: u32, name: &str) -> Vec<u8> {
+pub(crate) fn get_family_request(seq: u32, name: &str) -> Result<Vec<u8>, EncodeError> {
     encode_request(
         GENL_ID_CTRL,
         seq,
@@ -199,7 +223,15 @@ pub(crate) enum DecodeError {
     /// A reply lacked an attribute the request's answer must carry.
     #[error("netlink reply without attribute {0}")]
     MissingAttr(u16),
+    /// An `NLMSG_ERROR` whose error is neither 0 (an acknowledgement) nor a negative errno
+    /// (-1 ..= -4095, the kernel's `MAX_ERRNO`).
+    #[error("netlink error value {0} is not 0 or a negative errno")]
+    BadErrno(i32),
 }
+
+/// The most negative error an `NLMSG_ERROR` carries: minus the kernel's largest errno
+/// (`MAX_ERRNO`, include/linux/err.h).
+const MIN_ERROR: i32 = -4095;
 
 /// One netlink message as received.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,10 +381,10 @@ impl Collector {
             match m.kind {
                 NLMSG_ERROR => {
                     let raw = u32_at(m.payload, 0).ok_or(DecodeError::Malformed(0))? as i32;
-                    return Ok(Some(if raw == 0 {
-                        Outcome::Ok(std::mem::take(&mut self.replies))
-                    } else {
-                        Outcome::Errno(raw.saturating_neg())
+                    return Ok(Some(match raw {
+                        0 => Outcome::Ok(std::mem::take(&mut self.replies)),
+                        MIN_ERROR..=-1 => Outcome::Errno(-raw),
+                        _ => return Err(DecodeError::BadErrno(raw)),
                     }));
                 }
                 NLMSG_DONE => return Ok(Some(Outcome::Ok(std::mem::take(&mut self.replies)))),
@@ -397,11 +429,12 @@ impl GenlSocket {
     /// Sends a request built by `build(seq)` and waits for its acknowledgement.
     pub(crate) fn request(
         &mut self,
-        build: impl FnOnce(u32) -> Vec<u8>,
+        build: impl FnOnce(u32) -> Result<Vec<u8>, EncodeError>,
     ) -> Result<Vec<Vec<u8>>, RequestError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let msg = build(seq);
+        let msg = build(seq)
+            .map_err(|e| RequestError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         send(self.fd.as_raw_fd(), &msg, MsgFlags::empty())
             .map_err(|e| RequestError::Io(e.into()))?;
         let mut collector = Collector::default();
@@ -581,7 +614,7 @@ mod tests {
             0x02, 0x00,             // nla_type CTRL_ATTR_FAMILY_NAME
             b'n', b'b', b'd', 0x00, // "nbd", NUL-terminated, already 4-aligned
         ];
-        assert_eq!(get_family_request(7, "nbd"), want);
+        assert_eq!(get_family_request(7, "nbd"), Ok(want.to_vec()));
     }
 
     #[test]
@@ -601,7 +634,8 @@ mod tests {
             NbdCmd::Connect as u8,
             NBD_GENL_VERSION,
             &req.attrs(),
-        );
+        )
+        .unwrap();
         #[rustfmt::skip]
         let want: &[u8] = &[
             0x68, 0x00, 0x00, 0x00, // nlmsg_len 104
@@ -767,6 +801,61 @@ mod tests {
             let _ = parse_messages(&junk);
             let _ = parse_attrs(&junk);
             let _ = parse_status_reply(&junk);
+        }
+    }
+
+    /// Found by the `netlink_encode` fuzz target: a CONNECT for 7,087 connections overflowed the
+    /// SOCKETS attribute's 16-bit length, which was clamped to 65,535, and the kernel would have
+    /// read the rest of the list as other attributes. Now the request is refused before sending.
+    #[test]
+    fn a_socket_list_beyond_netlinks_lengths_is_refused() {
+        let req = |n: u32| ConnectRequest {
+            index: None,
+            size: 1 << 20,
+            block_size: 512,
+            flags: 1,
+            timeout: None,
+            dead_conn_timeout: None,
+            fds: (0..n).collect(),
+        };
+        // 4 header bytes + 12 per socket: 5,460 fit in 65,535, 5,461 do not.
+        let fits = encode_request(0x1a, 1, 1, 1, &req(5460).attrs()).unwrap();
+        let msgs = parse_messages(&fits).unwrap();
+        let attrs = genl_attrs(msgs[0].payload).unwrap();
+        let socks = attrs.iter().find(|(k, _)| *k == attr::SOCKETS).unwrap().1;
+        assert_eq!(parse_attrs(socks).unwrap().len(), 5460);
+        assert_eq!(
+            encode_request(0x1a, 1, 1, 1, &req(7087).attrs()),
+            Err(EncodeError::AttrTooLong {
+                kind: attr::SOCKETS,
+                len: 4 + 12 * 7087
+            })
+        );
+        let long_name = "n".repeat(70_000);
+        assert!(matches!(
+            get_family_request(1, &long_name),
+            Err(EncodeError::AttrTooLong { kind: 2, .. })
+        ));
+    }
+
+    /// Found by the `netlink` fuzz target: an NLMSG_ERROR carrying a positive value became a
+    /// negative "errno". Only 0 and -1 ..= -4095 are meaningful; anything else is malformed.
+    #[test]
+    fn an_error_value_that_is_no_errno_is_malformed() {
+        let ack = |error: i32| {
+            let mut d = vec![0x24, 0, 0, 0, 0x02, 0, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 0];
+            d.extend_from_slice(&error.to_ne_bytes());
+            d.extend_from_slice(&[0; 16]);
+            d
+        };
+        let mut c = Collector::default();
+        assert_eq!(c.feed(9, &ack(-4095)), Ok(Some(Outcome::Errno(4095))));
+        for bad in [1, 0x4d00, -4096, i32::MIN] {
+            assert_eq!(
+                Collector::default().feed(9, &ack(bad)),
+                Err(DecodeError::BadErrno(bad)),
+                "{bad}"
+            );
         }
     }
 }

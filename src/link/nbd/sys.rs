@@ -2,11 +2,47 @@
 //! wraps one call whose arguments are plain integers or pointers to locals that outlive it, and
 //! says why in its `SAFETY` comment. Everything above this file is safe Rust.
 
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::thread::JoinHandleExt;
+use std::thread::JoinHandle;
 
 use nix::libc;
 use nix::sys::ioctl::ioctl_num_type;
+
+use super::blk::{block_metadata, BlockNode, NodeError};
+
+/// The NBD driver's block major number (include/uapi/linux/major.h, `NBD_MAJOR`).
+pub(crate) const NBD_MAJOR: u64 = 43;
+
+/// An open NBD device node: a block device with NBD's major number, checked with `fstat` when
+/// it was made. The NBD ioctls are only issued on one of these: on another file their numbers
+/// could mean another driver's ioctls.
+#[derive(Debug)]
+pub(crate) struct NbdNode(File);
+
+impl NbdNode {
+    /// Checks that `file` is an NBD device node.
+    pub(crate) fn new(file: File) -> Result<NbdNode, NodeError> {
+        let meta = block_metadata(&file)?;
+        let (major, minor) = (
+            nix::sys::stat::major(meta.rdev()),
+            nix::sys::stat::minor(meta.rdev()),
+        );
+        if major != NBD_MAJOR {
+            return Err(NodeError::NotNbd { major, minor });
+        }
+        Ok(NbdNode(file))
+    }
+}
+
+impl AsFd for NbdNode {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
 
 /// The NBD driver's ioctls (`_IO(0xab, n)`, include/uapi/linux/nbd.h). All take their argument
 /// by value.
@@ -50,14 +86,15 @@ impl NbdIoctl {
     }
 }
 
-/// Issues an NBD ioctl on `fd`, which the caller has checked is an NBD device node.
-pub(crate) fn nbd_ioctl(fd: BorrowedFd<'_>, cmd: NbdIoctl, arg: u64) -> io::Result<()> {
+/// Issues an NBD ioctl on an NBD device node.
+pub(crate) fn nbd_ioctl(node: &NbdNode, cmd: NbdIoctl, arg: u64) -> io::Result<()> {
     let arg =
         libc::c_ulong::try_from(arg).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: `fd` is open for the whole call (a BorrowedFd cannot outlive its descriptor), and
-    // the NBD ioctls take their argument by value: the kernel never dereferences it, so no
-    // memory of ours is read or written whatever the value.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), cmd.request(), arg) };
+    // SAFETY: `node` is open for the whole call (it is borrowed), and is an NBD device node
+    // (checked when it was made), so the request number means the NBD driver's ioctl, which
+    // takes its argument by value: the kernel never dereferences it, so no memory of ours is
+    // read or written whatever the value.
+    let rc = unsafe { libc::ioctl(node.as_fd().as_raw_fd(), cmd.request(), arg) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -68,11 +105,13 @@ pub(crate) fn nbd_ioctl(fd: BorrowedFd<'_>, cmd: NbdIoctl, arg: u64) -> io::Resu
 const BLK: u8 = 0x12;
 
 /// BLKGETSIZE64: the device's size in bytes.
-pub(crate) fn blk_get_size64(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(crate) fn blk_get_size64(dev: &BlockNode) -> io::Result<u64> {
+    let fd = dev.as_fd();
     let mut size: u64 = 0;
     let req: ioctl_num_type = nix::request_code_read!(BLK, 114, size_of::<usize>());
-    // SAFETY: BLKGETSIZE64 writes one u64 (size_t on 64-bit Linux; the request encodes that
-    // size) through the pointer, which points to `size`, a live local of that type.
+    // SAFETY: `dev` is a block device (checked when the BlockNode was made), so the request is
+    // the block layer's BLKGETSIZE64, which writes one u64 (size_t on 64-bit Linux; the request
+    // encodes that size) through the pointer, which points to `size`, a live local of that type.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut size as *mut u64) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -81,11 +120,12 @@ pub(crate) fn blk_get_size64(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 /// BLKSSZGET: the logical block size.
-pub(crate) fn blk_ssz_get(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub(crate) fn blk_ssz_get(dev: &BlockNode) -> io::Result<u32> {
+    let fd = dev.as_fd();
     let mut size: libc::c_int = 0;
     let req: ioctl_num_type = nix::request_code_none!(BLK, 104);
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points to `size`, a live
-    // local c_int.
+    // SAFETY: `dev` is a block device, so this is the block layer's BLKSSZGET, which writes one
+    // int through the pointer, which points to `size`, a live local c_int.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut size as *mut libc::c_int) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -94,9 +134,11 @@ pub(crate) fn blk_ssz_get(fd: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// BLKFLSBUF: writes back and drops the device's buffer cache.
-pub(crate) fn blk_flsbuf(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn blk_flsbuf(dev: &BlockNode) -> io::Result<()> {
+    let fd = dev.as_fd();
     let req: ioctl_num_type = nix::request_code_none!(BLK, 97);
-    // SAFETY: BLKFLSBUF ignores its argument; 0 is passed and nothing of ours is touched.
+    // SAFETY: `dev` is a block device, so this is the block layer's BLKFLSBUF, which ignores
+    // its argument; 0 is passed and nothing of ours is touched.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, 0 as libc::c_ulong) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -114,16 +156,13 @@ pub(crate) enum RangeIoctl {
 }
 
 /// BLKDISCARD or BLKZEROOUT on `offset..offset + len`.
-pub(crate) fn blk_range(
-    fd: BorrowedFd<'_>,
-    cmd: RangeIoctl,
-    offset: u64,
-    len: u64,
-) -> io::Result<()> {
+pub(crate) fn blk_range(dev: &BlockNode, cmd: RangeIoctl, offset: u64, len: u64) -> io::Result<()> {
+    let fd = dev.as_fd();
     let range: [u64; 2] = [offset, len];
     let req: ioctl_num_type = nix::request_code_none!(BLK, cmd as u8);
-    // SAFETY: both ioctls read exactly two u64 through the pointer, which points to `range`, a
-    // live local [u64; 2]; they do not write through it.
+    // SAFETY: `dev` is a block device, so these are the block layer's BLKDISCARD/BLKZEROOUT,
+    // which read exactly two u64 through the pointer, which points to `range`, a live local
+    // [u64; 2]; they do not write through it.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, range.as_ptr()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -154,22 +193,17 @@ pub(crate) fn page_size() -> u64 {
     u64::try_from(size).unwrap_or(4096).max(4096)
 }
 
-/// A thread that can be woken with a signal (see [`signal_thread`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct PthreadId(libc::pthread_t);
-
-/// The calling thread.
-pub(crate) fn current_thread() -> PthreadId {
-    // SAFETY: pthread_self has no preconditions and always succeeds.
-    PthreadId(unsafe { libc::pthread_self() })
-}
-
-/// Sends `signal` to `thread`, which the caller guarantees has not exited (the signal waiter
-/// only exits after it has been told to stop, which is what this call is for).
-pub(crate) fn signal_thread(thread: PthreadId, signal: nix::sys::signal::Signal) -> io::Result<()> {
-    // SAFETY: `thread` names a live thread of this process (see above), so the pthread_t is
-    // valid; the signal is a valid signal number.
-    let rc = unsafe { libc::pthread_kill(thread.0, signal as libc::c_int) };
+/// Sends `signal` to the thread of `thread`. A `JoinHandle` that is neither joined (joining
+/// consumes it) nor dropped (dropping detaches the thread) keeps its `pthread_t` valid even
+/// after the thread has returned, and the borrow keeps it so for the whole call.
+pub(crate) fn signal_thread<T>(
+    thread: &JoinHandle<T>,
+    signal: nix::sys::signal::Signal,
+) -> io::Result<()> {
+    let id = thread.as_pthread_t();
+    // SAFETY: `id` names a thread of this process that has not been joined or detached (see
+    // above), so it is a valid pthread_t for the call; the signal is a valid signal number.
+    let rc = unsafe { libc::pthread_kill(id, signal as libc::c_int) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
