@@ -40,9 +40,9 @@ pub struct JitterProfile {
     /// Of 100 delays (one before and one after each call), how many are short: 10 to 100 µs.
     /// Default: 20.
     pub short_percent: u32,
-    /// Of 100 delays, how many are long: 100 µs up to `max_delay`. Default: 6.
+    /// Of 100 delays, how many are long: 100 µs up to `max_delay`. Default: 3.
     pub long_percent: u32,
-    /// The longest delay. Default: 3 ms.
+    /// The longest delay. Default: 2 ms.
     pub max_delay: Duration,
 }
 
@@ -50,8 +50,8 @@ impl Default for JitterProfile {
     fn default() -> JitterProfile {
         JitterProfile {
             short_percent: 20,
-            long_percent: 6,
-            max_delay: Duration::from_millis(3),
+            long_percent: 3,
+            max_delay: Duration::from_millis(2),
         }
     }
 }
@@ -180,8 +180,8 @@ mod tests {
         assert_ne!(a, (0..10_000).map(|n| p.delay(4, n)).collect::<Vec<_>>());
         let zero = a.iter().filter(|d| d.is_zero()).count();
         let long = a.iter().filter(|d| **d >= Duration::from_micros(100)).count();
-        assert!((7000..8000).contains(&zero), "{zero}");
-        assert!((400..800).contains(&long), "{long}");
+        assert!((7400..8300).contains(&zero), "{zero}");
+        assert!((200..400).contains(&long), "{long}");
         assert!(a.iter().all(|d| *d <= p.max_delay));
         assert!(a.iter().any(|d| *d >= Duration::from_millis(1)));
     }

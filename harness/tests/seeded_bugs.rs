@@ -15,6 +15,9 @@ use userblk_harness::random::{random_run, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::LoopbackRig;
 
+#[path = "seeded_bugs/races.rs"]
+mod races;
+
 const SIZE: u64 = 8 << 20;
 
 /// A MemDevice with one method replaced.

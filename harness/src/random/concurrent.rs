@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use userblk::{BlockDevice, Capabilities};
 
-use super::generate::ModelOp;
+use super::generate::{ModelOp, FOCUS_OPS};
 use super::history::{op_text, Clock, Event, History, Phase};
 use super::report::{Failure, FailureKind};
 use crate::factory::{DeviceFactory, Storage};
@@ -202,7 +202,7 @@ impl Runner<'_> {
         let clock = Arc::new(Clock::new());
         let jobs: Vec<_> = lists.iter().cloned().enumerate().collect();
         let mut failure = None;
-        match self.drive(&target, jobs, Phase::Run, &clock) {
+        match self.drive(&target, jobs, Phase::Run, &clock, FOCUS_OPS) {
             Ok(events) => history.events.extend(events),
             Err((events, f)) => {
                 history.events.extend(events);
@@ -211,7 +211,7 @@ impl Runner<'_> {
         }
         let back = readback(lists, bs);
         if failure.is_none() {
-            match self.drive(&target, vec![(0, back.clone())], Phase::Readback, &clock) {
+            match self.drive(&target, vec![(0, back.clone())], Phase::Readback, &clock, 0) {
                 Ok(events) => history.events.extend(events),
                 Err((events, f)) => {
                     history.events.extend(events);
@@ -281,7 +281,7 @@ impl Runner<'_> {
                 .attach(device)
                 .map_err(|e| setup(format!("could not attach the re-opened storage: {e}")))?,
         );
-        let events = self.drive(&target, vec![(0, back)], Phase::Reopened, clock)?;
+        let events = self.drive(&target, vec![(0, back)], Phase::Reopened, clock, 0)?;
         match self.detach(target) {
             None => Ok(events),
             Some(f) => Err((events, f)),
@@ -325,25 +325,37 @@ impl Runner<'_> {
         }
     }
 
-    /// Runs each job (thread number, operations) in a thread of its own, all started together,
-    /// and collects their events. A stall returns what completed and the failure; the threads
-    /// still blocked are left behind (they end when their operation does).
+    /// Runs each job (thread number, operations) in a thread of its own, all started together
+    /// and, with `round` > 0, meeting again every `round` operations (operations with the same
+    /// index in their lists aim at the same focus area: see [`generate_threads`], so keeping
+    /// the threads in step puts them in flight together). Collects the events. A stall returns
+    /// what completed and the failure; the threads still blocked are left behind (they end
+    /// when their operation does).
+    ///
+    /// [`generate_threads`]: super::generate_threads
     fn drive(
         &self,
         target: &Shared,
         jobs: Vec<(usize, Vec<ModelOp>)>,
         phase: Phase,
         clock: &Arc<Clock>,
+        round: usize,
     ) -> Result<Vec<Event>, (Vec<Event>, Failure)> {
         let n = jobs.len();
+        let longest = jobs.iter().map(|j| j.1.len()).max().unwrap_or(0);
+        let rounds = if round == 0 {
+            1
+        } else {
+            longest.div_ceil(round).max(1)
+        };
         let (tx, rx) = mpsc::channel();
         let in_flight: Arc<Mutex<InFlight>> = Arc::new(Mutex::new(vec![None; n]));
-        let start = Arc::new(Barrier::new(n));
+        let sync = Arc::new(Barrier::new(n));
         let mut events = Vec::new();
         let mut running = 0;
         for (slot, (thread, ops)) in jobs.into_iter().enumerate() {
             let (target, clock, tx) = (Arc::clone(target), Arc::clone(clock), tx.clone());
-            let (in_flight, start) = (Arc::clone(&in_flight), Arc::clone(&start));
+            let (in_flight, sync) = (Arc::clone(&in_flight), Arc::clone(&sync));
             let spawned = std::thread::Builder::new()
                 .name(format!("random-client{}", thread + 1))
                 .spawn(move || {
@@ -354,35 +366,48 @@ impl Runner<'_> {
                     let Some(target) = guard.target.as_deref() else {
                         return;
                     };
-                    start.wait();
-                    for (index, op) in ops.into_iter().enumerate() {
-                        in_flight.lock().unwrap_or_else(PoisonError::into_inner)[slot] =
-                            Some((index, op, Instant::now()));
-                        let (invoked, at) = clock.tick();
-                        let result = execute(&**target, &op);
-                        let (completed, end) = clock.tick();
-                        in_flight.lock().unwrap_or_else(PoisonError::into_inner)[slot] = None;
-                        let failed = result.is_err();
-                        let event = Event {
-                            phase,
-                            thread,
-                            index,
-                            op,
-                            invoked,
-                            completed,
-                            at,
-                            took: end.saturating_sub(at),
-                            result,
+                    let mut stopped = false;
+                    for r in 0..rounds {
+                        // Every thread meets every round, even one that stopped at an error,
+                        // so that none waits for it forever.
+                        sync.wait();
+                        let these = if round == 0 {
+                            0..ops.len()
+                        } else {
+                            (r * round).min(ops.len())..((r + 1) * round).min(ops.len())
                         };
-                        if guard.tx.send(Msg::Done(event)).is_err() || failed {
-                            break;
+                        for index in these {
+                            if stopped {
+                                break;
+                            }
+                            let op = ops[index];
+                            in_flight.lock().unwrap_or_else(PoisonError::into_inner)[slot] =
+                                Some((index, op, Instant::now()));
+                            let (invoked, at) = clock.tick();
+                            let result = execute(&**target, &op);
+                            let (completed, end) = clock.tick();
+                            in_flight.lock().unwrap_or_else(PoisonError::into_inner)[slot] = None;
+                            let failed = result.is_err();
+                            let event = Event {
+                                phase,
+                                thread,
+                                index,
+                                op,
+                                invoked,
+                                completed,
+                                at,
+                                took: end.saturating_sub(at),
+                                result,
+                            };
+                            stopped = guard.tx.send(Msg::Done(event)).is_err() || failed;
                         }
                     }
                 });
             match spawned {
                 Ok(_) => running += 1,
                 Err(e) => {
-                    // The barrier counts on every thread: without this one, none would start.
+                    // The threads started wait for this one at the barrier: they are left
+                    // behind, as after a stall.
                     return Err((
                         events,
                         Failure::new(FailureKind::Setup, format!("cannot start a thread: {e}")),

@@ -210,12 +210,23 @@ pub fn pattern_seed(run: u64, thread: usize, index: usize) -> u64 {
         & ((1 << 40) - 1)
 }
 
+/// Bytes of the focus area that the threads crowd onto together for a few operations at a
+/// time: one 4 KiB page (at least two blocks), so that requests in flight at once often share a block, or a page.
+pub const FOCUS_BYTES: u64 = 4 << 10;
+
+/// Operations of each thread that share one focus area, so that, threads running at about the
+/// same pace, requests on the same blocks are in flight at the same moment.
+pub const FOCUS_OPS: usize = 8;
+
 /// Generates one operation list per client thread for a concurrent run on a device of `size`
-/// bytes with blocks of `bs`: `ops` operations in all. Three in four land in a hot region of
-/// [`HOT_BYTES`] (at a seeded place: the start, the end or a 64 KiB boundary), one to a few
-/// blocks long; the rest spread over the device, some up to 1 MiB long. Reads are two in five;
-/// the rest are writes (one in five with FUA), write-zeroes, trims when the device has them,
-/// and flushes.
+/// bytes with blocks of `bs`: `ops` operations in all. Operation `i` of every thread lands,
+/// seven times in ten, in the focus area of window `i / FOCUS_OPS` ([`FOCUS_BYTES`], at a seeded place
+/// in the hot region), so that the threads meet on the same blocks at about the same moment;
+/// else, one time in two, anywhere in a hot region of [`HOT_BYTES`] (at a seeded place: the
+/// start, the end or a 64 KiB boundary), one to a few blocks long; the rest spread over the
+/// device, up to 64 KiB long, a few up to 1 MiB (big requests are the sequential mode's
+/// business; here they would only slow the races down). Reads are two in five; the rest are
+/// writes (one in five with FUA), write-zeroes, trims when the device has them, and flushes.
 pub fn generate_threads(
     seed: u64,
     threads: usize,
@@ -225,7 +236,8 @@ pub fn generate_threads(
     caps: Capabilities,
 ) -> Vec<Vec<ModelOp>> {
     let threads = threads.max(1);
-    let blocks = size / bs.max(1);
+    let bs = bs.max(1);
+    let blocks = size / bs;
     let mut rng = Rng::new(mix(seed ^ 0x636f_6e63_7572_7265));
     if blocks == 0 {
         return vec![Vec::new(); threads];
@@ -238,12 +250,20 @@ pub fn generate_threads(
         _ => (rng.below(blocks / step) * step).min(blocks - hot),
     };
     let per_thread = ops.div_ceil(threads);
+    let area = hot.min((FOCUS_BYTES / bs).max(2));
+    let focus: Vec<u64> = (0..per_thread.div_ceil(FOCUS_OPS))
+        .map(|_| hot_start + rng.below((hot - area) / area + 1) * area)
+        .collect();
     let mut out = Vec::with_capacity(threads);
     for t in 0..threads {
         let mut list = Vec::with_capacity(per_thread);
         for i in 0..per_thread.min(ops - (t * per_thread).min(ops)) {
             let (start, nb) = match rng.below(100) {
-                0..=74 => {
+                0..=69 => {
+                    let nb = rng.between(1, 2).min(area);
+                    (focus[i / FOCUS_OPS] + rng.below(area - nb + 1), nb)
+                }
+                70..=84 => {
                     let nb = match rng.below(10) {
                         0..=6 => rng.between(1, 2),
                         _ => rng.between(1, 8),
@@ -251,8 +271,8 @@ pub fn generate_threads(
                     .min(hot);
                     (hot_start + rng.below(hot - nb + 1), nb)
                 }
-                75..=94 => {
-                    let nb = rng.between(1, 64).min(blocks);
+                85..=98 => {
+                    let nb = rng.between(1, ((64 << 10) / bs).max(1)).min(blocks);
                     (rng.below(blocks - nb + 1), nb)
                 }
                 _ => {

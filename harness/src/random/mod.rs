@@ -96,7 +96,9 @@ use crate::script::Script;
 use crate::target::{LoopbackRig, Rig};
 
 use concurrent::Runner;
-pub use generate::{generate, generate_threads, pattern_seed, ModelOp, Rng, HOT_BYTES};
+pub use generate::{
+    generate, generate_threads, pattern_seed, ModelOp, Rng, FOCUS_BYTES, FOCUS_OPS, HOT_BYTES,
+};
 pub use history::{op_text, Clock, Event, History, Phase, Tick, Violation};
 pub use report::{Failure, FailureKind, RandomFailure};
 pub use sequential::run_ops;
@@ -139,7 +141,7 @@ pub struct RandomConfig {
     pub jitter: Option<JitterProfile>,
     /// How many re-runs shrinking a failure may take. Default: 300.
     pub shrink_attempts: u32,
-    /// How long shrinking may take. Default: 10 s.
+    /// How long shrinking may take. Default: 4 s.
     pub shrink_time: Duration,
     /// Runs of one shrinking candidate before it is given up (concurrent runs only: a
     /// sequential one fails every time or never). Default: 4.
@@ -157,7 +159,7 @@ impl Default for RandomConfig {
             mode: Mode::Concurrent { threads: 4 },
             jitter: Some(JitterProfile::default()),
             shrink_attempts: 300,
-            shrink_time: Duration::from_secs(10),
+            shrink_time: Duration::from_secs(4),
             retries: 4,
             stall_timeout: Duration::from_secs(30),
         }
