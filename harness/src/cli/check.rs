@@ -13,7 +13,7 @@ use userblk::{BlockDevice, Capabilities, LoopbackOptions, MemDevice, PatternDevi
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::nbd_rig::NbdRig;
-use crate::random::{random_test, RandomConfig};
+use crate::random::{loopback_rig, random_test, RandomConfig};
 use crate::spec::{human, DeviceSpec};
 use crate::target::{LoopbackRig, Rig};
 use crate::trace::{replay_on, Trace};
@@ -30,11 +30,11 @@ pub struct Args {
     /// Seed of the first random sequence; a failure prints the seed that reproduces it.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Random sequences to run.
-    #[arg(long, default_value_t = 30)]
+    /// Random runs (concurrent: several client threads on one device).
+    #[arg(long, default_value_t = RandomConfig::default().runs)]
     pub runs: u32,
-    /// Operations per random sequence.
-    #[arg(long, default_value_t = 200)]
+    /// Operations per random run, over all its threads.
+    #[arg(long, default_value_t = RandomConfig::default().ops)]
     pub ops: usize,
     /// Directory of traces (*.ubt) to replay. Default: the traces shipped in harness/traces.
     #[arg(long, value_name = "DIR")]
@@ -238,7 +238,13 @@ pub fn run(args: Args) -> ExitCode {
         ..RandomConfig::default()
     };
     let t = Instant::now();
-    match random_test(rig, &*make, caps, &config, &mut |i| {
+    // Through the loopback, with two connections, as the kernel with connections=2.
+    let random_loopback = loopback_rig();
+    let random_rig: &dyn Rig = match &nbd {
+        Some(n) => n,
+        None => &random_loopback,
+    };
+    match random_test(random_rig, &*make, caps, &config, &mut |i| {
         progress.show(&format!(
             "[{}/{}] random sequences (seed {})",
             i + 1,

@@ -240,8 +240,8 @@ impl Runner<'_> {
         self.finish(history, failure, serving, reopened)
     }
 
-    /// Decides what to report: an operation that failed or stalled first, then what the
-    /// checker finds, then a serving error.
+    /// Decides what to report: a stall first; else the first thing that went wrong, an
+    /// operation that failed or a read the checker rejects; then a serving error.
     fn finish(
         &self,
         history: History,
@@ -250,11 +250,17 @@ impl Runner<'_> {
         reopened: bool,
     ) -> Outcome {
         let failure = failure
-            .or_else(|| op_failure(&history))
             .or_else(|| {
-                history
-                    .first_violation(None)
-                    .map(|v| violation_failure(&history, &v))
+                let error = op_failure(&history);
+                let violation = history.first_violation(None);
+                let when = |e: Option<usize>| e.map(|e| history.events[e].invoked);
+                match (error, violation) {
+                    (Some(e), Some(v)) if when(Some(v.read)) < when(e.event) => {
+                        Some(violation_failure(&history, &v))
+                    }
+                    (Some(e), _) => Some(e),
+                    (None, v) => v.map(|v| violation_failure(&history, &v)),
+                }
             })
             .or(serving);
         Outcome {
