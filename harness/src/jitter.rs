@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, (0..10_000).map(|n| p.delay(4, n)).collect::<Vec<_>>());
         let zero = a.iter().filter(|d| d.is_zero()).count();
-        let long = a.iter().filter(|d| **d >= Duration::from_micros(100)).count();
+        let long = a
+            .iter()
+            .filter(|d| **d >= Duration::from_micros(100))
+            .count();
         assert!((7400..8300).contains(&zero), "{zero}");
         assert!((200..400).contains(&long), "{long}");
         assert!(a.iter().all(|d| *d <= p.max_delay));
@@ -193,7 +196,8 @@ mod tests {
             long_percent: 0,
             ..JitterProfile::default()
         };
-        let dev = Jitter::with_profile(userblk::MemDevice::with_block_size(1 << 20, 4096), 1, quiet);
+        let dev =
+            Jitter::with_profile(userblk::MemDevice::with_block_size(1 << 20, 4096), 1, quiet);
         assert_eq!(dev.block_size(), 4096);
         assert_eq!(dev.blocks(), 256);
         assert!(dev.capabilities().trim_zeroes);

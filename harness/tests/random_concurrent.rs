@@ -54,7 +54,10 @@ fn file_device_passes_the_concurrent_test_with_reopening() {
     FileDevice::create(&path, SIZE).unwrap();
     // The same file each time: runs start on what earlier runs left, which the checker must
     // take as initial content, never as this run's data.
-    let factory = Reopen::new(move || Ok(path.clone()), |p: &std::path::PathBuf| FileDevice::open(p));
+    let factory = Reopen::new(
+        move || Ok(path.clone()),
+        |p: &std::path::PathBuf| FileDevice::open(p),
+    );
     let config = RandomConfig {
         runs: 6,
         ..RandomConfig::default()
@@ -73,4 +76,64 @@ fn sequential_mode_still_passes_on_a_plain_factory() {
     };
     // No re-openable storage: nothing re-opened, and that is not a failure.
     assert_eq!(passes("sequential", &factory, &config), 0);
+}
+
+/// Set when the test is over: then a hung write may go on.
+type Release = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
+
+/// Answers everything but a write to block 3, which waits until the test is over.
+struct Hangs {
+    mem: MemDevice,
+    release: Release,
+}
+
+impl BlockDevice for Hangs {
+    fn blocks(&self) -> u64 {
+        self.mem.blocks()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset <= 3 * 512 && offset + data.len() as u64 > 3 * 512 {
+            let (lock, cv) = &*self.release;
+            let mut released = lock.lock().unwrap();
+            while !*released {
+                released = cv.wait(released).unwrap();
+            }
+        }
+        self.mem.write(offset, data)
+    }
+}
+
+#[test]
+fn an_operation_that_never_completes_is_a_stall_not_a_hang() {
+    let release: Release = Arc::default();
+    let factory = {
+        let release = Arc::clone(&release);
+        move || Hangs {
+            mem: MemDevice::new(1 << 20),
+            release: Arc::clone(&release),
+        }
+    };
+    let caps = userblk::Capabilities::default();
+    let config = RandomConfig {
+        runs: 5,
+        stall_timeout: std::time::Duration::from_secs(1),
+        ..RandomConfig::default()
+    };
+    let f = random_test(&loopback_rig(), &factory, caps, &config, &mut |_| {})
+        .expect_err("the stall went unnoticed");
+    let text = f.to_string();
+    println!("{text}");
+    assert_eq!(
+        f.kind,
+        userblk_harness::random::FailureKind::Stall,
+        "{text}"
+    );
+    assert!(text.starts_with("stall: "), "{text}");
+    assert!(text.contains("has not completed after"), "{text}");
+    assert!(text.contains("in flight:"), "{text}");
+    *release.0.lock().unwrap() = true;
+    release.1.notify_all();
 }

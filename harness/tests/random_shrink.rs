@@ -27,12 +27,12 @@ struct Buggy {
 #[derive(Clone, Copy)]
 enum Bug {
     /// Writes longer than 8 KiB are acknowledged and dropped.
-    LostLongWrites,
-    /// As `LostLongWrites`, and writes fail with EIO until the device has served a read (it
+    LongWritesLost,
+    /// As `LongWritesLost`, and writes fail with EIO until the device has served a read (it
     /// loads its metadata lazily, on the first read).
-    LostLongWritesAndEarlyWritesFail,
+    LongWritesLostEarlyWritesFail,
     /// The 40th write any device of the test receives is dropped: once only.
-    LostOnce,
+    OneWriteLost,
 }
 
 impl BlockDevice for Buggy {
@@ -52,13 +52,11 @@ impl BlockDevice for Buggy {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let n = self.writes.fetch_add(1, Ordering::SeqCst);
         match self.bug {
-            Bug::LostLongWritesAndEarlyWritesFail if !self.loaded.load(Ordering::SeqCst) => {
+            Bug::LongWritesLostEarlyWritesFail if !self.loaded.load(Ordering::SeqCst) => {
                 Err(io::Error::from_raw_os_error(5))
             }
-            Bug::LostLongWrites | Bug::LostLongWritesAndEarlyWritesFail if data.len() > 8192 => {
-                Ok(())
-            }
-            Bug::LostOnce if n == 39 => Ok(()),
+            Bug::LongWritesLost | Bug::LongWritesLostEarlyWritesFail if data.len() > 8192 => Ok(()),
+            Bug::OneWriteLost if n == 39 => Ok(()),
             _ => self.mem.write(offset, data),
         }
     }
@@ -82,7 +80,7 @@ fn factory(bug: Bug, block_size: u32) -> impl Fn() -> Buggy + Send + Sync {
 
 #[test]
 fn shrinking_on_a_4k_device_keeps_whole_blocks_and_the_script_fails_the_same_way() {
-    let make = factory(Bug::LostLongWrites, 4096);
+    let make = factory(Bug::LongWritesLost, 4096);
     let caps = make().capabilities();
     let failure = random_run(&LoopbackRig::default(), &make, caps, 3, 100, 300)
         .expect_err("random testing missed lost writes");
@@ -92,15 +90,26 @@ fn shrinking_on_a_4k_device_keeps_whole_blocks_and_the_script_fails_the_same_way
     assert!(failure.ops.len() <= 4, "{text}");
     for op in &failure.ops {
         if let Some((offset, len)) = op.range() {
-            assert!(offset % 4096 == 0 && len % 4096 == 0 && len > 0, "{op:?}\n{text}");
+            assert!(
+                offset % 4096 == 0 && len % 4096 == 0 && len > 0,
+                "{op:?}\n{text}"
+            );
         }
     }
     // Halving stopped at the smallest write still lost: just over 8 KiB, in whole blocks.
-    assert!(failure.ops.iter().any(|op| matches!(op, ModelOp::Write { len: 12288, .. })), "{text}");
+    assert!(
+        failure
+            .ops
+            .iter()
+            .any(|op| matches!(op, ModelOp::Write { len: 12288, .. })),
+        "{text}"
+    );
     let script = Script::parse(&failure.script.to_string()).unwrap();
     let err = script.replay(make()).unwrap_err().to_string();
     assert!(err.contains("first difference"), "{err}");
-    script.replay(MemDevice::with_block_size(SIZE, 4096)).unwrap();
+    script
+        .replay(MemDevice::with_block_size(SIZE, 4096))
+        .unwrap();
 }
 
 #[test]
@@ -108,7 +117,7 @@ fn shrinking_keeps_only_candidates_that_fail_the_same_way() {
     // A run that fails by losing a write. Its first operation is a read; candidates without
     // it fail with EIO at their first write instead, a different failure, which must not be
     // kept.
-    let make = factory(Bug::LostLongWritesAndEarlyWritesFail, 4096);
+    let make = factory(Bug::LongWritesLostEarlyWritesFail, 4096);
     let caps = make().capabilities();
     let rig = LoopbackRig::default();
     let seed = (1..100u64)
@@ -130,7 +139,7 @@ fn shrinking_keeps_only_candidates_that_fail_the_same_way() {
 
 #[test]
 fn a_failure_that_does_not_come_back_is_printed_whole() {
-    let make = factory(Bug::LostOnce, 512);
+    let make = factory(Bug::OneWriteLost, 512);
     let caps = make().capabilities();
     let config = RandomConfig {
         mode: Mode::Sequential,
@@ -143,19 +152,31 @@ fn a_failure_that_does_not_come_back_is_printed_whole() {
         .expect_err("the lost write was missed");
     let text = failure.to_string();
     println!("{text}");
-    assert!(matches!(failure.kind, FailureKind::LostWrite | FailureKind::StaleRead), "{text}");
-    assert!(text.contains("no smaller run failed the same way"), "{text}");
+    assert!(
+        matches!(
+            failure.kind,
+            FailureKind::LostWrite | FailureKind::StaleRead
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("no smaller run failed the same way"),
+        "{text}"
+    );
     assert!(text.contains("this is the original failure"), "{text}");
     assert_eq!(failure.ops.len(), failure.original_len, "{text}");
     // Whole: what went wrong, the history of the block, the hex dump.
-    assert!(text.contains("does not hold what the model expects"), "{text}");
+    assert!(
+        text.contains("does not hold what the model expects"),
+        "{text}"
+    );
     assert!(text.contains("operations on block"), "{text}");
     assert!(text.contains("first difference"), "{text}");
 }
 
 #[test]
 fn concurrent_failures_shrink_to_a_few_operations_and_print_their_threads() {
-    let make = factory(Bug::LostLongWrites, 512);
+    let make = factory(Bug::LongWritesLost, 512);
     let caps = make().capabilities();
     let config = RandomConfig {
         runs: 1,
@@ -172,7 +193,11 @@ fn concurrent_failures_shrink_to_a_few_operations_and_print_their_threads() {
     assert!(text.contains("not the threads' timing"), "{text}");
     // Operations are named by thread and index, with their invoke/complete ticks.
     assert!(text.contains("=> #"), "{text}");
-    assert!(text.lines().any(|l| l.contains(" t") && l.contains(" write ")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" t") && l.contains(" write ")),
+        "{text}"
+    );
     // The script parses and fails the same way against the buggy device.
     let script = Script::parse(&failure.script.to_string()).unwrap();
     let err = script.replay(make()).unwrap_err().to_string();

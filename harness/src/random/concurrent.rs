@@ -201,43 +201,28 @@ impl Runner<'_> {
         };
         let clock = Arc::new(Clock::new());
         let jobs: Vec<_> = lists.iter().cloned().enumerate().collect();
-        let mut failure = None;
-        match self.drive(&target, jobs, Phase::Run, &clock, FOCUS_OPS) {
-            Ok(events) => history.events.extend(events),
-            Err((events, f)) => {
-                history.events.extend(events);
-                failure = Some(f);
-            }
-        }
+        let mut failure = self.drive(&target, jobs, Phase::Run, &clock, FOCUS_OPS, &mut history);
         let back = readback(lists, bs);
         if failure.is_none() {
-            match self.drive(&target, vec![(0, back.clone())], Phase::Readback, &clock, 0) {
-                Ok(events) => history.events.extend(events),
-                Err((events, f)) => {
-                    history.events.extend(events);
-                    failure = Some(f);
-                }
-            }
+            let jobs = vec![(0, back.clone())];
+            failure = self.drive(&target, jobs, Phase::Readback, &clock, 0, &mut history);
         }
         if failure.is_some() {
             // A stalled operation still holds the target: leave it to its thread.
             return self.finish(history, failure, None, false);
         }
-        let serving = self.detach(target);
+        let mut late = self.detach(target);
         let mut reopened = false;
-        if let (Some(storage), None, true) = (&storage, &serving, !back.is_empty()) {
-            match self.reopen(&**storage, back, &clock) {
-                Ok(events) => {
-                    history.events.extend(events);
-                    reopened = true;
-                }
-                Err((events, f)) => {
-                    history.events.extend(events);
-                    failure = Some(f);
-                }
-            }
+        if let (Some(storage), None, true) = (&storage, &late, !back.is_empty()) {
+            late = self.reopen(&**storage, back, &clock, &mut history);
+            reopened = late.is_none();
         }
-        self.finish(history, failure, serving, reopened)
+        // A stall after re-opening pre-empts; other trouble there comes after what the
+        // checker finds.
+        if late.as_ref().is_some_and(|f| f.kind == FailureKind::Stall) {
+            return self.finish(history, late, None, false);
+        }
+        self.finish(history, None, late, reopened)
     }
 
     /// Decides what to report: a stall first; else the first thing that went wrong, an
@@ -271,27 +256,25 @@ impl Runner<'_> {
     }
 
     /// Opens the storage again, attaches it (without jitter: this is about what the storage
-    /// kept) and reads `back`.
+    /// kept), reads `back` and detaches.
     fn reopen(
         &self,
         storage: &dyn Storage,
         back: Vec<ModelOp>,
         clock: &Arc<Clock>,
-    ) -> Result<Vec<Event>, (Vec<Event>, Failure)> {
-        let setup = |what: String| (Vec::new(), Failure::new(FailureKind::Setup, what));
-        let device = storage
-            .open()
-            .map_err(|e| setup(format!("re-opening the storage failed: {e}")))?;
-        let target: Shared = Arc::new(
-            self.rig
-                .attach(device)
-                .map_err(|e| setup(format!("could not attach the re-opened storage: {e}")))?,
-        );
-        let events = self.drive(&target, vec![(0, back)], Phase::Reopened, clock, 0)?;
-        match self.detach(target) {
-            None => Ok(events),
-            Some(f) => Err((events, f)),
-        }
+        history: &mut History,
+    ) -> Option<Failure> {
+        let setup = |what: String| Some(Failure::new(FailureKind::Setup, what));
+        let device = match storage.open() {
+            Ok(d) => d,
+            Err(e) => return setup(format!("re-opening the storage failed: {e}")),
+        };
+        let target: Shared = match self.rig.attach(device) {
+            Ok(t) => Arc::new(t),
+            Err(e) => return setup(format!("could not attach the re-opened storage: {e}")),
+        };
+        self.drive(&target, vec![(0, back)], Phase::Reopened, clock, 0, history)
+            .or_else(|| self.detach(target))
     }
 
     /// Disconnects cleanly; a failure if serving ended with an error or never ended.
@@ -334,8 +317,8 @@ impl Runner<'_> {
     /// Runs each job (thread number, operations) in a thread of its own, all started together
     /// and, with `round` > 0, meeting again every `round` operations (operations with the same
     /// index in their lists aim at the same focus area: see [`generate_threads`], so keeping
-    /// the threads in step puts them in flight together). Collects the events. A stall returns
-    /// what completed and the failure; the threads still blocked are left behind (they end
+    /// the threads in step puts them in flight together). Adds the events to `history`. A
+    /// stall is returned as a failure; the threads still blocked are left behind (they end
     /// when their operation does).
     ///
     /// [`generate_threads`]: super::generate_threads
@@ -346,7 +329,8 @@ impl Runner<'_> {
         phase: Phase,
         clock: &Arc<Clock>,
         round: usize,
-    ) -> Result<Vec<Event>, (Vec<Event>, Failure)> {
+        history: &mut History,
+    ) -> Option<Failure> {
         let n = jobs.len();
         let longest = jobs.iter().map(|j| j.1.len()).max().unwrap_or(0);
         let rounds = if round == 0 {
@@ -357,7 +341,7 @@ impl Runner<'_> {
         let (tx, rx) = mpsc::channel();
         let in_flight: Arc<Mutex<InFlight>> = Arc::new(Mutex::new(vec![None; n]));
         let sync = Arc::new(Barrier::new(n));
-        let mut events = Vec::new();
+        let events = &mut history.events;
         let mut running = 0;
         for (slot, (thread, ops)) in jobs.into_iter().enumerate() {
             let (target, clock, tx) = (Arc::clone(target), Arc::clone(clock), tx.clone());
@@ -414,9 +398,9 @@ impl Runner<'_> {
                 Err(e) => {
                     // The threads started wait for this one at the barrier: they are left
                     // behind, as after a stall.
-                    return Err((
-                        events,
-                        Failure::new(FailureKind::Setup, format!("cannot start a thread: {e}")),
+                    return Some(Failure::new(
+                        FailureKind::Setup,
+                        format!("cannot start a thread: {e}"),
                     ));
                 }
             }
@@ -428,12 +412,11 @@ impl Runner<'_> {
                 Ok(Msg::Finished) => running -= 1,
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
-                    let stuck = self.stuck(&in_flight, phase);
-                    return Err((events, stuck));
+                    return Some(self.stuck(&in_flight, phase));
                 }
             }
         }
-        Ok(events)
+        None
     }
 
     /// The stall failure: what is in flight, the oldest first.
@@ -509,7 +492,13 @@ mod tests {
             fua: false,
         };
         let lists = vec![
-            vec![w(0, 1024), ModelOp::Read { offset: 0, len: 8192 }],
+            vec![
+                w(0, 1024),
+                ModelOp::Read {
+                    offset: 0,
+                    len: 8192,
+                },
+            ],
             vec![
                 w(512, 1024),
                 ModelOp::Zeroes {
@@ -524,10 +513,22 @@ mod tests {
         assert_eq!(
             back,
             [
-                ModelOp::Read { offset: 0, len: 1536 },
-                ModelOp::Read { offset: 4096, len: 1 << 20 },
-                ModelOp::Read { offset: 4096 + (1 << 20), len: 1 << 20 },
-                ModelOp::Read { offset: 4096 + (2 << 20), len: 1 << 20 },
+                ModelOp::Read {
+                    offset: 0,
+                    len: 1536
+                },
+                ModelOp::Read {
+                    offset: 4096,
+                    len: 1 << 20
+                },
+                ModelOp::Read {
+                    offset: 4096 + (1 << 20),
+                    len: 1 << 20
+                },
+                ModelOp::Read {
+                    offset: 4096 + (2 << 20),
+                    len: 1 << 20
+                },
             ]
         );
     }

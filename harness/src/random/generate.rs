@@ -337,7 +337,11 @@ mod tests {
                     > 1
             })
             .count();
-        assert!(overlapping * 2 > ranged.len(), "{overlapping} of {}", ranged.len());
+        assert!(
+            overlapping * 2 > ranged.len(),
+            "{overlapping} of {}",
+            ranged.len()
+        );
         // Every kind appears.
         for probe in [
             |o: &&ModelOp| matches!(o, ModelOp::Read { .. }),

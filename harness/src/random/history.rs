@@ -49,7 +49,10 @@ impl Clock {
     /// The next tick and the time since the start.
     pub fn tick(&self) -> (Tick, Duration) {
         // SeqCst: a tick taken after another thread's tick (in real time) is larger.
-        (self.ticks.fetch_add(1, Ordering::SeqCst), self.start.elapsed())
+        (
+            self.ticks.fetch_add(1, Ordering::SeqCst),
+            self.start.elapsed(),
+        )
     }
 }
 
@@ -208,7 +211,10 @@ impl History {
             Some(k) => all.into_iter().find(|v| v.kind == k),
             None => {
                 let reopened = |v: &Violation| self.events[v.read].phase == Phase::Reopened;
-                let pick = all.iter().position(|v| !reopened(v)).or(all.iter().position(reopened));
+                let pick = all
+                    .iter()
+                    .position(|v| !reopened(v))
+                    .or(all.iter().position(reopened));
                 pick.map(|i| all[i].clone())
             }
         }
@@ -544,9 +550,10 @@ impl<'h> Checker<'h> {
         }
         // Seed patterns are unique to a write; zeroes are not (the initial content may be
         // zeroes too), so only a seed pattern rules out the initial content.
-        let seeded = self.writers(b).iter().any(|&w| {
-            matches!(h.events[w].op, ModelOp::Write { .. }) && h.holds(w, b, chunk)
-        });
+        let seeded = self
+            .writers(b)
+            .iter()
+            .any(|&w| matches!(h.events[w].op, ModelOp::Write { .. }) && h.holds(w, b, chunk));
         if allowed.initial && !seeded {
             match self.initial.get(&b) {
                 Some((v, _, _)) if v.as_slice() == chunk => {
@@ -566,13 +573,7 @@ impl<'h> Checker<'h> {
     }
 
     /// Says why block `b` of read `r` is wrong.
-    fn explain(
-        &mut self,
-        r: usize,
-        b: u64,
-        chunk: &[u8],
-        allowed: &Allowed,
-    ) -> Violation {
+    fn explain(&mut self, r: usize, b: u64, chunk: &[u8], allowed: &Allowed) -> Violation {
         let h = self.h;
         let read = self.ev(r);
         let at = b * h.block_size;
@@ -866,7 +867,14 @@ mod tests {
             self
         }
 
-        fn write(self, thread: usize, offset: u64, len: u64, seed: u64, span: (Tick, Tick)) -> Build {
+        fn write(
+            self,
+            thread: usize,
+            offset: u64,
+            len: u64,
+            seed: u64,
+            span: (Tick, Tick),
+        ) -> Build {
             let op = ModelOp::Write {
                 offset,
                 len,
@@ -876,7 +884,14 @@ mod tests {
             self.op(Phase::Run, thread, op, span)
         }
 
-        fn read_as(mut self, phase: Phase, thread: usize, offset: u64, data: Vec<u8>, span: (Tick, Tick)) -> Build {
+        fn read_as(
+            mut self,
+            phase: Phase,
+            thread: usize,
+            offset: u64,
+            data: Vec<u8>,
+            span: (Tick, Tick),
+        ) -> Build {
             let len = data.len() as u64;
             self = self.op(phase, thread, ModelOp::Read { offset, len }, span);
             if let Some(e) = self.0.events.last_mut() {
@@ -920,10 +935,24 @@ mod tests {
             .0;
         let v = h.check();
         assert_eq!(kinds(&h), [FailureKind::StaleRead]);
-        assert!(v[0].summary.contains("returned the value of t1.1"), "{}", v[0].summary);
-        assert!(v[0].summary.contains("t1.2 (write 0 512 seed:2)"), "{}", v[0].summary);
-        assert!(v[0].details.contains("does not hold what the model expects (seed:2 from t1.2)"));
-        assert!(v[0].details.contains("first difference"), "{}", v[0].details);
+        assert!(
+            v[0].summary.contains("returned the value of t1.1"),
+            "{}",
+            v[0].summary
+        );
+        assert!(
+            v[0].summary.contains("t1.2 (write 0 512 seed:2)"),
+            "{}",
+            v[0].summary
+        );
+        assert!(v[0]
+            .details
+            .contains("does not hold what the model expects (seed:2 from t1.2)"));
+        assert!(
+            v[0].details.contains("first difference"),
+            "{}",
+            v[0].details
+        );
     }
 
     #[test]
@@ -980,7 +1009,9 @@ mod tests {
             .read(1, 0, seed(3, 0, 512), (6, 7))
             .0;
         assert_eq!(kinds(&h), [FailureKind::StaleRead]);
-        assert!(h.check()[0].summary.contains("initial content (as t1.1 read it)"));
+        assert!(h.check()[0]
+            .summary
+            .contains("initial content (as t1.1 read it)"));
     }
 
     #[test]
@@ -995,7 +1026,8 @@ mod tests {
         let v = h.check();
         assert_eq!(kinds(&h), [FailureKind::TornRead]);
         assert!(
-            v[0].summary.contains("bytes 0..2048 from t1.1, bytes 2048..4096 from t2.1"),
+            v[0].summary
+                .contains("bytes 0..2048 from t1.1, bytes 2048..4096 from t2.1"),
             "{}",
             v[0].summary
         );
@@ -1041,11 +1073,16 @@ mod tests {
         let v = h.check();
         assert_eq!(kinds(&h), [FailureKind::LostAcrossDisconnect]);
         assert!(
-            v[0].summary.contains("held the value of t2.1 before the disconnect"),
+            v[0].summary
+                .contains("held the value of t2.1 before the disconnect"),
             "{}",
             v[0].summary
         );
-        assert!(v[0].summary.contains("but the value of t1.1 after"), "{}", v[0].summary);
+        assert!(
+            v[0].summary.contains("but the value of t1.1 after"),
+            "{}",
+            v[0].summary
+        );
         let excerpt = h.excerpt(0, Some(3), 10);
         assert!(excerpt.contains("reopened 1"), "{excerpt}");
         assert!(excerpt.contains("=> #6"), "{excerpt}");

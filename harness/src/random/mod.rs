@@ -243,9 +243,7 @@ pub fn random_run_with(
     }
     let lists = match config.mode {
         Mode::Sequential => vec![generate(seed, config.ops, size, bs, caps)],
-        Mode::Concurrent { threads } => {
-            generate_threads(seed, threads, config.ops, size, bs, caps)
-        }
+        Mode::Concurrent { threads } => generate_threads(seed, threads, config.ops, size, bs, caps),
     };
     let concurrent = matches!(config.mode, Mode::Concurrent { .. });
     let runner = Runner {
@@ -263,6 +261,18 @@ pub fn random_run_with(
     let flags = caps.transmission_flags();
     if failure.kind == FailureKind::Setup {
         return Err(setup(failure.summary));
+    }
+    if failure.kind == FailureKind::Stall {
+        // Every re-run would wait the whole stall timeout and leave a thread blocked.
+        return Err(Box::new(RandomFailure::new(
+            seed,
+            config.mode,
+            &failure,
+            total,
+            lists,
+            Script::new(),
+            "not shrunk: each re-run would wait the whole stall timeout".into(),
+        )));
     }
     let started = Instant::now();
     let shrunk = shrink::shrink(

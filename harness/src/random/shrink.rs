@@ -1,7 +1,8 @@
 //! Shrinking a failed run: smaller candidates are run again and kept only when they fail **the
 //! same way** (the same [`FailureKind`]; not any failure). Candidates, in order: only the
 //! operations near the failing block (plus the flushes), the run cut after the failing read,
-//! then ever smaller runs of operations deleted, and in sequential runs lengths halved in whole
+//! without the threads that never touched the failing block, then ever smaller runs of
+//! operations deleted, and in sequential runs lengths halved in whole
 //! device blocks. A concurrent candidate is run several times before it is given up, since the
 //! threads' interleaving differs from run to run. Shrinking stops at a number of runs or a time
 //! limit, whichever comes first; the failure kept is always one that was seen, whole.
@@ -159,9 +160,24 @@ pub(crate) fn shrink(
             }
         }
     }
-    // 2. Nothing after the failing read.
+    // 2. Nothing after the failing read; no thread that never touched the failing block.
     if let Some(e) = st.best.failure.event {
         let cand = cut_after(&st.best.history, e, &st.best.lists);
+        st.attempt(cand);
+    }
+    if let (Some(b), true) = (st.best.failure.block, threads > 1) {
+        let cand: Vec<Vec<ModelOp>> = st
+            .best
+            .lists
+            .iter()
+            .map(|l| {
+                if l.iter().any(|op| op.touches(b * bs, (b + 1) * bs)) {
+                    l.clone()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         st.attempt(cand);
     }
     // 3. Delete runs of operations, halves first, then single ones; then halve lengths.

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use userblk::{BlockDevice, Capabilities, MemDevice};
 use userblk_harness::factory::{DeviceFactory, Reopen};
-use userblk_harness::random::{loopback_rig, random_test, FailureKind, RandomConfig, RandomFailure};
+use userblk_harness::random::{
+    loopback_rig, random_test, FailureKind, RandomConfig, RandomFailure,
+};
 
 const SIZE: u64 = 8 << 20;
 
@@ -381,8 +383,17 @@ impl BlockDevice for Rmw {
 fn default_run(name: &str, factory: &dyn DeviceFactory) -> Result<(), Box<RandomFailure>> {
     let caps = factory.create().expect("factory").capabilities();
     let t = Instant::now();
-    let r = random_test(&loopback_rig(), factory, caps, &RandomConfig::default(), &mut |_| {});
-    println!("{name}: default random test took {:.1} s", t.elapsed().as_secs_f64());
+    let r = random_test(
+        &loopback_rig(),
+        factory,
+        caps,
+        &RandomConfig::default(),
+        &mut |_| {},
+    );
+    println!(
+        "{name}: default random test took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     match &r {
         Ok(s) => println!("{name}: passed {s:?}"),
         Err(f) => println!("{name}:\n{f}"),
@@ -440,10 +451,7 @@ fn write_racing_write_back_is_caught_by_the_default_random_test() {
     let f = default_run("write-back", &write_back(false)).expect_err("missed the lost write");
     let text = f.to_string();
     assert_eq!(f.kind, FailureKind::LostAcrossDisconnect, "{text}");
-    assert!(
-        text.starts_with("lost across disconnect: block "),
-        "{text}"
-    );
+    assert!(text.starts_with("lost across disconnect: block "), "{text}");
     assert!(text.contains("before the disconnect"), "{text}");
     assert!(text.contains("after re-opening the storage"), "{text}");
     assert!(text.contains("flush"), "{text}");
