@@ -61,7 +61,7 @@ impl Outcome {
 }
 
 /// A violation as a failure, with the history of its block.
-pub(crate) fn violation_failure(h: &History, v: &super::history::Violation) -> Failure {
+pub(crate) fn violation_failure(h: &History, v: &super::check::Violation) -> Failure {
     Failure {
         kind: v.kind,
         summary: v.summary.clone(),

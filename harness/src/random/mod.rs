@@ -77,6 +77,7 @@
 //! assert!(summary.is_ok());
 //! ```
 
+mod check;
 mod concurrent;
 pub(crate) mod generate;
 mod history;
@@ -95,11 +96,12 @@ use crate::jitter::JitterProfile;
 use crate::script::Script;
 use crate::target::{LoopbackRig, Rig};
 
+pub use check::Violation;
 use concurrent::Runner;
 pub use generate::{
     generate, generate_threads, pattern_seed, ModelOp, Rng, FOCUS_BYTES, FOCUS_OPS, HOT_BYTES,
 };
-pub use history::{op_text, Clock, Event, History, Phase, Tick, Violation};
+pub use history::{op_text, Clock, Event, History, Phase, Tick};
 pub use report::{Failure, FailureKind, RandomFailure};
 pub use sequential::run_ops;
 
