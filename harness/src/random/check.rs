@@ -541,9 +541,9 @@ impl<'h> Checker<'h> {
             summary: format!(
                 "block {b} (offset {at}) held {} before the disconnect ({}), but {} after \
                  re-opening the storage ({})",
-                h.source_text(b, &value),
+                h.source_text(b, &value, None),
                 h.label(before),
-                h.source_text(b, chunk),
+                h.source_text(b, chunk, None),
                 h.label(r)
             ),
             details,

@@ -10,6 +10,10 @@ use super::generate::ModelOp;
 use crate::script::{fill_seed, Pattern};
 use crate::target::OpError;
 
+/// The page size of the devices whose blocks are smaller (read-modify-write of pages is a
+/// classic way to lose a neighbour's write).
+const PAGE: u64 = 4096;
+
 /// A tick of the run's global counter: every invocation and every completion takes one, so
 /// `a.completed < b.invoked` means `a` finished before `b` began.
 pub type Tick = u64;
@@ -184,14 +188,22 @@ impl History {
             .iter()
             .filter(|e| touches(e) && e.op.writes())
             .collect();
+        // Writes to other blocks of the same 4 KiB page in flight with a write to this block:
+        // a device that works in pages may have mixed them up.
+        let bs = self.block_size;
+        let page = (b * bs / PAGE * PAGE, (b * bs / PAGE + 1) * PAGE);
+        let overlaps = |e: &Event| {
+            writes
+                .iter()
+                .any(|w| e.invoked < w.completed && w.invoked < e.completed)
+        };
+        let page_mate = |e: &Event| {
+            bs < PAGE && e.op.writes() && !touches(e) && e.op.touches(page.0, page.1) && overlaps(e)
+        };
         let mut chosen: Vec<usize> = (0..self.events.len())
             .filter(|&i| {
                 let e = &self.events[i];
-                touches(e)
-                    || (e.op == ModelOp::Flush
-                        && writes
-                            .iter()
-                            .any(|w| e.invoked < w.completed && w.invoked < e.completed))
+                touches(e) || (e.op == ModelOp::Flush && overlaps(e)) || page_mate(e)
             })
             .collect();
         chosen.sort_by_key(|&i| self.events[i].invoked);
@@ -204,7 +216,6 @@ impl History {
             left_out = chosen.len() - limit;
             chosen = chosen[from..from + limit].to_vec();
         }
-        let bs = self.block_size;
         let mut out = format!(
             "operations on block {b} (offset {}), by invocation; #invoked..#completed, time \
              since start (duration):\n",
@@ -227,9 +238,11 @@ impl History {
                     let (o, _) = e.op.range().unwrap_or((0, 0));
                     let at = ((b * bs).saturating_sub(o)) as usize;
                     if let Some(chunk) = data.get(at..at + bs as usize) {
-                        let _ = write!(line, "  returned {}", self.source_text(b, chunk));
+                        let source = self.source_text(b, chunk, Some(e.completed));
+                        let _ = write!(line, "  returned {source}");
                     }
                 }
+                Ok(_) if page_mate(e) => line.push_str("  (another block of the same 4 KiB page)"),
                 Ok(_) => {}
                 Err(err) => {
                     let _ = write!(line, "  failed: {err}");
@@ -244,26 +257,26 @@ impl History {
         out
     }
 
-    /// Names the write whose value `chunk` is, for block `b`.
-    pub(super) fn source_text(&self, b: u64, chunk: &[u8]) -> String {
-        let mut found: Vec<usize> = (0..self.events.len())
+    /// Names the write whose value `chunk` is, for block `b`: the newest such write invoked
+    /// before `before` when given.
+    pub(super) fn source_text(&self, b: u64, chunk: &[u8], before: Option<Tick>) -> String {
+        let found = (0..self.events.len())
             .filter(|&e| {
                 let ev = &self.events[e];
                 ev.phase == Phase::Run
                     && ev.op.writes()
+                    && before.is_none_or(|t| ev.invoked < t)
                     && self.blocks(&ev.op).contains(&b)
-                    && matches!(self.value(e, b), Value::Bytes(ref v) if v == chunk)
+                    && !matches!(self.value(e, b), Value::Any)
+                    && self.holds(e, b, chunk)
             })
-            .collect();
-        found.sort_by_key(|&e| self.events[e].invoked);
-        match found.as_slice() {
-            [] if chunk.iter().all(|&x| x == 0) => "zeroes".into(),
-            [] => "bytes no write put there".into(),
-            [one] => format!("the value of {}", self.label(*one)),
-            many if chunk.iter().all(|&x| x == 0) => {
-                format!("zeroes (as after {})", self.label(many[many.len() - 1]))
-            }
-            many => format!("the value of {}", self.label(many[many.len() - 1])),
+            .max_by_key(|&e| self.events[e].invoked);
+        let zeroes = chunk.iter().all(|&x| x == 0);
+        match found {
+            None if zeroes => "zeroes".into(),
+            None => "bytes no write put there".into(),
+            Some(e) if zeroes => format!("zeroes (as after {})", self.label(e)),
+            Some(e) => format!("the value of {}", self.label(e)),
         }
     }
 }
