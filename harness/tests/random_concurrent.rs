@@ -137,3 +137,49 @@ fn an_operation_that_never_completes_is_a_stall_not_a_hang() {
     *release.0.lock().unwrap() = true;
     release.1.notify_all();
 }
+
+/// Writes each block in two halves, the second a moment after the first, with no lock: a read
+/// in between sees half of each write.
+struct HalfWrites(MemDevice);
+
+impl BlockDevice for HalfWrites {
+    fn blocks(&self) -> u64 {
+        self.0.blocks()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        for (i, block) in data.chunks(512).enumerate() {
+            let at = offset + (i * 512) as u64;
+            self.0.write(at, &block[..256])?;
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            self.0.write(at + 256, &block[256..])?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_block_holding_halves_of_two_writes_is_a_torn_read() {
+    let factory = || HalfWrites(MemDevice::new(SIZE));
+    let caps = userblk::Capabilities::default();
+    let f = random_test(
+        &loopback_rig(),
+        &factory,
+        caps,
+        &RandomConfig::default(),
+        &mut |_| {},
+    )
+    .expect_err("the torn writes went unnoticed");
+    let text = f.to_string();
+    println!("{text}");
+    assert_eq!(
+        f.kind,
+        userblk_harness::random::FailureKind::TornRead,
+        "{text}"
+    );
+    assert!(text.starts_with("torn read: block "), "{text}");
+    assert!(text.contains("holds parts of two writes"), "{text}");
+    assert!(text.contains("bytes 0..256 from "), "{text}");
+}
