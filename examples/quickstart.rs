@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    kernel.write(4 << 20, &data)?; // eight 128 KiB WRITEs, in flight together
+    kernel.write(4 << 20, &data)?; // one 1 MiB WRITE: Linux 6.12 sends up to 1,280 KiB at once
     kernel.flush()?;
     assert_eq!(kernel.read(4 << 20, data.len())?, data);
     kernel.trim(4 << 20, 65536)?;

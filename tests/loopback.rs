@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use rstest::rstest;
 use tempfile::NamedTempFile;
-use userblk::link::loopback::Op;
+use userblk::link::loopback::{KernelProfile, Op};
 use userblk::proto::TransmissionFlags;
 use userblk::{
     BlockDevice, BlockDeviceMut, Capabilities, FileDevice, LoopbackError, LoopbackKernel,
@@ -56,7 +56,8 @@ fn every_command_round_trips(#[case] subject: Subject) {
     // Never-written blocks read as zeroes on both.
     assert_eq!(k.read(0, 8192).unwrap(), vec![0; 8192]);
 
-    // WRITE, split at 128 KiB, then READ back at the first, a middle and the last block.
+    // WRITE, split as 6.12 splits (1,280 KiB), then READ back at the first, a middle and the
+    // last block.
     let big = pattern(1, 300 << 10);
     k.write(4096, &big).unwrap();
     assert_eq!(k.read(4096, big.len()).unwrap(), big);
@@ -360,9 +361,10 @@ fn a_panicking_device_gets_eio_and_the_server_goes_on() {
 
 #[test]
 fn operations_larger_than_all_tags_complete() {
-    // 4 tags × 128 KiB: a 2 MiB write needs 16 requests, four times what can be in flight.
-    // Sending them all before reaping any deadlocked here once.
+    // 4 tags × 128 KiB (6.1's split): a 2 MiB write needs 16 requests, four times what can be
+    // in flight. Sending them all before reaping any deadlocked here once.
     let options = LoopbackOptions {
+        profile: KernelProfile::linux_6_1(),
         queue_depth: 4,
         ..LoopbackOptions::default()
     };

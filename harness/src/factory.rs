@@ -38,12 +38,35 @@
 //! assert_eq!(buf, [7; 512]);
 //! # Ok::<(), std::io::Error>(())
 //! ```
+//!
+//! The crash checker ([`crate::crash`]) needs devices whose power loss it can simulate
+//! ([`Crashable`]). A factory says it makes them with [`crashable`] (fresh devices) or
+//! [`Reopen::crashable`] (re-openable storage too); the same factory then serves every check:
+//!
+//! ```
+//! use userblk::MemDevice;
+//! use userblk_harness::crash::{self, CrashOptions};
+//! use userblk_harness::factory::{self, DeviceFactory};
+//!
+//! let factory = factory::crashable(|| MemDevice::new(1 << 20));
+//! assert!(factory.create_crashable().is_some());
+//! let ops = crash::random_ops(1, 1 << 20, 512, 50);
+//! crash::check(&factory, &ops, &CrashOptions::default())?;
+//!
+//! // RAM whose storage can be re-opened and crashed: what `userblk check ram:SIZE` uses.
+//! let ram = factory::mem(1 << 20);
+//! assert!(ram.storage().is_some() && ram.create_crashable().is_some());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use userblk::BlockDevice;
+use userblk::{BlockDevice, MemDevice};
+
+use crate::crash::Crashable;
 
 /// Makes devices under test.
 pub trait DeviceFactory: Send + Sync {
@@ -54,6 +77,13 @@ pub trait DeviceFactory: Send + Sync {
     /// open the same storage again. `None` when the factory cannot do that (the default);
     /// those checks then report that they could not run.
     fn storage(&self) -> Option<io::Result<Box<dyn Storage>>> {
+        None
+    }
+
+    /// A device on new storage whose power loss the crash checker can simulate, shared so that
+    /// the checker can serve it and cut its power. `None` when the factory's devices are not
+    /// [`Crashable`] (the default); crash checks then report that they could not run.
+    fn create_crashable(&self) -> Option<io::Result<Arc<dyn Crashable>>> {
         None
     }
 }
@@ -84,6 +114,8 @@ type OpenFn<S, D> = dyn Fn(&S) -> io::Result<D> + Send + Sync;
 pub struct Reopen<S, D> {
     new_storage: Box<dyn Fn() -> io::Result<S> + Send + Sync>,
     open: Arc<OpenFn<S, D>>,
+    /// Set by [`Reopen::crashable`]: shares a device `D` as a [`Crashable`].
+    crashable: Option<fn(D) -> Arc<dyn Crashable>>,
 }
 
 impl<S, D> fmt::Debug for Reopen<S, D> {
@@ -105,8 +137,27 @@ where
         Reopen {
             new_storage: Box::new(new_storage),
             open: Arc::new(open),
+            crashable: None,
         }
     }
+
+    /// The same factory, saying that its devices are [`Crashable`]: crash checks then run on
+    /// fresh devices on new storage.
+    pub fn crashable(self) -> Reopen<S, D>
+    where
+        D: Crashable,
+    {
+        Reopen {
+            crashable: Some(share::<D>),
+            ..self
+        }
+    }
+}
+
+/// `D` as a shared [`Crashable`] (a function, so that [`Reopen`] can hold it without knowing
+/// whether `D` is one).
+fn share<D: Crashable + 'static>(device: D) -> Arc<dyn Crashable> {
+    Arc::new(device)
 }
 
 struct Opened<S, D> {
@@ -141,5 +192,149 @@ where
                 open: Arc::clone(&self.open),
             }) as Box<dyn Storage>
         }))
+    }
+
+    fn create_crashable(&self) -> Option<io::Result<Arc<dyn Crashable>>> {
+        let share = self.crashable?;
+        Some((|| {
+            let storage = (self.new_storage)()?;
+            Ok(share((self.open)(&storage)?))
+        })())
+    }
+}
+
+/// A factory of fresh [`Crashable`] devices, from a closure making one: see [`crashable`].
+#[derive(Clone, Copy)]
+pub struct CrashableFactory<F>(F);
+
+impl<F> fmt::Debug for CrashableFactory<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CrashableFactory").finish_non_exhaustive()
+    }
+}
+
+/// A factory of fresh devices from `make`, saying that they are [`Crashable`]: the
+/// conformance suite, random tests and the crash checker all take it.
+pub fn crashable<F, D>(make: F) -> CrashableFactory<F>
+where
+    F: Fn() -> D + Send + Sync,
+    D: Crashable + 'static,
+{
+    CrashableFactory(make)
+}
+
+impl<F, D> DeviceFactory for CrashableFactory<F>
+where
+    F: Fn() -> D + Send + Sync,
+    D: Crashable + 'static,
+{
+    fn create(&self) -> io::Result<Box<dyn BlockDevice>> {
+        Ok(Box::new((self.0)()))
+    }
+
+    fn create_crashable(&self) -> Option<io::Result<Arc<dyn Crashable>>> {
+        Some(Ok(Arc::new((self.0)())))
+    }
+}
+
+/// A re-openable RAM disk of `size` bytes with 512-byte blocks: each storage is one
+/// [`MemDevice`], served again on re-open, and crashable (it has no volatile cache). Sparse:
+/// any size costs what is written, and a simulated power loss copies only what was written.
+pub fn mem(size: u64) -> impl DeviceFactory {
+    mem_with_block_size(size, 512)
+}
+
+/// [`mem`] with another logical block size.
+pub fn mem_with_block_size(size: u64, block_size: u32) -> impl DeviceFactory {
+    Reopen::new(
+        move || Ok(Arc::new(Ram::new(size, block_size))),
+        |ram: &Arc<Ram>| Ok(Arc::clone(ram)),
+    )
+    .crashable()
+}
+
+/// A [`MemDevice`] that remembers which of its 64 KiB pieces were ever written with data, so
+/// that a simulated power loss copies those only: [`MemDevice`] cannot list what it holds, and
+/// reading all of a 4 TiB one is out of the question.
+struct Ram {
+    mem: MemDevice,
+    /// Pieces (offset / [`RAM_PIECE`]) that may hold something other than zeroes.
+    written: Mutex<BTreeSet<u64>>,
+}
+
+/// The piece [`Ram`] tracks: MemDevice's allocation granule.
+const RAM_PIECE: u64 = 64 << 10;
+
+impl Ram {
+    fn new(size: u64, block_size: u32) -> Ram {
+        Ram {
+            mem: MemDevice::with_block_size(size, block_size),
+            written: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn note(&self, offset: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let last = (offset + len as u64 - 1) / RAM_PIECE;
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        written.extend(offset / RAM_PIECE..=last);
+    }
+}
+
+impl BlockDevice for Ram {
+    fn block_size(&self) -> u32 {
+        self.mem.block_size()
+    }
+    fn blocks(&self) -> u64 {
+        self.mem.blocks()
+    }
+    fn capabilities(&self) -> userblk::Capabilities {
+        self.mem.capabilities()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        // Noted before the data lands, so that a power loss during the write sees the piece.
+        self.note(offset, data.len());
+        self.mem.write(offset, data)
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.note(offset, data.len());
+        self.mem.write_fua(offset, data)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.mem.flush()
+    }
+    // Zeroing and trimming leave zeroes: nothing new to copy.
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mem.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.mem.write_zeroes(offset, len, may_trim)
+    }
+}
+
+/// RAM has no volatile cache: everything written survives.
+impl Crashable for Ram {
+    fn crash(&self) -> io::Result<Box<dyn BlockDevice>> {
+        let copy = MemDevice::with_block_size(self.mem.size(), self.mem.block_size());
+        let pieces: Vec<u64> = self
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let mut buf = vec![0u8; RAM_PIECE as usize];
+        for piece in pieces {
+            let at = piece * RAM_PIECE;
+            let n = (self.mem.size() - at).min(RAM_PIECE) as usize;
+            self.mem.read(at, &mut buf[..n])?;
+            copy.write(at, &buf[..n])?;
+        }
+        Ok(Box::new(copy))
     }
 }

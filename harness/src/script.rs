@@ -30,13 +30,44 @@
 //!   and in expectations `any`.
 //! - Expected: `ok` (success; any data for a read), data segments (success with those bytes),
 //!   an errno (`EINVAL`, `EPERM`, .., or `err:N`), `closed` (the server closes the connection
-//!   without a reply), `none` (read nothing). Omitted: `ok`, or `closed` after `disc` and `eof`.
+//!   without a reply), `none` (read nothing), `any-of(DATA | DATA ..)` (see below). Omitted:
+//!   `ok`, or `closed` after `disc` and `eof`.
+//!
+//! Requests in flight together are a group, between a `together {` line and a `}` line:
+//!
+//! ```text
+//! together {                      # two overlapping writes and a read racing them
+//!   write 0 8K seed:1
+//!   write 4K 8K seed:2
+//!   read 0 12K => any-of(fill:0 | seed:1 | 4K*any seed:2)
+//! }
+//! read 0 12K => any-of(8K*seed:1 seed:2 | 4K*seed:1 seed:2)   # either write last, per block
+//! ```
+//!
+//! - Every request of a group is sent before any reply is waited for, so they are in flight
+//!   at the server together; their replies may come in any order, and each step's expectation
+//!   is checked against its own reply (matched by cookie). The next step after the `}` starts
+//!   once every reply of the group has come. Through [`LoopbackKernel`] a group holds at most
+//!   as many requests as it has tags (`queue_depth` times `connections`, 128 by default).
+//! - `together {` and `}` stand alone on their line (a `#` comment may follow). Groups do not
+//!   nest, are not empty, and hold no `disc`, `eof` or `raw` step and no `closed` or `none`
+//!   expectation: all have no meaning when requests race.
+//! - `any-of(A | B ..)`: success, and each of the device's logical blocks in the data read
+//!   equals the same block of one of the alternatives, each block independently (a read
+//!   racing two writes may see some blocks of each, never a torn block). Each alternative is
+//!   data segments as above, `any` included. Allowed outside groups too.
 //!
 //! [`Script::replay`] runs a script through [`LoopbackKernel`] (whose reply checks then apply);
 //! scripts with `raw` or `eof` steps go through a raw socket to a real [`Server`] instead, one
-//! request at a time, where the harness checks each reply itself (magic, cookie, no payload
-//! after an error). [`Script::replay_socket`] does the same against any server. When the
-//! connection closes as expected, steps left after it fail the replay as unused.
+//! request (or one group) at a time, where the harness checks each reply itself (magic,
+//! cookie, no payload after an error). [`Script::replay_socket`] does the same against any
+//! server. When the connection closes as expected, steps left after it fail the replay as
+//! unused. `any-of` is checked in the export's logical blocks (512 bytes through
+//! [`Script::replay_socket`], which knows no export; [`Script::replay_socket_with`] takes the
+//! size).
+//!
+//! A [`Script`] prints in the text format (`Display`), groups included, and parses back to an
+//! equal script: a failure found by random testing pastes into a regression test.
 //!
 //! ```
 //! use userblk::MemDevice;
@@ -51,18 +82,31 @@
 //!
 //! let text = "write 0 4K fill:0xab\nread 0 4K => fill:0xab\n";
 //! Script::parse(text)?.replay(MemDevice::new(1 << 20))?;
+//!
+//! // Two writes racing a read: each 512-byte block read is all one write's, or still zeroes.
+//! let race = Script::new().together(
+//!     Script::new()
+//!         .write(0, 8192, Data::seed(1))
+//!         .write(0, 8192, Data::seed(2))
+//!         .read(0, 8192)
+//!         .any_of(vec![Data::seed(1), Data::seed(2), Data::fill(0)]),
+//! );
+//! assert_eq!(Script::parse(&race.to_string())?, race);
+//! race.replay(MemDevice::new(1 << 20))?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod judge;
 mod parse;
 mod pattern;
+mod raw;
 mod replay;
 
 use userblk::proto::{Command, CommandFlags, Errno};
 
 pub use parse::{ParseError, ParseErrorKind};
 pub use pattern::{fill_seed, first_difference, Data, Pattern, Segment};
-pub use replay::{ScriptError, StepFailure};
+pub use replay::{GroupSpan, ScriptError, StepFailure};
 
 #[allow(unused_imports)] // for the module docs
 use userblk::{LoopbackKernel, Server};
@@ -141,10 +185,20 @@ pub enum Expect {
     Closed,
     /// Nothing is read.
     Nothing,
+    /// Success, and each of the device's logical blocks in the data read equals the same block
+    /// of one of these alternatives (each rendered at the read's offset), block by block
+    /// independently: a read racing two writes may see some blocks of each, never a torn block.
+    /// Bytes under `any` in an alternative match anything. Written
+    /// `any-of(seed:1 | 4K*any seed:2 | fill:0)`.
+    AnyOf(Vec<Data>),
 }
 
 /// One request and its expected outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Two steps are equal when they send the same, expect the same and belong to the same group;
+/// the line they came from is not compared, so a script printed and parsed back equals the
+/// original.
+#[derive(Clone, Debug, Eq)]
 pub struct Step {
     /// The line it came from, for scripts parsed from text.
     pub line: Option<usize>,
@@ -152,6 +206,16 @@ pub struct Step {
     pub action: Action,
     /// What must come back.
     pub expect: Expect,
+    /// The group of requests in flight together that the step belongs to: groups are numbered
+    /// from 1 in script order, and a group is the run of consecutive steps with the same number.
+    /// `None` for a step sent alone (after the previous step's reply came).
+    pub group: Option<usize>,
+}
+
+impl PartialEq for Step {
+    fn eq(&self, other: &Step) -> bool {
+        self.action == other.action && self.expect == other.expect && self.group == other.group
+    }
 }
 
 /// A request stream with the replies expected. See the [module docs](self) for the format.
@@ -179,7 +243,26 @@ impl Script {
             line: None,
             action,
             expect,
+            group: None,
         });
+        self
+    }
+
+    /// Appends `group`'s requests as one group, all in flight at once: every request is issued
+    /// before any reply is waited for, and the replies may come in any order. Each step keeps
+    /// its own expectation (use [`Script::any_of`] for a read racing writes). Groups inside
+    /// `group` are merged into the one group; an empty `group` appends nothing. `disc`, `eof`
+    /// and `raw` steps, and `closed` or `none` expectations, have no meaning in a group: the
+    /// replay fails on them.
+    pub fn together(mut self, group: Script) -> Script {
+        if group.steps.is_empty() {
+            return self;
+        }
+        let number = self.steps.iter().filter_map(|s| s.group).max().unwrap_or(0) + 1;
+        self.steps.extend(group.steps.into_iter().map(|s| Step {
+            group: Some(number),
+            ..s
+        }));
         self
     }
 
@@ -281,6 +364,12 @@ impl Script {
         self.expect(Expect::Data(data))
     }
 
+    /// The last step must succeed, each logical block of its data equal to the same block of
+    /// one of `alternatives` (see [`Expect::AnyOf`]).
+    pub fn any_of(self, alternatives: Vec<Data>) -> Script {
+        self.expect(Expect::AnyOf(alternatives))
+    }
+
     /// The last step must fail with this errno.
     pub fn errno(self, errno: Errno) -> Script {
         self.expect(Expect::Errno(errno.0))
@@ -314,8 +403,10 @@ impl Script {
             if let Action::Request { data: Some(d), .. } = &s.action {
                 add(d);
             }
-            if let Expect::Data(d) = &s.expect {
-                add(d);
+            match &s.expect {
+                Expect::Data(d) => add(d),
+                Expect::AnyOf(alts) => alts.iter().for_each(&mut add),
+                _ => {}
             }
         }
         seeds

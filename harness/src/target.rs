@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use userblk::link::loopback::Op;
 use userblk::proto::TransmissionFlags;
 use userblk::{BlockDevice, LoopbackError, LoopbackKernel, LoopbackOptions};
 
@@ -60,6 +61,19 @@ pub trait Target: Send + Sync {
     fn trim(&self, offset: u64, len: u64) -> Result<(), OpError>;
     /// Zeroes a range (`no_hole`: keep it allocated).
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), OpError>;
+    /// A way to send requests straight to the server, past the block layer's checks, for the
+    /// conformance suite's server checks. `None` (the default) through a real kernel, which
+    /// refuses such requests itself.
+    fn raw(&self) -> Option<&dyn RawRequests> {
+        None
+    }
+}
+
+/// Sends NBD requests exactly as given: no bounds, alignment or read-only checks, no splitting.
+pub trait RawRequests {
+    /// Sends one request and waits for its reply: a READ's data (empty for other commands), or
+    /// the error the server replied with (`errno` set to the reply's value).
+    fn request(&self, op: Op<'_>) -> Result<Vec<u8>, OpError>;
 }
 
 /// A target whose device is being served; [`detach`](Attached::detach) disconnects and reports
@@ -127,6 +141,16 @@ impl Target for LoopbackKernel {
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), OpError> {
         Ok(LoopbackKernel::write_zeroes(self, offset, len, no_hole)?)
+    }
+    fn raw(&self) -> Option<&dyn RawRequests> {
+        Some(self)
+    }
+}
+
+impl RawRequests for LoopbackKernel {
+    fn request(&self, op: Op<'_>) -> Result<Vec<u8>, OpError> {
+        let ticket = self.submit(op)?;
+        Ok(self.wait(ticket)?)
     }
 }
 

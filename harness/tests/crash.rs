@@ -1,6 +1,6 @@
 //! The crash-consistency checker against a sample write-back cache device, correct and with
-//! seeded bugs: each bug must be caught, and the correct device must pass, whatever subset of
-//! its unflushed writes it keeps.
+//! seeded bugs, one stream at a time and with threads racing: each bug must be caught, and the
+//! correct device must pass, whatever subset of its unflushed writes it keeps.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use userblk::{BlockDevice, Capabilities, MemDevice};
 use userblk_harness::crash::{
-    check, ops_from_trace, random_ops, CrashError, CrashOp, CrashOptions, CrashPoints, Crashable,
+    check, check_concurrent, check_device, check_streams, ops_from_trace, random_ops,
+    ConcurrentOptions, CrashError, CrashOp, CrashOptions, CrashPoints, Crashable, ViolationKind,
 };
+use userblk_harness::factory::crashable;
 
 const BS: usize = 512;
 const SIZE: u64 = 256 << 10;
@@ -151,6 +153,14 @@ impl Crashable for CacheDevice {
     }
 }
 
+/// A correct cache that keeps every other unflushed block on a power loss.
+fn keeps_some() -> CacheDevice {
+    CacheDevice {
+        keep_some_on_crash: true,
+        ..CacheDevice::new(Bug::None)
+    }
+}
+
 fn block(fill: u8, n: usize) -> Vec<u8> {
     vec![fill; n * BS]
 }
@@ -160,7 +170,7 @@ fn a_correct_write_back_cache_passes_at_every_crash_point() {
     for seed in 0..4 {
         let ops = random_ops(seed, SIZE, BS as u32, 300);
         let report = check(
-            Arc::new(CacheDevice::new(Bug::None)),
+            &crashable(move || CacheDevice::new(Bug::None)),
             &ops,
             &CrashOptions::default(),
         )
@@ -172,12 +182,8 @@ fn a_correct_write_back_cache_passes_at_every_crash_point() {
 
 #[test]
 fn a_correct_cache_may_keep_any_subset_of_unflushed_writes() {
-    let dev = CacheDevice {
-        keep_some_on_crash: true,
-        ..CacheDevice::new(Bug::None)
-    };
     let ops = random_ops(11, SIZE, BS as u32, 300);
-    check(Arc::new(dev), &ops, &CrashOptions::default()).unwrap();
+    check(&crashable(keeps_some), &ops, &CrashOptions::default()).unwrap();
 }
 
 #[test]
@@ -194,7 +200,7 @@ fn a_flush_acknowledged_before_the_data_is_durable_is_caught() {
         },
     ];
     let err = check(
-        Arc::new(CacheDevice::new(Bug::FlushAckedBeforeDurable)),
+        &crashable(move || CacheDevice::new(Bug::FlushAckedBeforeDurable)),
         &ops,
         &CrashOptions::default(),
     )
@@ -225,7 +231,7 @@ fn a_lost_fua_write_is_caught() {
         },
     ];
     let err = check(
-        Arc::new(CacheDevice::new(Bug::FuaIgnored)),
+        &crashable(move || CacheDevice::new(Bug::FuaIgnored)),
         &ops,
         &CrashOptions::default(),
     )
@@ -251,7 +257,7 @@ fn seeded_bugs_are_caught_in_random_streams() {
                 loopback,
                 ..CrashOptions::default()
             };
-            let result = check(Arc::new(CacheDevice::new(bug)), &ops, &options);
+            let result = check(&crashable(move || CacheDevice::new(bug)), &ops, &options);
             assert!(
                 matches!(result, Err(CrashError::Violation(_))),
                 "{bug:?} (loopback: {loopback}) not caught: {result:?}"
@@ -267,13 +273,18 @@ fn flush_points_only_still_catch_a_late_flush() {
         points: CrashPoints::Flushes,
         ..CrashOptions::default()
     };
-    let report = check(Arc::new(CacheDevice::new(Bug::None)), &ops, &options).unwrap();
+    let report = check(
+        &crashable(move || CacheDevice::new(Bug::None)),
+        &ops,
+        &options,
+    )
+    .unwrap();
     assert!(
         report.crash_points < 300 && report.crash_points > 30,
         "{report}"
     );
     let result = check(
-        Arc::new(CacheDevice::new(Bug::FlushAckedBeforeDurable)),
+        &crashable(move || CacheDevice::new(Bug::FlushAckedBeforeDurable)),
         &ops,
         &options,
     );
@@ -294,7 +305,7 @@ fn ops_outside_whole_blocks_are_refused_not_a_panic() {
         },
     ] {
         let result = check(
-            Arc::new(MemDevice::with_block_size(SIZE, 4096)),
+            &crashable(|| MemDevice::with_block_size(SIZE, 4096)),
             &[op],
             &CrashOptions::default(),
         );
@@ -314,7 +325,7 @@ fn a_device_without_a_cache_passes_and_trims_allow_anything() {
         len: 8192,
     });
     check(
-        Arc::new(MemDevice::new(SIZE)),
+        &crashable(|| MemDevice::new(SIZE)),
         &ops,
         &CrashOptions::default(),
     )
@@ -353,7 +364,7 @@ fn a_device_claiming_no_cache_must_not_cache() {
         data: block(7, 1),
     }];
     let result = check(
-        Arc::new(Hidden(CacheDevice::new(Bug::None))),
+        &crashable(|| Hidden(CacheDevice::new(Bug::None))),
         &ops,
         &CrashOptions::default(),
     );
@@ -379,11 +390,146 @@ fn shipped_traces_drive_the_checker() {
             // Eight points spread over the stream, plus each flush and FUA write.
             points: CrashPoints::Every(ops.len().div_ceil(8)),
             loopback: false,
+            ..CrashOptions::default()
         };
-        let report = check(Arc::new(dev), &ops, &options)
+        // One device already made: check_device takes it as it is.
+        let report = check_device(Arc::new(dev), &ops, &options)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         eprintln!("{}: {report}", path.display());
         n += 1;
     }
     assert!(n > 0, "no trace in {}", dir.display());
+}
+
+#[test]
+fn a_factory_of_devices_that_cannot_crash_is_refused_with_the_way_to_fix_it() {
+    let ops = random_ops(1, SIZE, BS as u32, 10);
+    let err = check(&|| MemDevice::new(SIZE), &ops, &CrashOptions::default()).unwrap_err();
+    assert!(matches!(err, CrashError::NotCrashable), "{err}");
+    assert!(err.to_string().contains("factory::crashable(||"), "{err}");
+}
+
+#[test]
+fn a_correct_write_back_cache_passes_concurrent_runs() {
+    for loopback in [true, false] {
+        let options = ConcurrentOptions {
+            loopback,
+            ..ConcurrentOptions::default()
+        };
+        let report = check_concurrent(&crashable(|| CacheDevice::new(Bug::None)), &options)
+            .unwrap_or_else(|e| panic!("loopback {loopback}: {e}"));
+        assert_eq!(report.ops, 8 * 4 * 100, "{report}");
+        assert!(report.crash_points >= 8 * 100, "{report}");
+        check_concurrent(&crashable(keeps_some), &options).unwrap();
+    }
+    check_concurrent(
+        &crashable(|| MemDevice::new(SIZE)),
+        &ConcurrentOptions::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn seeded_bugs_are_caught_in_concurrent_runs() {
+    for (bug, kind) in [
+        (Bug::FlushAckedBeforeDurable, ViolationKind::LostAfterFlush),
+        (Bug::FuaIgnored, ViolationKind::LostFuaWrite),
+        (Bug::FlushForgetsOne, ViolationKind::LostAfterFlush),
+    ] {
+        let err = check_concurrent(
+            &crashable(move || CacheDevice::new(bug)),
+            &ConcurrentOptions::default(),
+        )
+        .unwrap_err();
+        let CrashError::Violation(v) = &err else {
+            panic!("{bug:?}: expected a violation, got {err}")
+        };
+        assert_eq!(v.kind, kind, "{bug:?}: {v}");
+        assert!(
+            err.to_string().starts_with(&format!("{kind}: block ")),
+            "{err}"
+        );
+    }
+}
+
+/// The FUA write of thread 0 completes while thread 1 keeps writing; the power is cut after
+/// every op, so some cuts fall with thread 1's ops in flight, which may survive or not.
+#[test]
+fn given_streams_run_one_thread_each() {
+    let streams = vec![
+        vec![
+            CrashOp::WriteFua {
+                offset: 0,
+                data: block(1, 2),
+            };
+            20
+        ],
+        (0..20)
+            .map(|i| CrashOp::Write {
+                offset: 4096,
+                data: block(i as u8 + 2, 4),
+            })
+            .chain([CrashOp::Flush])
+            .collect(),
+    ];
+    let options = ConcurrentOptions {
+        crash_every: 1,
+        ..ConcurrentOptions::default()
+    };
+    let report = check_streams(&crashable(keeps_some), &streams, &options).unwrap();
+    assert_eq!(report.ops, 41);
+    assert_eq!(report.crash_points, 42);
+    let err = check_streams(
+        &crashable(|| CacheDevice::new(Bug::FuaIgnored)),
+        &streams,
+        &options,
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("lost FUA write: "), "{err}");
+}
+
+#[test]
+fn torn_writes_are_refused_only_when_the_device_promises_whole_writes() {
+    let ops = random_ops(11, SIZE, BS as u32, 300);
+    let whole = CrashOptions {
+        atomic_writes: true,
+        ..CrashOptions::default()
+    };
+    // Keeping every other unflushed block tears the writes of several blocks.
+    check(&crashable(keeps_some), &ops, &CrashOptions::default()).unwrap();
+    let err = check(&crashable(keeps_some), &ops, &whole).unwrap_err();
+    let CrashError::Violation(v) = &err else {
+        panic!("expected a violation, got {err}")
+    };
+    assert_eq!(v.kind, ViolationKind::TornWrite, "{v}");
+    assert!(err.to_string().starts_with("torn write: op #"), "{err}");
+    // Keeping none of them keeps writes whole.
+    check(&crashable(|| CacheDevice::new(Bug::None)), &ops, &whole).unwrap();
+    let options = ConcurrentOptions {
+        atomic_writes: true,
+        ..ConcurrentOptions::default()
+    };
+    check_concurrent(&crashable(|| CacheDevice::new(Bug::None)), &options).unwrap();
+}
+
+#[test]
+fn a_huge_mem_device_says_to_use_factory_mem_and_factory_mem_copies_only_what_was_written() {
+    let ops = random_ops(3, 1 << 20, BS as u32, 100);
+    let err = check(
+        &crashable(|| MemDevice::new(4 << 40)),
+        &ops,
+        &CrashOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CrashError::Crash { .. }) && err.to_string().contains("factory::mem(size)"),
+        "{err}"
+    );
+    let report = check(
+        &userblk_harness::factory::mem(4 << 40),
+        &ops,
+        &CrashOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.crash_points, 100);
 }

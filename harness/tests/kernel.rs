@@ -66,8 +66,10 @@ fn conformance_suite_on_the_real_kernel() {
     let Some((rig, _turn)) = setup("conformance") else {
         return;
     };
-    let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
-    let caps = factory().capabilities();
+    // Re-openable and crashable: the durability cases disconnect /dev/nbd0 and serve the same
+    // memory again.
+    let factory = userblk_harness::factory::mem(64 << 20);
+    let caps = MemDevice::new(0).capabilities();
     let env = Env::new(&rig, &factory, caps);
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
         eprintln!("  case {}", c.name)

@@ -20,6 +20,13 @@ mod races;
 
 const SIZE: u64 = 8 << 20;
 
+#[path = "seeded_bugs/durability.rs"]
+mod durability;
+#[path = "seeded_bugs/offsets.rs"]
+mod offsets;
+#[path = "seeded_bugs/time.rs"]
+mod time;
+
 /// A MemDevice with one method replaced.
 struct Buggy {
     mem: MemDevice,

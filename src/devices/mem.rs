@@ -1,24 +1,118 @@
-//! [`MemDevice`]: a RAM disk, allocated lazily in chunks so that a large one costs only what is
-//! written, with per-chunk locks so that concurrent requests to different places do not contend.
+//! [`MemDevice`]: a RAM disk that costs only what is written. Memory is allocated in 64 KiB
+//! chunks on the first write that touches them, held in a map split into shards by chunk number,
+//! each chunk behind its own lock: a 4 TiB disk with nothing written costs a few kilobytes, and
+//! concurrent requests to different places take different locks (no global lock on the hot path).
 
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::device::{BlockDevice, Capabilities};
 
 /// Allocation and locking granule.
 const CHUNK: usize = 64 << 10;
 
+/// Shards of the chunk map. Consecutive chunks fall in consecutive shards, so a sequential
+/// request and requests to different places rarely share a shard lock; the shard lock is taken
+/// exclusively only to allocate or free a chunk.
+const SHARDS: usize = 64;
+
+/// One chunk's bytes, locked on their own: readers of a chunk share it, a writer has it alone.
+type Chunk = RwLock<Box<[u8]>>;
+
+/// Chunks of one shard, by chunk number.
+type ChunkMap = HashMap<u64, Chunk, BuildHasherDefault<ChunkHasher>>;
+
+/// Hashes a chunk number with splitmix64's finaliser. Keys in one shard share their low bits
+/// (they are congruent modulo [`SHARDS`]), which the identity hash or a plain multiply would
+/// turn into collisions; SipHash would do but costs more than the lookup it serves.
+#[derive(Default)]
+struct ChunkHasher(u64);
+
+impl Hasher for ChunkHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `u64` keys; fold anything else in, for completeness.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// A sparse in-memory block device. Never-written and trimmed ranges read as zeroes.
-#[derive(Debug)]
 pub struct MemDevice {
-    chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    shards: Box<[RwLock<ChunkMap>]>,
     size: u64,
     block_size: u32,
 }
 
+impl fmt::Debug for MemDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemDevice")
+            .field("size", &self.size)
+            .field("block_size", &self.block_size)
+            .field("allocated", &self.allocated())
+            .finish()
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One chunk-bounded piece of a request.
+#[derive(Clone, Copy)]
+struct Piece {
+    /// Chunk number.
+    chunk: u64,
+    /// Offset in the chunk.
+    within: usize,
+    /// Offset in the caller's buffer.
+    at: usize,
+    /// Length.
+    len: usize,
+}
+
+/// Cuts `offset..offset+len` at chunk boundaries.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let within = (pos % CHUNK as u64) as usize;
+        let n = (CHUNK - within).min(len - done);
+        let piece = Piece {
+            chunk: pos / CHUNK as u64,
+            within,
+            at: done,
+            len: n,
+        };
+        done += n;
+        Some(piece)
+    })
+}
+
 impl MemDevice {
-    /// A RAM disk of `size` bytes (rounded down to whole 512-byte blocks).
+    /// A RAM disk of `size` bytes (rounded down to whole 512-byte blocks). Nothing is allocated
+    /// until it is written, so any size fits.
     pub fn new(size: u64) -> MemDevice {
         MemDevice::with_block_size(size, 512)
     }
@@ -27,11 +121,9 @@ impl MemDevice {
     /// size. A block size the server cannot serve is reported when serving starts.
     pub fn with_block_size(size: u64, block_size: u32) -> MemDevice {
         let bs = u64::from(block_size.max(1));
-        let size = size / bs * bs;
-        let n = size.div_ceil(CHUNK as u64) as usize;
         MemDevice {
-            chunks: (0..n).map(|_| RwLock::new(None)).collect(),
-            size,
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            size: size / bs * bs,
             block_size,
         }
     }
@@ -41,36 +133,14 @@ impl MemDevice {
         self.size
     }
 
-    /// Bytes of memory holding data (written and not since trimmed), in whole chunks.
+    /// Bytes of memory holding data (written and not since trimmed), in whole 64 KiB chunks.
     pub fn allocated(&self) -> u64 {
-        let n = self
-            .chunks
-            .iter()
-            .filter(|c| c.read().unwrap_or_else(PoisonError::into_inner).is_some())
-            .count();
-        (n * CHUNK) as u64
+        let chunks: usize = self.shards.iter().map(|s| read_lock(s).len()).sum();
+        (chunks * CHUNK) as u64
     }
 
-    /// Visits each chunk-bounded piece of `offset..offset+len`: (chunk index, offset in chunk,
-    /// offset in the caller's buffer, length).
-    fn pieces(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Iterator<Item = (usize, usize, usize, usize)> {
-        let mut done = 0usize;
-        std::iter::from_fn(move || {
-            if done >= len {
-                return None;
-            }
-            let pos = offset + done as u64;
-            let idx = (pos / CHUNK as u64) as usize;
-            let within = (pos % CHUNK as u64) as usize;
-            let n = (CHUNK - within).min(len - done);
-            let piece = (idx, within, done, n);
-            done += n;
-            Some(piece)
-        })
+    fn shard(&self, chunk: u64) -> &RwLock<ChunkMap> {
+        &self.shards[(chunk % SHARDS as u64) as usize]
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -80,18 +150,57 @@ impl MemDevice {
         }
     }
 
-    /// Sets a range to zeroes, freeing whole chunks.
+    /// Copies `src` into the piece's place, allocating the chunk if it has none.
+    fn store(&self, p: Piece, src: &[u8]) {
+        let shard = self.shard(p.chunk);
+        {
+            let map = read_lock(shard);
+            if let Some(chunk) = map.get(&p.chunk) {
+                write_lock(chunk)[p.within..p.within + p.len].copy_from_slice(src);
+                return;
+            }
+        }
+        // First write here: allocate under the shard's write lock (another writer may have
+        // been first between the two locks; `entry` keeps theirs).
+        let mut map = write_lock(shard);
+        let chunk = map
+            .entry(p.chunk)
+            .or_insert_with(|| RwLock::new(vec![0u8; CHUNK].into_boxed_slice()));
+        chunk.get_mut().unwrap_or_else(PoisonError::into_inner)[p.within..p.within + p.len]
+            .copy_from_slice(src);
+    }
+
+    /// Sets a range to zeroes, freeing whole chunks; never allocates.
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
-        for (idx, within, _, n) in self.pieces(offset, len as usize) {
-            let mut chunk = self.chunks[idx]
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            if n == CHUNK {
-                *chunk = None;
-            } else if let Some(data) = chunk.as_mut() {
-                data[within..within + n].fill(0);
+        // Whole chunks first, without touching the bytes of the partial ones: a 4 GiB
+        // write-zeroes over a sparse disk costs one map lookup per chunk.
+        let first_whole = offset.div_ceil(CHUNK as u64);
+        let end = offset + len;
+        let last_whole = end / CHUNK as u64; // exclusive
+        for chunk in first_whole..last_whole.max(first_whole) {
+            let shard = self.shard(chunk);
+            if read_lock(shard).contains_key(&chunk) {
+                write_lock(shard).remove(&chunk);
             }
+        }
+        let partial = |from: u64, to: u64| {
+            if from >= to {
+                return;
+            }
+            let chunk = from / CHUNK as u64;
+            let within = (from % CHUNK as u64) as usize;
+            let n = (to - from) as usize;
+            if let Some(c) = read_lock(self.shard(chunk)).get(&chunk) {
+                write_lock(c)[within..within + n].fill(0);
+            }
+        };
+        if first_whole > last_whole {
+            // Inside one chunk.
+            partial(offset, end);
+        } else {
+            partial(offset, first_whole * CHUNK as u64);
+            partial((last_whole * CHUNK as u64).max(offset), end);
         }
         Ok(())
     }
@@ -120,13 +229,12 @@ impl BlockDevice for MemDevice {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
-        for (idx, within, at, n) in self.pieces(offset, buf.len()) {
-            let chunk = self.chunks[idx]
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            match chunk.as_ref() {
-                Some(data) => buf[at..at + n].copy_from_slice(&data[within..within + n]),
-                None => buf[at..at + n].fill(0),
+        for p in pieces(offset, buf.len()) {
+            let dst = &mut buf[p.at..p.at + p.len];
+            let map = read_lock(self.shard(p.chunk));
+            match map.get(&p.chunk) {
+                Some(chunk) => dst.copy_from_slice(&read_lock(chunk)[p.within..p.within + p.len]),
+                None => dst.fill(0),
             }
         }
         Ok(())
@@ -134,12 +242,8 @@ impl BlockDevice for MemDevice {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len() as u64)?;
-        for (idx, within, at, n) in self.pieces(offset, data.len()) {
-            let mut chunk = self.chunks[idx]
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let dst = chunk.get_or_insert_with(|| vec![0u8; CHUNK].into_boxed_slice());
-            dst[within..within + n].copy_from_slice(&data[at..at + n]);
+        for p in pieces(offset, data.len()) {
+            self.store(p, &data[p.at..p.at + p.len]);
         }
         Ok(())
     }
@@ -160,23 +264,122 @@ impl BlockDevice for MemDevice {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
     use super::*;
+
+    const C: u64 = CHUNK as u64;
+
+    fn bytes(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ seed.wrapping_mul(37))
+            .collect()
+    }
 
     #[test]
     fn reads_back_across_chunks_and_frees_on_trim() {
-        let dev = MemDevice::new(4 * CHUNK as u64);
-        let data: Vec<u8> = (0..CHUNK + 1024).map(|i| (i % 251) as u8).collect();
-        dev.write(CHUNK as u64 - 512, &data).unwrap();
+        let dev = MemDevice::new(4 * C);
+        let data = bytes(1, CHUNK + 1024);
+        dev.write(C - 512, &data).unwrap();
         let mut back = vec![0u8; data.len()];
-        dev.read(CHUNK as u64 - 512, &mut back).unwrap();
+        dev.read(C - 512, &mut back).unwrap();
         assert_eq!(back, data);
-        assert_eq!(dev.allocated(), 3 * CHUNK as u64);
-        dev.trim(CHUNK as u64, CHUNK as u64).unwrap();
-        assert_eq!(dev.allocated(), 2 * CHUNK as u64);
-        dev.read(CHUNK as u64 - 512, &mut back).unwrap();
+        assert_eq!(dev.allocated(), 3 * C);
+        dev.trim(C, C).unwrap();
+        assert_eq!(dev.allocated(), 2 * C);
+        dev.read(C - 512, &mut back).unwrap();
         assert_eq!(back[..512], data[..512]);
         assert!(back[512..512 + CHUNK].iter().all(|&b| b == 0));
         assert_eq!(back[512 + CHUNK..], data[512 + CHUNK..]);
+    }
+
+    #[test]
+    fn reads_of_unwritten_chunks_are_zeroes_and_allocate_nothing() {
+        let dev = MemDevice::new(1 << 40);
+        let mut buf = vec![0xffu8; 3 * CHUNK];
+        dev.read((1 << 39) - 512, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(dev.allocated(), 0);
+    }
+
+    #[test]
+    fn zeroing_frees_whole_chunks_and_zeroes_partial_ones() {
+        let dev = MemDevice::new(8 * C);
+        let data = bytes(2, 8 * CHUNK);
+        dev.write(0, &data).unwrap();
+        assert_eq!(dev.allocated(), 8 * C);
+        // From the middle of chunk 1 to the middle of chunk 5: chunks 2..=4 freed, 1 and 5 kept
+        // with their halves zeroed.
+        dev.write_zeroes(C + C / 2, 4 * C, false).unwrap();
+        assert_eq!(dev.allocated(), 5 * C);
+        let mut want = data.clone();
+        want[CHUNK + CHUNK / 2..5 * CHUNK + CHUNK / 2].fill(0);
+        let mut back = vec![0u8; 8 * CHUNK];
+        dev.read(0, &mut back).unwrap();
+        assert_eq!(back, want);
+        // Inside one chunk.
+        dev.trim(7 * C + 512, 1024).unwrap();
+        want[7 * CHUNK + 512..7 * CHUNK + 1536].fill(0);
+        dev.read(0, &mut back).unwrap();
+        assert_eq!(back, want);
+        // Zeroing never-written space allocates nothing.
+        let sparse = MemDevice::new(1 << 40);
+        sparse.write_zeroes(512, (1 << 32) - 1024, true).unwrap();
+        assert_eq!(sparse.allocated(), 0);
+    }
+
+    #[test]
+    fn far_offsets_do_not_alias() {
+        let dev = MemDevice::new(1 << 45);
+        let places = [
+            4096u64,
+            (1 << 32) + 4096,
+            (1 << 41) + 4096,
+            (1 << 44) + 4096,
+        ];
+        for (i, &o) in places.iter().enumerate() {
+            dev.write(o, &bytes(i as u8 + 1, 512)).unwrap();
+        }
+        for (i, &o) in places.iter().enumerate() {
+            let mut back = [0u8; 512];
+            dev.read(o, &mut back).unwrap();
+            assert_eq!(back[..], bytes(i as u8 + 1, 512)[..], "at {o}");
+        }
+        assert_eq!(dev.allocated(), 4 * C);
+    }
+
+    #[test]
+    fn concurrent_writers_to_one_chunk_and_to_many() {
+        let dev = Arc::new(MemDevice::new(64 * C));
+        let handles: Vec<_> = (0..8u8)
+            .map(|t| {
+                let dev = Arc::clone(&dev);
+                thread::spawn(move || {
+                    for round in 0..50u64 {
+                        // Each thread owns 512-byte slots in chunk 0 and a chunk of its own,
+                        // trimmed and rewritten to race allocation against frees elsewhere.
+                        let slot = u64::from(t) * 512;
+                        dev.write(slot, &bytes(t, 512)).unwrap();
+                        let own = (1 + u64::from(t)) * C;
+                        dev.write(own + round * 512 % C, &bytes(t, 512)).unwrap();
+                        if round % 10 == 9 {
+                            dev.trim(own, C).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for t in 0..8u8 {
+            let mut back = [0u8; 512];
+            dev.read(u64::from(t) * 512, &mut back).unwrap();
+            assert_eq!(back[..], bytes(t, 512)[..]);
+        }
+        // Every thread's own chunk was trimmed after its last write.
+        assert_eq!(dev.allocated(), C);
     }
 
     #[test]
@@ -191,11 +394,16 @@ mod tests {
             dev.write(u64::MAX - 10, &buf).unwrap_err().raw_os_error(),
             Some(22)
         );
+        assert_eq!(
+            dev.trim(u64::MAX - 511, 1024).unwrap_err().raw_os_error(),
+            Some(22)
+        );
     }
 
     #[test]
     fn size_rounds_down_to_blocks() {
         assert_eq!(MemDevice::new(1000).blocks(), 1);
         assert_eq!(MemDevice::with_block_size(10_000, 4096).size(), 8192);
+        assert_eq!(MemDevice::new(u64::MAX).size(), u64::MAX / 512 * 512);
     }
 }

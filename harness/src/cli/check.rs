@@ -5,18 +5,20 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use userblk::{BlockDevice, Capabilities, LoopbackOptions, MemDevice, PatternDevice};
+use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice, PatternDevice};
 
+use userblk::link::loopback::{KernelProfile, LatencyReport};
+
+use crate::cli::measured::MeasuredRig;
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::nbd_rig::NbdRig;
 use crate::random::{loopback_rig, random_test, RandomConfig};
 use crate::spec::{human, DeviceSpec};
 use crate::target::{LoopbackRig, Rig};
-use crate::trace::{replay_on, Trace};
+use crate::trace::{replay_on, ReplayReport, Trace};
 
 /// Arguments of `userblk check`.
 #[derive(Debug, clap::Args)]
@@ -36,9 +38,22 @@ pub struct Args {
     /// Operations per random run, over all its threads.
     #[arg(long, default_value_t = RandomConfig::default().ops)]
     pub ops: usize,
+    /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12. Default: each of
+    /// them, the conformance suite once per kernel.
+    #[arg(long = "profile", value_name = "NAME", value_parser = parse_profile)]
+    pub profiles: Vec<KernelProfile>,
     /// Directory of traces (*.ubt) to replay. Default: the traces shipped in harness/traces.
     #[arg(long, value_name = "DIR")]
     pub traces: Option<PathBuf>,
+}
+
+fn parse_profile(name: &str) -> Result<KernelProfile, String> {
+    KernelProfile::by_name(name).ok_or_else(|| {
+        format!(
+            "unknown kernel profile {name:?}: one of {}",
+            KernelProfile::names()
+        )
+    })
 }
 
 /// A progress line on stderr, rewritten in place when stderr is a terminal.
@@ -68,10 +83,7 @@ fn factory(spec: &DeviceSpec) -> Result<Box<dyn DeviceFactory>, String> {
     Ok(match spec {
         DeviceSpec::Ram { size } => {
             let size = *size;
-            Box::new(Reopen::new(
-                move || Ok(Arc::new(MemDevice::new(size))),
-                |mem: &Arc<MemDevice>| Ok(Arc::clone(mem)),
-            ))
+            Box::new(crate::factory::mem(size))
         }
         DeviceSpec::Pattern { size } => {
             let size = *size;
@@ -90,6 +102,83 @@ fn factory(spec: &DeviceSpec) -> Result<Box<dyn DeviceFactory>, String> {
             ))
         }
     })
+}
+
+/// The fake kernel's options for `profile`, with the harness's defaults (READ buffers
+/// poisoned so an under-filled read is caught).
+fn loopback_options(profile: KernelProfile) -> LoopbackOptions {
+    LoopbackOptions::for_profile(profile)
+}
+
+/// Replays `trace` with its recorded request sizes and overlap through a fake kernel of
+/// `rig`'s options, adding its latency to the rig's.
+fn replay_measured(
+    rig: &MeasuredRig,
+    device: Box<dyn BlockDevice>,
+    trace: &Trace,
+) -> Result<ReplayReport, String> {
+    rig.replay(device, trace).map_err(|e| e.to_string())
+}
+
+/// Size of the sparse device the huge-offset probe serves: past every boundary where a 32-bit
+/// count of bytes, sectors or pages wraps (2^32 B, 2^41 B, ...) but 2^44.
+const HUGE: u64 = 4 << 40;
+
+/// Runs the cases that matter at huge offsets on a sparse 4 TiB device of the spec's kind (a
+/// RAM disk, or a sparse temporary file beside the spec's file); `None` for a read-only kind.
+fn huge_probe(spec: &DeviceSpec, rig: &LoopbackRig) -> Result<Option<Report>, String> {
+    let (factory, _file): (Box<dyn DeviceFactory>, Option<TempFile>) = match spec {
+        DeviceSpec::Pattern { .. } => return Ok(None),
+        DeviceSpec::Ram { .. } => (Box::new(|| MemDevice::new(HUGE)), None),
+        DeviceSpec::File { path } => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let file = TempFile::sparse(dir.unwrap_or(Path::new(".")), HUGE)?;
+            let path = file.0.clone();
+            let factory = Reopen::new(move || Ok(path.clone()), |p: &PathBuf| FileDevice::open(p));
+            (Box::new(factory), Some(file))
+        }
+    };
+    let caps = factory.create().map_err(|e| e.to_string())?.capabilities();
+    let env = Env::new(rig, &*factory, caps);
+    let cases: Vec<_> = conformance::cases()
+        .into_iter()
+        .filter(|c| {
+            [
+                "read_after_write",
+                "huge_offsets",
+                "write_zeroes_reads_zero",
+            ]
+            .contains(&c.name)
+        })
+        .collect();
+    let mut report = conformance::run_cases(&env, &cases, &mut |_, _| {});
+    report.rig = format!("loopback, sparse {} device", human(HUGE));
+    Ok(Some(report))
+}
+
+/// A sparse file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn sparse(dir: &Path, size: u64) -> Result<TempFile, String> {
+        let path = dir.join(format!(".userblk-check-huge-{}.img", std::process::id()));
+        let f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = TempFile(path);
+        f.set_len(size).map_err(|e| {
+            format!(
+                "{}: cannot make a sparse {} file here: {e}",
+                file.0.display(),
+                human(size)
+            )
+        })?;
+        Ok(file)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The traces to replay: `*.ubt` files in `dir`, sorted.
@@ -162,7 +251,28 @@ pub fn run(args: Args) -> ExitCode {
     let caps: Capabilities = probe.capabilities();
     let size = probe.blocks() * u64::from(probe.block_size());
     drop(probe);
-    let loopback = LoopbackRig::default();
+    let profiles = if args.profiles.is_empty() {
+        KernelProfile::all().to_vec()
+    } else {
+        args.profiles.clone()
+    };
+    // The newest kernel asked for plays the fake kernel after the conformance suite.
+    let newest = profiles
+        .iter()
+        .max_by_key(|p| KernelProfile::all().iter().position(|q| q == *p))
+        .copied()
+        .unwrap_or_else(KernelProfile::newest);
+    let rigs: Vec<MeasuredRig> = profiles
+        .iter()
+        .map(|&p| {
+            MeasuredRig::new(LoopbackRig {
+                options: loopback_options(p),
+            })
+        })
+        .collect();
+    let loopback = MeasuredRig::new(LoopbackRig {
+        options: loopback_options(newest),
+    });
     let nbd = args.kernel.as_ref().map(NbdRig::new);
     let rig: &dyn Rig = match &nbd {
         Some(n) => n,
@@ -171,36 +281,60 @@ pub fn run(args: Args) -> ExitCode {
     let progress = Progress {
         tty: std::io::stderr().is_terminal(),
     };
+    let through = match &nbd {
+        Some(n) => n.name(),
+        None => format!(
+            "the loopback fake kernel playing {}",
+            profiles
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
+    };
     println!(
-        "userblk check {}: {} bytes, {}; through {}",
+        "userblk check {}: {} bytes, {}; through {through}",
         args.device,
         human(size),
         describe(&caps),
-        rig.name()
     );
     let mut failed = false;
 
-    // 1. The conformance suite.
+    // 1. The conformance suite, once per kernel played (or once through the real kernel).
+    let suite_rigs: Vec<&dyn Rig> = match &nbd {
+        Some(n) => vec![n],
+        None => rigs.iter().map(|r| r as &dyn Rig).collect(),
+    };
     let cases = conformance::cases();
-    let env = Env::new(rig, &*make, caps);
-    let report = conformance::run_cases(&env, &cases, &mut |i, c| {
-        progress.show(&format!(
-            "[{}/{}] conformance: {}",
-            i + 1,
-            cases.len(),
-            c.name
-        ));
-    });
-    progress.clear();
-    print_report(&report);
-    failed |= !report.all_passed();
+    for (k, suite_rig) in suite_rigs.iter().enumerate() {
+        let env = Env::new(*suite_rig, &*make, caps);
+        let label = match &nbd {
+            Some(_) => String::new(),
+            None => format!(", {}", profiles[k].name),
+        };
+        let mut report = conformance::run_cases(&env, &cases, &mut |i, c| {
+            progress.show(&format!(
+                "[{}/{}] conformance{label}: {}",
+                i + 1,
+                cases.len(),
+                c.name
+            ));
+        });
+        if nbd.is_none() {
+            report.rig = format!("loopback, {}", profiles[k].name);
+        }
+        progress.clear();
+        print_report(&report);
+        failed |= !report.all_passed();
+    }
     if nbd.is_none() {
         // Through the loopback also with whole 32 MiB requests and four connections.
+        // (Not in the latency table: 32 MiB requests would swamp it.)
         let big = LoopbackRig {
             options: LoopbackOptions {
                 connections: 4,
                 max_request: userblk::proto::MAX_IO_LEN,
-                ..LoopbackOptions::default()
+                ..loopback_options(newest)
             },
         };
         let env = Env::new(&big, &*make, caps);
@@ -228,6 +362,21 @@ pub fn run(args: Args) -> ExitCode {
         progress.clear();
         print_report(&report);
         failed |= !report.all_passed();
+    }
+
+    // 1b. A sparse 4 TiB device of the same kind: offsets that 32-bit arithmetic aliases.
+    if nbd.is_none() {
+        match huge_probe(&args.device, &loopback.rig) {
+            Ok(Some(report)) => {
+                print_report(&report);
+                failed |= !report.all_passed();
+            }
+            Ok(None) => println!("huge offsets: skipped ({} is read-only)", args.device),
+            Err(e) => {
+                failed = true;
+                println!("huge offsets: FAIL: {e}");
+            }
+        }
     }
 
     // 2. Random sequences against the model.
@@ -306,8 +455,10 @@ pub fn run(args: Args) -> ExitCode {
                 .create()
                 .map_err(|e| e.to_string())
                 .and_then(|dev| zeroed(dev, &trace))
-                .and_then(|dev| replay_on(rig, dev, &trace).map_err(|e| e.to_string()))
-            {
+                .and_then(|dev| match &nbd {
+                    Some(n) => replay_on(n, dev, &trace).map_err(|e| e.to_string()),
+                    None => replay_measured(&loopback, dev, &trace),
+                }) {
                 Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),
                 Err(e) => {
                     failed = true;
@@ -317,6 +468,37 @@ pub fn run(args: Args) -> ExitCode {
         };
         progress.clear();
         println!("{line}");
+    }
+
+    // 4. How long requests took, through every fake kernel of the run.
+    if nbd.is_none() {
+        let mut latency = loopback.latency();
+        for r in &rigs {
+            latency.merge(&r.latency());
+        }
+        println!("latency (request sent to reply read, every fake kernel of this run):");
+        for line in latency.to_string().lines() {
+            println!("  {line}");
+        }
+        // Large requests are legitimately 100× slower than 4 KiB ones: flag only requests that
+        // are also slow in absolute terms.
+        let floor = Duration::from_millis(100);
+        for c in &latency.commands {
+            let limit = c
+                .p50
+                .saturating_mul(LatencyReport::OUTLIER_FACTOR)
+                .max(floor);
+            let slow = c.histogram.count_above(limit);
+            if slow > 0 {
+                println!(
+                    "  outliers: {slow} {} requests took over {} ms (the slowest {} ms): a device \
+                     that stalls now and then? Not a failure; a stall over the limit is.",
+                    c.command.name(),
+                    limit.as_millis(),
+                    c.max.as_millis()
+                );
+            }
+        }
     }
 
     println!(

@@ -52,6 +52,32 @@ pub enum ParseErrorKind {
     /// A length above the protocol's 32-bit field.
     #[error("length {0} does not fit the request's 32-bit length field")]
     TooLong(u64),
+    /// A `together {` never closed by `}` (the error's line is the opening one).
+    #[error("`together {{` is never closed by a `}}` line")]
+    UnclosedGroup,
+    /// A `together {` inside another group.
+    #[error(
+        "groups do not nest: the group opened at line {0} is still open (close it with `}}` first)"
+    )]
+    NestedGroup(usize),
+    /// A `}` with no group open.
+    #[error("`}}` without a `together {{` before it")]
+    UnopenedClose,
+    /// A group with no request in it.
+    #[error("an empty group: `together {{` needs at least one request before `}}`")]
+    EmptyGroup,
+    /// A step that has no meaning in a group (`disc`, `eof`, `raw`).
+    #[error("`{0}` cannot be in a group: {1}")]
+    NotInGroup(&'static str, &'static str),
+    /// An expectation that has no meaning in a group (`closed`, `none`).
+    #[error("`=> {0}` cannot be expected in a group: every request of a group gets a reply")]
+    ExpectationInGroup(&'static str),
+    /// `any-of()` with nothing inside.
+    #[error("`any-of()` needs at least one alternative, e.g. any-of(seed:1 | fill:0)")]
+    EmptyAnyOf,
+    /// An `any-of(..)` alternative that is not data, or an unclosed `any-of(`.
+    #[error("bad any-of alternative `{0}`: expected data segments separated by `|`, e.g. any-of(seed:1 | 4K*seed:1 seed:2)")]
+    BadAlternative(String),
 }
 
 fn err(line: usize, kind: ParseErrorKind) -> ParseError {
@@ -88,13 +114,12 @@ fn parse_pos(s: &str) -> Option<Pos> {
         if rest.is_empty() {
             return Some(Pos::FromEnd(0));
         }
-        let (sign, n) = rest.split_at(1);
-        let n = i64::try_from(parse_u64(n)?).ok()?;
-        return match sign {
-            "-" => Some(Pos::FromEnd(-n)),
-            "+" => Some(Pos::FromEnd(n)),
-            _ => None,
-        };
+        if let Some(n) = rest.strip_prefix('-') {
+            // `checked_sub_unsigned` reaches i64::MIN, which `-i64` cannot.
+            return Some(Pos::FromEnd(0i64.checked_sub_unsigned(parse_u64(n)?)?));
+        }
+        let n = rest.strip_prefix('+')?;
+        return Some(Pos::FromEnd(i64::try_from(parse_u64(n)?).ok()?));
     }
     parse_u64(s).map(Pos::Abs)
 }
@@ -176,9 +201,43 @@ pub(crate) fn command_word(c: Command) -> &'static str {
     }
 }
 
-fn parse_expect(line: usize, toks: &[&str], len: Option<u64>) -> Result<Expect, ParseError> {
+/// Parses `any-of(ALT | ALT ..)`'s inside, each alternative data that adds up to `len` (when
+/// known).
+fn parse_any_of(line: usize, inner: &str, len: Option<u64>) -> Result<Expect, ParseError> {
+    if inner.trim().is_empty() {
+        return Err(err(line, ParseErrorKind::EmptyAnyOf));
+    }
+    let mut alts = Vec::new();
+    for alt in inner.split('|') {
+        let bad = || err(line, ParseErrorKind::BadAlternative(alt.trim().to_string()));
+        let toks: Vec<&str> = alt.split_whitespace().collect();
+        if toks.is_empty() || !toks.iter().all(|t| is_segment(t)) {
+            return Err(bad());
+        }
+        let data = parse_data(line, &toks)?;
+        if let Some(len) = len {
+            if data.ranges(len).is_none() {
+                return Err(err(line, ParseErrorKind::DataLength(len)));
+            }
+        }
+        alts.push(data);
+    }
+    Ok(Expect::AnyOf(alts))
+}
+
+fn parse_expect(line: usize, text: &str, len: Option<u64>) -> Result<Expect, ParseError> {
     let bad = |t: &str| err(line, ParseErrorKind::BadExpectation(t.to_string()));
-    match toks {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix("any-of") {
+        let inner = rest
+            .trim_start()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| err(line, ParseErrorKind::BadAlternative(text.to_string())))?;
+        return parse_any_of(line, inner, len);
+    }
+    let toks: Vec<&str> = text.split_whitespace().collect();
+    match toks.as_slice() {
         [] => Err(err(line, ParseErrorKind::Missing("expectation after `=>`"))),
         ["ok"] => Ok(Expect::Ok),
         ["closed"] => Ok(Expect::Closed),
@@ -309,23 +368,99 @@ fn parse_line(line: usize, text: &str) -> Result<Option<Step>, ParseError> {
         _ => None,
     };
     let expect = match expect {
-        Some(t) => parse_expect(line, &t.split_whitespace().collect::<Vec<_>>(), read_len)?,
+        Some(t) => parse_expect(line, t, read_len)?,
         None => action.default_expect(),
     };
     Ok(Some(Step {
         line: Some(line),
         action,
         expect,
+        group: None,
     }))
 }
 
-/// Parses a script. Blank lines and `#` comments are skipped.
+/// Refuses a step that has no meaning in a group.
+fn check_in_group(line: usize, step: &Step) -> Result<(), ParseError> {
+    let e = |k| Err(err(line, k));
+    match &step.action {
+        Action::Raw(_) => e(ParseErrorKind::NotInGroup(
+            "raw",
+            "its reply cannot be told apart from the others'",
+        ))?,
+        Action::Eof => e(ParseErrorKind::NotInGroup(
+            "eof",
+            "it ends the connection under the other requests",
+        ))?,
+        Action::Request {
+            command: Command::Disc,
+            ..
+        } => e(ParseErrorKind::NotInGroup(
+            "disc",
+            "it ends the connection under the other requests",
+        ))?,
+        Action::Request { .. } => {}
+    }
+    match step.expect {
+        Expect::Closed => e(ParseErrorKind::ExpectationInGroup("closed")),
+        Expect::Nothing => e(ParseErrorKind::ExpectationInGroup("none")),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a script. Blank lines and `#` comments are skipped; `together {` .. `}` lines
+/// enclose a group.
 pub(super) fn parse(text: &str) -> Result<Script, ParseError> {
     let mut steps = Vec::new();
+    // The open group: its number, the line of its `together {`, and its steps so far.
+    let mut open: Option<(usize, usize, usize)> = None;
+    let mut groups = 0;
     for (i, l) in text.lines().enumerate() {
-        if let Some(step) = parse_line(i + 1, l)? {
-            steps.push(step);
+        let line = i + 1;
+        let toks: Vec<&str> = l
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        match toks.as_slice() {
+            ["together", rest @ ..] => {
+                match rest {
+                    [] => Err(err(line, ParseErrorKind::Missing("`{` after `together`")))?,
+                    ["{"] => {}
+                    ["{", t, ..] | [t, ..] => {
+                        Err(err(line, ParseErrorKind::Unexpected(t.to_string())))?
+                    }
+                }
+                if let Some((_, at, _)) = open {
+                    return Err(err(line, ParseErrorKind::NestedGroup(at)));
+                }
+                groups += 1;
+                open = Some((groups, line, 0));
+            }
+            ["}", rest @ ..] => {
+                if let Some(t) = rest.first() {
+                    return Err(err(line, ParseErrorKind::Unexpected(t.to_string())));
+                }
+                match open.take() {
+                    None => return Err(err(line, ParseErrorKind::UnopenedClose)),
+                    Some((_, _, 0)) => return Err(err(line, ParseErrorKind::EmptyGroup)),
+                    Some(_) => {}
+                }
+            }
+            _ => {
+                if let Some(mut step) = parse_line(line, l)? {
+                    if let Some((number, _, count)) = open.as_mut() {
+                        check_in_group(line, &step)?;
+                        step.group = Some(*number);
+                        *count += 1;
+                    }
+                    steps.push(step);
+                }
+            }
         }
+    }
+    if let Some((_, at, _)) = open {
+        return Err(err(at, ParseErrorKind::UnclosedGroup));
     }
     Ok(Script { steps })
 }
@@ -396,6 +531,16 @@ impl fmt::Display for Expect {
                 name => f.write_str(name),
             },
             Expect::Data(d) => write!(f, "{d}"),
+            Expect::AnyOf(alts) => {
+                f.write_str("any-of(")?;
+                for (i, d) in alts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" | ")?;
+                    }
+                    write!(f, "{d}")?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
@@ -407,9 +552,27 @@ impl fmt::Display for Step {
 }
 
 impl fmt::Display for Script {
+    /// The text format, groups as `together {` .. `}` with their requests indented; parses
+    /// back to an equal script.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut open = None;
         for s in &self.steps {
+            if s.group != open {
+                if open.is_some() {
+                    writeln!(f, "}}")?;
+                }
+                if s.group.is_some() {
+                    writeln!(f, "together {{")?;
+                }
+                open = s.group;
+            }
+            if open.is_some() {
+                f.write_str("  ")?;
+            }
             writeln!(f, "{s}")?;
+        }
+        if open.is_some() {
+            writeln!(f, "}}")?;
         }
         Ok(())
     }
@@ -449,6 +612,157 @@ mod tests {
     }
 
     #[test]
+    fn groups_and_any_of_parse_and_print_back() {
+        let text = "
+            write 0 4K seed:1
+            together {   # two writes and a read racing them
+              write 0 8K seed:2
+              write 4K 8K fua seed:3 => ok
+              read 0 16K => any-of(seed:2 | 4K*any 8K*seed:3 any | fill:0)
+            }
+            together {
+              read 0 4K => any-of( seed:1|seed:2 )
+            }
+            read 0 8K => any-of(seed:1 | 4K*seed:1 4K*seed:2)
+        ";
+        let s = parse(text).unwrap();
+        let groups: Vec<_> = s.steps.iter().map(|s| s.group).collect();
+        assert_eq!(groups, [None, Some(1), Some(1), Some(1), Some(2), None]);
+        assert_eq!(s.steps[3].line, Some(6));
+        let Expect::AnyOf(alts) = &s.steps[3].expect else {
+            panic!("{:?}", s.steps[3].expect)
+        };
+        assert_eq!(alts.len(), 3);
+        assert_eq!(alts[1].to_string(), "4K*any 8K*seed:3 any");
+        let printed = s.to_string();
+        assert_eq!(
+            printed,
+            "write 0 4K seed:1 => ok\n\
+             together {\n\
+             \x20 write 0 8K seed:2 => ok\n\
+             \x20 write 4K 8K fua seed:3 => ok\n\
+             \x20 read 0 16K => any-of(seed:2 | 4K*any 8K*seed:3 any | fill:0x00)\n\
+             }\n\
+             together {\n\
+             \x20 read 0 4K => any-of(seed:1 | seed:2)\n\
+             }\n\
+             read 0 8K => any-of(seed:1 | 4K*seed:1 seed:2)\n"
+                .replace("4K*seed:1 seed:2", "4K*seed:1 4K*seed:2")
+        );
+        assert_eq!(parse(&printed).unwrap(), s);
+    }
+
+    #[test]
+    fn malformed_groups_and_alternatives_are_typed_errors() {
+        use ParseErrorKind as K;
+        let cases: &[(&str, usize, ParseErrorKind)] = &[
+            ("together {\nread 0 512", 1, K::UnclosedGroup),
+            ("together {\ntogether {\n}\n}", 2, K::NestedGroup(1)),
+            ("read 0 512\n}", 2, K::UnopenedClose),
+            ("together {\n# nothing\n}", 3, K::EmptyGroup),
+            ("together", 1, K::Missing("`{` after `together`")),
+            ("together { read 0 512", 1, K::Unexpected("read".into())),
+            ("together x", 1, K::Unexpected("x".into())),
+            (
+                "together {\nread 0 512\n} read",
+                3,
+                K::Unexpected("read".into()),
+            ),
+            (
+                "together {\ndisc\n}",
+                2,
+                K::NotInGroup("disc", "it ends the connection under the other requests"),
+            ),
+            (
+                "together {\neof\n}",
+                2,
+                K::NotInGroup("eof", "it ends the connection under the other requests"),
+            ),
+            (
+                "together {\nraw 25609513\n}",
+                2,
+                K::NotInGroup("raw", "its reply cannot be told apart from the others'"),
+            ),
+            (
+                "together {\nread 0 512 => closed\n}",
+                2,
+                K::ExpectationInGroup("closed"),
+            ),
+            (
+                "together {\nwrite 0 512 fill:1 => none\n}",
+                2,
+                K::ExpectationInGroup("none"),
+            ),
+            ("read 0 512 => any-of()", 1, K::EmptyAnyOf),
+            ("read 0 512 => any-of(   )", 1, K::EmptyAnyOf),
+            (
+                "read 0 512 => any-of(seed:1 | )",
+                1,
+                K::BadAlternative("".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1 || fill:0)",
+                1,
+                K::BadAlternative("".into()),
+            ),
+            (
+                "read 0 512 => any-of(ok | seed:1)",
+                1,
+                K::BadAlternative("ok".into()),
+            ),
+            (
+                "read 0 512 => any-of(EIO)",
+                1,
+                K::BadAlternative("EIO".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1",
+                1,
+                K::BadAlternative("any-of(seed:1".into()),
+            ),
+            (
+                "read 0 512 => any-of seed:1",
+                1,
+                K::BadAlternative("any-of seed:1".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1) x",
+                1,
+                K::BadAlternative("any-of(seed:1) x".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:x)",
+                1,
+                K::BadPattern("seed:x".into()),
+            ),
+            (
+                "read 0 512 => any-of(seed:1 | 1K*fill:0)",
+                1,
+                K::DataLength(512),
+            ),
+        ];
+        for (text, line, kind) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!((e.line, &e.kind), (*line, kind), "{text}");
+        }
+        // Each says what is wrong in words.
+        let e = parse("together {\nread 0 512").unwrap_err().to_string();
+        assert_eq!(e, "line 1: `together {` is never closed by a `}` line");
+    }
+
+    #[test]
+    fn offsets_from_the_end_reach_i64_min() {
+        assert_eq!(
+            parse_pos("end-9223372036854775808"),
+            Some(Pos::FromEnd(i64::MIN))
+        );
+        assert_eq!(parse_pos("end-9223372036854775809"), None);
+        assert_eq!(parse_pos("end+9223372036854775808"), None);
+        assert_eq!(parse_pos("end\u{e9}"), None);
+        assert_eq!(parse_pos("end+4K"), Some(Pos::FromEnd(4096)));
+    }
+
+    #[test]
     fn errors_name_the_line_and_never_panic() {
         let cases: &[(&str, ParseErrorKind)] = &[
             ("frob 0 1", ParseErrorKind::UnknownCommand("frob".into())),
@@ -480,6 +794,13 @@ mod tests {
             "raw",
             "\u{0}\u{ff}=>=>",
             "write 0 512 hex:",
+            "read end\u{e9} 512",
+            "together {\n}\n}",
+            "}",
+            "read 0 512 => any-of(",
+            "read 0 512 => any-of)",
+            "read 0 512 => any-of(|)",
+            "read 0 512 => any-of((seed:1))",
         ] {
             assert!(parse(junk).is_err(), "{junk}");
         }

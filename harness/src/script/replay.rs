@@ -1,37 +1,64 @@
-//! Replaying a [`Script`]: through [`LoopbackKernel`], or one request at a time over a raw
-//! socket where the harness checks the replies itself.
+//! Replaying a [`Script`]: through [`LoopbackKernel`], or over a raw socket where the harness
+//! checks the replies itself (see `raw.rs`); one step, or one group of steps in flight together,
+//! at a time.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
-use userblk::link::loopback::{LoopbackLink, Op};
-use userblk::proto::{Command, Cookie, Errno, Reply, ReplyParseError, Request, REPLY_LEN};
+use userblk::link::loopback::{LoopbackLink, Op, Ticket};
+use userblk::proto::{Command, Cookie, Request};
 use userblk::server::export_of;
 use userblk::{
     BlockDevice, LoopbackError, LoopbackKernel, LoopbackOptions, Server, ServerError, ServerOptions,
 };
 
-use super::pattern::{first_difference, Data};
+use super::judge::{judge, Actual, Context};
+use super::raw::Raw;
 use super::{Action, Expect, Script, Step};
 
-/// How long the raw replayer waits for a reply before failing the step.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long it watches for bytes after an error reply (payload that must not be there).
-const TRAILING_WINDOW: Duration = Duration::from_millis(50);
+/// The group of requests in flight together that a failed step belonged to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSpan {
+    /// The group's number in the script (from 1).
+    pub number: usize,
+    /// Its first and last step numbers (1-based, inclusive).
+    pub steps: (usize, usize),
+    /// Its first and last requests' lines, for parsed scripts.
+    pub lines: Option<(usize, usize)>,
+}
+
+impl fmt::Display for GroupSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "group {} (steps {}-{}",
+            self.number, self.steps.0, self.steps.1
+        )?;
+        if let Some((a, b)) = self.lines {
+            write!(f, ", lines {a}-{b}")?;
+        }
+        f.write_str(")")
+    }
+}
 
 /// A step whose outcome was not the one expected.
+///
+/// Printed as: the step, its line and group, and what was wrong in words on the first line;
+/// then the step's text, what was expected, what came, and hex dumps of the bytes that differ.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepFailure {
     /// 1-based step number.
     pub step: usize,
     /// The script line, for parsed scripts.
     pub line: Option<usize>,
+    /// The group the step was sent in, if any.
+    pub group: Option<GroupSpan>,
     /// The step in the text format.
     pub text: String,
+    /// What was wrong, in words.
+    pub summary: String,
     /// What was expected.
     pub expected: String,
     /// What came.
@@ -46,10 +73,13 @@ impl fmt::Display for StepFailure {
         if let Some(l) = self.line {
             write!(f, " (line {l})")?;
         }
+        if let Some(g) = &self.group {
+            write!(f, " in {g}")?;
+        }
         write!(
             f,
-            ": {}\n  expected: {}\n  actual:   {}",
-            self.text, self.expected, self.actual
+            ": {}\n  step:     {}\n  expected: {}\n  actual:   {}",
+            self.summary, self.text, self.expected, self.actual
         )?;
         if let Some(d) = &self.diff {
             write!(f, "\n  {}", d.replace('\n', "\n  "))?;
@@ -81,20 +111,10 @@ pub enum ScriptError {
     End(String),
 }
 
-/// What a step got back.
-enum Actual {
-    Ok(Vec<u8>),
-    Errno(u32),
-    Closed,
-    Nothing,
-    Violation(String),
-    Failed(String),
-}
-
 /// The request a step sends, with its offset resolved and its payload rendered.
-struct Resolved {
-    request: Request,
-    payload: Vec<u8>,
+pub(super) struct Resolved {
+    pub request: Request,
+    pub payload: Vec<u8>,
 }
 
 fn resolve(action: &Action, size: u64, cookie: Cookie) -> Result<Option<Resolved>, String> {
@@ -130,90 +150,159 @@ fn resolve(action: &Action, size: u64, cookie: Cookie) -> Result<Option<Resolved
     }))
 }
 
-/// Compares an outcome with the expectation; `Err` is the failure (without step details).
-fn judge(
-    expect: &Expect,
-    actual: Actual,
-    offset: u64,
-    seeds: &[u64],
-) -> Result<(), (String, Option<String>)> {
-    let describe = |a: &Actual| match a {
-        Actual::Ok(d) if d.is_empty() => "ok".to_string(),
-        Actual::Ok(d) => format!("ok, data {}", Data::describe(d, offset, 512, seeds)),
-        Actual::Errno(e) => format!("error {}", Errno(*e)),
-        Actual::Closed => "the connection closed without a reply".into(),
-        Actual::Nothing => "nothing read".into(),
-        Actual::Violation(v) => format!("protocol violation: {v}"),
-        Actual::Failed(f) => format!("failed: {f}"),
-    };
-    match (expect, &actual) {
-        (Expect::Ok, Actual::Ok(_)) | (Expect::Closed, Actual::Closed) => Ok(()),
-        (Expect::Nothing, Actual::Nothing) => Ok(()),
-        (Expect::Errno(e), Actual::Errno(a)) if e == a => Ok(()),
-        (Expect::Data(d), Actual::Ok(bytes)) => match d.render(offset, bytes.len()) {
-            None => Err((
-                format!("{d}"),
-                Some(format!(
-                    "the expected data does not add up to the {} bytes returned",
-                    bytes.len()
-                )),
-            )),
-            Some((want, mask)) => match first_difference(&want, bytes, mask.as_deref(), offset) {
-                None => Ok(()),
-                Some(diff) => Err((describe(&actual), Some(diff))),
+/// Why a step cannot be sent in a group (the parser refuses these; a built script may hold
+/// them).
+fn misfit_in_group(step: &Step) -> Option<&'static str> {
+    match (&step.action, &step.expect) {
+        (Action::Raw(_), _) => Some("a raw step cannot be in a group"),
+        (Action::Eof, _) => Some("eof cannot be in a group"),
+        (
+            Action::Request {
+                command: Command::Disc,
+                ..
             },
-        },
-        _ => Err((describe(&actual), None)),
+            _,
+        ) => Some("disc cannot be in a group"),
+        (_, Expect::Closed | Expect::Nothing) => {
+            Some("`closed` and `none` cannot be expected in a group")
+        }
+        _ => None,
     }
 }
 
-/// Runs steps on an engine and judges each.
+/// The steps sent together from `start`: its group's run, or the step alone.
+fn unit(steps: &[Step], start: usize) -> Range<usize> {
+    let Some(g) = steps[start].group else {
+        return start..start + 1;
+    };
+    let len = steps[start..]
+        .iter()
+        .take_while(|s| s.group == Some(g))
+        .count();
+    start..start + len
+}
+
+/// Runs the steps on an engine, a step or a group at a time, and judges each.
 fn drive(script: &Script, engine: &mut dyn Engine) -> Result<(), ScriptError> {
     let seeds = script.seeds();
     let size = engine.size();
-    for (i, step) in script.steps.iter().enumerate() {
-        let fail = |expected: String, actual: String, diff: Option<String>| {
+    let steps = &script.steps;
+    let mut start = 0;
+    while start < steps.len() {
+        let range = unit(steps, start);
+        let group = steps[start].group.map(|number| GroupSpan {
+            number,
+            steps: (range.start + 1, range.end),
+            lines: steps[range.start]
+                .line
+                .zip(steps[range.end - 1].line)
+                .filter(|_| range.len() > 1),
+        });
+        let fail = |i: usize, summary: String, actual: String, diff: Option<String>| {
             ScriptError::Step(Box::new(StepFailure {
                 step: i + 1,
-                line: step.line,
-                text: step.to_string(),
-                expected,
+                line: steps[i].line,
+                group: group.clone(),
+                text: steps[i].to_string(),
+                summary,
+                expected: steps[i].expect.to_string(),
                 actual,
                 diff,
             }))
         };
-        let resolved = resolve(&step.action, size, Cookie(i as u64 + 1))
-            .map_err(|e| fail(step.expect.to_string(), format!("not sent: {e}"), None))?;
-        let offset = resolved.as_ref().map_or(0, |r| r.request.offset);
-        let actual = engine.exec(step, resolved);
-        let closed = matches!(actual, Actual::Closed);
-        if let Err((actual, diff)) = judge(&step.expect, actual, offset, &seeds) {
-            return Err(fail(step.expect.to_string(), actual, diff));
+        let mut sent = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let not_sent =
+                |why: String| fail(i, format!("not sent: {why}"), "nothing".into(), None);
+            if group.is_some() {
+                if let Some(why) = misfit_in_group(&steps[i]) {
+                    return Err(not_sent(why.into()));
+                }
+            }
+            sent.push(resolve(&steps[i].action, size, Cookie(i as u64 + 1)).map_err(not_sent)?);
         }
-        if closed && i + 1 < script.steps.len() {
+        let offsets: Vec<u64> = sent
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |r| r.request.offset))
+            .collect();
+        let actuals = if group.is_some() {
+            engine.exec_group(sent.into_iter().flatten().collect())
+        } else {
+            vec![engine.exec(&steps[start], sent.pop().flatten())]
+        };
+        let mut closed = false;
+        for ((i, actual), offset) in range.clone().zip(actuals).zip(offsets) {
+            closed |= matches!(actual, Actual::Closed);
+            let cx = Context {
+                offset,
+                seeds: &seeds,
+                block_size: engine.block_size(),
+            };
+            if let Err(m) = judge(&steps[i].expect, &actual, &cx) {
+                return Err(fail(i, m.summary, m.actual, m.diff));
+            }
+        }
+        if closed && range.end < steps.len() {
             return Err(ScriptError::Unused {
-                after: i + 1,
-                steps: script.steps[i + 1..].iter().map(Step::to_string).collect(),
+                after: range.end,
+                steps: steps[range.end..].iter().map(Step::to_string).collect(),
             });
         }
+        start = range.end;
     }
     engine.finish().map_err(ScriptError::End)
 }
 
-trait Engine {
+/// What replays steps: the fake kernel or a raw socket.
+pub(super) trait Engine {
+    /// The device size in bytes.
     fn size(&self) -> u64;
+    /// The logical block size, for `any-of`.
+    fn block_size(&self) -> u64;
+    /// Sends one step and waits for its outcome.
     fn exec(&mut self, step: &Step, req: Option<Resolved>) -> Actual;
+    /// Sends every request before waiting for any reply; the outcomes in the requests' order.
+    fn exec_group(&mut self, reqs: Vec<Resolved>) -> Vec<Actual>;
+    /// Ends the connection; how serving ended.
     fn finish(&mut self) -> Result<(), String>;
 }
 
 struct Loopback {
     kernel: Option<LoopbackKernel>,
     size: u64,
+    block_size: u64,
+    /// Requests the fake kernel can have in flight (its tags), the most a group may hold:
+    /// `submit` waits for a free tag, and none frees before the group is waited for.
+    tags: usize,
+}
+
+fn outcome(result: Result<Vec<u8>, LoopbackError>) -> Actual {
+    match result {
+        Ok(data) => Actual::Ok(data),
+        Err(LoopbackError::Reply { errno, .. }) => Actual::Errno(errno.0),
+        Err(LoopbackError::Violation(v)) => Actual::Violation(v.to_string()),
+        Err(LoopbackError::Disconnected { .. }) => Actual::Closed,
+        Err(e) => Actual::Failed(e.to_string()),
+    }
+}
+
+fn op(r: &Resolved) -> Op<'_> {
+    Op {
+        command: r.request.command,
+        flags: r.request.flags,
+        offset: r.request.offset,
+        len: r.request.len,
+        data: &r.payload,
+    }
 }
 
 impl Engine for Loopback {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     fn exec(&mut self, _step: &Step, req: Option<Resolved>) -> Actual {
@@ -229,203 +318,35 @@ impl Engine for Loopback {
         let Some(kernel) = &self.kernel else {
             return Actual::Closed;
         };
-        let op = Op {
-            command: r.request.command,
-            flags: r.request.flags,
-            offset: r.request.offset,
-            len: r.request.len,
-            data: &r.payload,
+        outcome(kernel.submit(op(&r)).and_then(|t| kernel.wait(t)))
+    }
+
+    fn exec_group(&mut self, reqs: Vec<Resolved>) -> Vec<Actual> {
+        let Some(kernel) = &self.kernel else {
+            return reqs.iter().map(|_| Actual::Closed).collect();
         };
-        match kernel.submit(op).and_then(|t| kernel.wait(t)) {
-            Ok(data) => Actual::Ok(data),
-            Err(LoopbackError::Reply { errno, .. }) => Actual::Errno(errno.0),
-            Err(LoopbackError::Violation(v)) => Actual::Violation(v.to_string()),
-            Err(LoopbackError::Disconnected { .. }) => Actual::Closed,
-            Err(e) => Actual::Failed(e.to_string()),
+        if reqs.len() > self.tags {
+            let why = format!(
+                "a group of {} requests is more than the fake kernel's {} tags \
+                 (LoopbackOptions::queue_depth times connections)",
+                reqs.len(),
+                self.tags
+            );
+            return reqs.iter().map(|_| Actual::Failed(why.clone())).collect();
         }
+        // Every request is submitted before any is waited for: they are in flight together.
+        let tickets: Vec<Result<Ticket, LoopbackError>> =
+            reqs.iter().map(|r| kernel.submit(op(r))).collect();
+        tickets
+            .into_iter()
+            .map(|t| outcome(t.and_then(|t| kernel.wait(t))))
+            .collect()
     }
 
     fn finish(&mut self) -> Result<(), String> {
         match self.kernel.take() {
             Some(k) => k.shutdown().map_err(|e| e.to_string()),
             None => Ok(()),
-        }
-    }
-}
-
-/// The harness as the kernel, one request at a time over a socket it holds.
-struct Raw {
-    sock: UnixStream,
-    size: u64,
-    server: Option<JoinHandle<Result<(), ServerError>>>,
-    /// The server was expected to close the connection, so an error it ends with is expected.
-    closing_expected: bool,
-    /// The last error reply, to explain a desynchronised stream.
-    last_error: Option<(Request, u32)>,
-}
-
-fn read_full(sock: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match sock.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-fn timed_out(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-impl Raw {
-    /// Reads the reply to `req` (cookie, command, offset, length as sent) and checks it.
-    fn reply(&mut self, req: Option<Request>) -> Actual {
-        let mut header = [0u8; REPLY_LEN];
-        let got = match read_full(&mut self.sock, &mut header) {
-            Ok(n) => n,
-            Err(e) if timed_out(&e) => {
-                return Actual::Failed(format!("no reply within {} s", REPLY_TIMEOUT.as_secs()))
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Actual::Closed,
-            Err(e) => return Actual::Failed(e.to_string()),
-        };
-        if got == 0 {
-            return Actual::Closed;
-        }
-        let after = match self.last_error {
-            Some((r, e)) => format!(
-                " (after the error reply {} to {} {})",
-                Errno(e),
-                r.command,
-                r.cookie
-            ),
-            None => String::new(),
-        };
-        let reply = match Reply::parse(&header[..got]) {
-            Ok(r) => r,
-            Err(ReplyParseError::ShortHeader { len }) => {
-                return Actual::Violation(format!(
-                    "stream ended inside a reply header ({len} of {REPLY_LEN} bytes){after}"
-                ))
-            }
-            Err(ReplyParseError::BadMagic { magic }) => {
-                return Actual::Violation(format!("bad reply magic {magic:#010x}{after}"))
-            }
-        };
-        let Some(req) = req else {
-            return match reply.errno() {
-                Some(e) => Actual::Errno(e.0),
-                None => Actual::Ok(Vec::new()),
-            };
-        };
-        if reply.cookie != req.cookie {
-            return Actual::Violation(format!(
-                "reply cookie {} does not match the request's {} ({} at {})",
-                reply.cookie, req.cookie, req.command, req.offset
-            ));
-        }
-        if let Some(errno) = reply.errno() {
-            self.last_error = Some((req, reply.error));
-            // Nothing may follow an error reply: the kernel would read it as the next header.
-            let _ = self.sock.set_read_timeout(Some(TRAILING_WINDOW));
-            let mut trailing = [0u8; 4096];
-            let extra = self.sock.read(&mut trailing).unwrap_or(0);
-            let _ = self.sock.set_read_timeout(Some(REPLY_TIMEOUT));
-            if extra > 0 {
-                return Actual::Violation(format!(
-                    "{extra} byte(s) follow the error reply {errno} to {} {} at offset {}, {} bytes: \
-                     no payload may follow an error reply (the kernel reads none, so the stream desyncs)",
-                    req.command, req.cookie, req.offset, req.len
-                ));
-            }
-            return Actual::Errno(errno.0);
-        }
-        self.last_error = None;
-        if req.command != Command::Read {
-            return Actual::Ok(Vec::new());
-        }
-        let mut data = vec![0u8; req.len as usize];
-        match read_full(&mut self.sock, &mut data) {
-            Ok(n) if n == data.len() => Actual::Ok(data),
-            Ok(n) => Actual::Violation(format!(
-                "stream ended after {n} of {} data bytes of READ {} at {}",
-                req.len, req.cookie, req.offset
-            )),
-            Err(e) => Actual::Failed(e.to_string()),
-        }
-    }
-}
-
-impl Engine for Raw {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn exec(&mut self, step: &Step, req: Option<Resolved>) -> Actual {
-        if step.expect == Expect::Closed {
-            self.closing_expected = true;
-        }
-        let (sent, req) = match (&step.action, req) {
-            (Action::Eof, _) => {
-                let _ = self.sock.shutdown(Shutdown::Write);
-                (Ok(()), None)
-            }
-            (Action::Raw(bytes), _) => {
-                // Expect the reply a well-formed header would get: its cookie and command.
-                let parsed = Request::parse(bytes).ok();
-                (self.sock.write_all(bytes), parsed)
-            }
-            (_, Some(r)) => {
-                let mut bytes = r.request.encode().to_vec();
-                bytes.extend_from_slice(&r.payload);
-                (self.sock.write_all(&bytes), Some(r.request))
-            }
-            (_, None) => return Actual::Failed("nothing to send".into()),
-        };
-        if let Err(e) = sent {
-            return match e.kind() {
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Actual::Closed,
-                _ => Actual::Failed(e.to_string()),
-            };
-        }
-        if step.expect == Expect::Nothing {
-            return Actual::Nothing;
-        }
-        if matches!(req, Some(r) if r.command == Command::Disc) {
-            return self.reply(None);
-        }
-        self.reply(req)
-    }
-
-    fn finish(&mut self) -> Result<(), String> {
-        let _ = self.sock.shutdown(Shutdown::Write);
-        let Some(server) = self.server.take() else {
-            return Ok(());
-        };
-        let result = server.join().unwrap_or_else(|_| {
-            Err(ServerError::InvalidGeometry(
-                "server thread panicked".into(),
-            ))
-        });
-        match result {
-            Err(e) if !self.closing_expected => Err(format!("the server ended with: {e}")),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
-        if let Some(s) = self.server.take() {
-            let _ = s.join();
         }
     }
 }
@@ -442,26 +363,35 @@ impl Script {
     }
 
     /// Replays through a [`LoopbackKernel`] with these options: each step is submitted as one
-    /// request and waited for; the fake kernel's reply checks apply. `raw` and `eof` steps fail.
+    /// request and waited for, a group's requests all submitted before any is waited for; the
+    /// fake kernel's reply checks apply. `raw` and `eof` steps fail, and so does a group of
+    /// more requests than the fake kernel has tags (`queue_depth` times `connections`).
     pub fn replay_loopback<D: BlockDevice + 'static>(
         &self,
         device: D,
         options: LoopbackOptions,
     ) -> Result<(), ScriptError> {
+        let tags = usize::from(options.resolved_profile().queue_depth)
+            .saturating_mul(options.connections.max(1));
         let kernel = LoopbackKernel::with_options(device, options)
             .map_err(|e| ScriptError::Start(e.to_string()))?;
         let size = kernel.size();
+        let block_size = u64::from(kernel.export().block_size);
         drive(
             self,
             &mut Loopback {
                 kernel: Some(kernel),
                 size,
+                block_size,
+                tags,
             },
         )
     }
 
-    /// Replays over a raw socket to a [`Server`] for `device`, one request at a time, checking
-    /// every reply (magic, cookie, no bytes after an error reply, a READ's full payload).
+    /// Replays over a raw socket to a [`Server`] for `device`, checking every reply (magic,
+    /// cookie, no bytes after an error reply, a READ's full payload). A step is sent and its
+    /// reply read before the next; a group's requests are all written before its replies are
+    /// read, and the replies matched to them by cookie in whatever order they come.
     pub fn replay_raw<D: BlockDevice + 'static>(&self, device: D) -> Result<(), ScriptError> {
         let start = |e: &dyn fmt::Display| ScriptError::Start(e.to_string());
         let export = export_of(&device).map_err(|e| start(&e))?;
@@ -475,32 +405,41 @@ impl Script {
         let sock = ends
             .pop()
             .ok_or_else(|| ScriptError::Start("no socket".into()))?;
-        self.replay_on(sock, export.size, Some(handle))
+        self.replay_on(
+            sock,
+            export.size,
+            u64::from(export.block_size),
+            Some(handle),
+        )
     }
 
     /// Replays against any server on the other end of `sock` (serving a device of `size`
-    /// bytes), checking its replies as [`Script::replay_raw`] does.
+    /// bytes), checking its replies as [`Script::replay_raw`] does. `any-of` expectations are
+    /// checked in 512-byte blocks; see [`Script::replay_socket_with`] for another block size.
     pub fn replay_socket(&self, sock: UnixStream, size: u64) -> Result<(), ScriptError> {
-        self.replay_on(sock, size, None)
+        self.replay_on(sock, size, 512, None)
+    }
+
+    /// [`Script::replay_socket`] for a device of `block_size`-byte logical blocks, the unit in
+    /// which `any-of` expectations are checked.
+    pub fn replay_socket_with(
+        &self,
+        sock: UnixStream,
+        size: u64,
+        block_size: u32,
+    ) -> Result<(), ScriptError> {
+        self.replay_on(sock, size, u64::from(block_size), None)
     }
 
     fn replay_on(
         &self,
         sock: UnixStream,
         size: u64,
+        block_size: u64,
         server: Option<JoinHandle<Result<(), ServerError>>>,
     ) -> Result<(), ScriptError> {
-        sock.set_read_timeout(Some(REPLY_TIMEOUT))
+        let mut raw = Raw::new(sock, size, block_size, server)
             .map_err(|e| ScriptError::Start(e.to_string()))?;
-        drive(
-            self,
-            &mut Raw {
-                sock,
-                size,
-                server,
-                closing_expected: false,
-                last_error: None,
-            },
-        )
+        drive(self, &mut raw)
     }
 }

@@ -6,18 +6,21 @@
 //!   documented in `harness/traces/README.md` (decoding never panics: a corrupt file is a
 //!   [`TraceError`]).
 //! - [`replay`] issues a trace's requests to any [`crate::target::Target`] and checks every read
-//!   against the model of the trace; [`Trace::verify`] checks the trace against itself.
+//!   against the model of the trace; [`replay_loopback`] does it through the fake kernel with
+//!   the recorded request shapes and overlap; [`Trace::verify`] checks the trace against itself.
 //!
 //! Time is a logical clock: the recorder takes one tick when a call enters the device and one
 //! when it returns, so two requests overlapped in time exactly when their tick intervals
 //! intersect. The model ([`Trace::expectations`]) uses that to leave unchecked the bytes of a read
 //! that a write in flight at the same time may or may not have reached.
 
+mod as_recorded;
 mod format;
 mod model;
 mod recorder;
 mod replay;
 
+pub use as_recorded::{replay_kernel, replay_loopback};
 pub use format::{TraceError, MAGIC, VERSION};
 pub use model::{Expectation, Fill, VerifyReport};
 pub use recorder::Recorder;

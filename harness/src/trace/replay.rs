@@ -1,5 +1,7 @@
 //! [`replay`]: issue a trace's requests to a [`Target`] in the order they reached the recorded
-//! device, and check every read against the model of the trace.
+//! device, one at a time through its block layer, and check every read against the model of
+//! the trace. (Through the fake kernel, [`replay_loopback`](super::replay_loopback) keeps the
+//! recorded request shapes and overlap instead.)
 
 use std::fmt;
 
@@ -23,15 +25,20 @@ pub struct ReplayReport {
     pub reads_unchecked: u64,
     /// Bytes compared.
     pub bytes_checked: u64,
+    /// Most requests in flight together: 1 for a replay one at a time; for a replay as
+    /// recorded, the recorded overlap.
+    pub max_in_flight: u64,
 }
 
 impl fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ops replayed ({} skipped), {} reads checked ({} KiB), {} reads unpredictable",
+            "{} ops replayed ({} skipped, up to {} in flight), {} reads checked ({} KiB), {} \
+             reads unpredictable",
             self.ops_replayed,
             self.ops_skipped,
+            self.max_in_flight,
             self.reads_checked,
             self.bytes_checked >> 10,
             self.reads_unchecked
@@ -155,22 +162,7 @@ pub fn replay_with(
     target: &dyn Target,
     options: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
-    let h = &trace.header;
-    if target.size() < h.size {
-        return Err(ReplayError::Geometry(format!(
-            "the trace needs {} bytes, the target has {}",
-            h.size,
-            target.size()
-        )));
-    }
-    let bs = target.block_size();
-    if bs == 0 || h.block_size % bs != 0 {
-        return Err(ReplayError::Geometry(format!(
-            "the trace was recorded with {}-byte blocks; the target's {bs}-byte blocks do not \
-             divide them",
-            h.block_size
-        )));
-    }
+    check_geometry(trace, target.size(), target.block_size())?;
     let can_trim = target.flags().contains(TransmissionFlags::SEND_TRIM);
     let expectations = trace.expectations(options.trim_zeroes);
     let mut report = ReplayReport::default();
@@ -189,6 +181,7 @@ pub fn replay_with(
             OpKind::Read { .. } => match target.read(op.offset, op.len as usize) {
                 Ok(data) => {
                     report.ops_replayed += 1;
+                    report.max_in_flight = 1;
                     if let Some(Some(exp)) = expectations.get(index) {
                         check_read(trace, index, exp, &data, &mut report)
                             .map_err(|mismatch| ReplayError::Mismatch { mismatch, report })?;
@@ -212,10 +205,31 @@ pub fn replay_with(
         result.map_err(|e| fail(e, report))?;
         report.ops_replayed += 1;
     }
+    report.max_in_flight = u64::from(report.ops_replayed > 0);
     Ok(report)
 }
 
-fn check_read(
+/// Refuses a target too small for the trace, or whose blocks do not divide the trace's.
+pub(super) fn check_geometry(trace: &Trace, size: u64, bs: u32) -> Result<(), ReplayError> {
+    let h = &trace.header;
+    if size < h.size {
+        return Err(ReplayError::Geometry(format!(
+            "the trace needs {} bytes, the target has {size}",
+            h.size,
+        )));
+    }
+    if bs == 0 || h.block_size % bs != 0 {
+        return Err(ReplayError::Geometry(format!(
+            "the trace was recorded with {}-byte blocks; the target's {bs}-byte blocks do not \
+             divide them",
+            h.block_size
+        )));
+    }
+    Ok(())
+}
+
+/// Compares a read's data with what the model expects; counts it in `report`.
+pub(super) fn check_read(
     trace: &Trace,
     index: usize,
     exp: &super::Expectation,
