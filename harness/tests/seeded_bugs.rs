@@ -15,15 +15,14 @@ use userblk_harness::random::{random_run, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::LoopbackRig;
 
-#[path = "seeded_bugs/races.rs"]
-mod races;
-
 const SIZE: u64 = 8 << 20;
 
 #[path = "seeded_bugs/durability.rs"]
 mod durability;
 #[path = "seeded_bugs/offsets.rs"]
 mod offsets;
+#[path = "seeded_bugs/races.rs"]
+mod races;
 #[path = "seeded_bugs/time.rs"]
 mod time;
 
