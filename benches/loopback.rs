@@ -1,9 +1,11 @@
 //! Loopback benchmark: `MemDevice` served through `LoopbackKernel`, no root needed.
 //!
 //! Each workload runs against four things, in the same process, interleaved round by round:
-//! - `userblk`: [`userblk::Server`] with its default options (a few threads per connection);
-//! - `userblk-inline`: the same with `workers: 0`, one thread per connection that reads, calls
-//!   the device and writes replies in batches (the setting for a device that never blocks);
+//! - `userblk`: [`userblk::Server`] with its default options (for `MemDevice`, which never
+//!   blocks: two threads per connection taking turns, replies written in batches);
+//! - `userblk-inline`: the same with one thread per connection (`workers: 0`,
+//!   `batch_never_blocks: false`) that reads, calls the device and writes replies in batches,
+//!   device calls never overlapping;
 //! - `sequential`: the vblk/buse-go-shaped baseline in `common/sequential.rs`, behind the very
 //!   same fake kernel (so the kernel side costs the same for both);
 //! - `memcpy`: a plain copy of the same bytes at the same offsets, the ceiling.
@@ -308,6 +310,7 @@ fn main() {
     println!("userblk: {:?}", options.server);
     let userblk = LoopbackKernel::with_options(filled_device(), options).expect("start userblk");
     options.server.workers = 0;
+    options.server.batch_never_blocks = false;
     println!("userblk-inline: {:?}", options.server);
     let inline = LoopbackKernel::with_options(filled_device(), options).expect("start inline");
     let seq_dev = filled_device();

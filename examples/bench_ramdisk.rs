@@ -14,7 +14,7 @@ use userblk::{MemDevice, ServerOptions};
 
 fn main() -> ExitCode {
     let usage =
-        "usage: bench_ramdisk /dev/nbdN MIB [--connections N] [--workers N] [--queue-depth N]";
+        "usage: bench_ramdisk /dev/nbdN MIB [--connections N] [--workers N] [--in-flight-mib N]";
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(nbd), Some(mib)) = (
         args.first(),
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         match flag.as_str() {
             "--connections" => connections = n,
             "--workers" => options.workers = n,
-            "--queue-depth" => options.queue_depth = n,
+            "--in-flight-mib" => options.max_in_flight_bytes = n << 20,
             _ => {
                 eprintln!("{usage}");
                 return ExitCode::from(2);

@@ -36,8 +36,9 @@ pub struct Capabilities {
     /// The device is rotational (the I/O scheduler may merge more). Default: `false`.
     pub rotational: bool,
     /// Every call returns quickly and never waits for another request (RAM, a memory-mapped
-    /// cache): the server then serves each connection with one thread and no hand-offs, the
-    /// cheapest path per request. Default: `false`, for devices that do I/O or wait.
+    /// cache): the server then serves each connection with two threads taking turns and replies
+    /// written in batches, the cheapest path per request that still lets calls overlap.
+    /// Default: `false`, for devices that do I/O or wait.
     pub never_blocks: bool,
 }
 

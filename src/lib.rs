@@ -37,5 +37,5 @@ mod stream;
 pub use device::{BlockDevice, BlockDeviceMut, Capabilities, Exclusive};
 pub use devices::{FileDevice, MemDevice, PatternDevice};
 pub use link::loopback::{LoopbackError, LoopbackKernel, LoopbackOptions};
-pub use link::{Export, KernelLink, LinkError};
+pub use link::{Export, KernelLink, LinkError, Started};
 pub use server::{Server, ServerError, ServerOptions, Step};

@@ -7,11 +7,12 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use rstest::rstest;
 use tempfile::NamedTempFile;
-use userblk::link::loopback::{KernelProfile, Op};
-use userblk::proto::TransmissionFlags;
+use userblk::link::loopback::{KernelProfile, LoopbackLink, Op, RawKernel};
+use userblk::proto::{Command, Cookie, Request, TransmissionFlags};
 use userblk::{
-    BlockDevice, BlockDeviceMut, Capabilities, FileDevice, LoopbackError, LoopbackKernel,
-    LoopbackOptions, MemDevice, PatternDevice, ServerOptions,
+    BlockDevice, BlockDeviceMut, Capabilities, Export, FileDevice, KernelLink, LinkError,
+    LoopbackError, LoopbackKernel, LoopbackOptions, MemDevice, PatternDevice, Server, ServerError,
+    ServerOptions, Started,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -416,27 +417,156 @@ impl BlockDevice for Overlap {
     }
 }
 
+/// Device calls overlap on one connection whatever the device says: a device that never blocks
+/// is served by two threads taking turns (cheaper than `workers`, still concurrent). Only an
+/// explicit single thread per connection serves one call at a time.
 #[rstest]
-#[case::never_blocks(true, 1)]
-#[case::may_block(false, 2)]
-fn never_blocking_devices_are_served_inline(#[case] never_blocks: bool, #[case] most: usize) {
+#[case::never_blocks(true, ServerOptions::default(), 2)]
+#[case::may_block(false, ServerOptions::default(), 2)]
+#[case::one_thread(true, ServerOptions { workers: 1, batch_never_blocks: false, ..ServerOptions::default() }, 1)]
+fn calls_overlap_on_one_connection_unless_one_thread_is_asked_for(
+    #[case] never_blocks: bool,
+    #[case] server: ServerOptions,
+    #[case] most: usize,
+) {
     let dev = Arc::new(Overlap {
         caps: Capabilities {
             never_blocks,
             ..Capabilities::default()
         },
-        wait_for_company: !never_blocks,
+        // One thread would wait for company that cannot come.
+        wait_for_company: most > 1,
         inside: Mutex::new(0),
         most: AtomicUsize::new(0),
         changed: Condvar::new(),
     });
-    let k = LoopbackKernel::start(Arc::clone(&dev)).unwrap();
-    let tickets: Vec<_> = (0..32u64)
-        .map(|i| k.submit(Op::read(i * 512, 512)).unwrap())
+    // All 32 requests in one write: the server finds them queued together.
+    let mut raw = RawKernel::with_options(Arc::clone(&dev), server).unwrap();
+    let burst: Vec<u8> = (0..32u64)
+        .flat_map(|i| Request::new(Command::Read, Cookie(i), i * 512, 512).encode())
         .collect();
-    for t in tickets {
-        k.wait(t).unwrap();
+    raw.send(&burst).unwrap();
+    for _ in 0..32 {
+        assert_eq!(raw.recv_reply().unwrap().errno(), None);
+        assert_eq!(raw.recv_data(512).unwrap(), vec![0; 512]);
+    }
+    raw.disconnect().unwrap();
+    assert_eq!(dev.most.load(Ordering::SeqCst), most);
+}
+
+/// Panics in `unmount`, as a device whose final flush fails might.
+struct PanicsOnUnmount;
+
+impl BlockDevice for PanicsOnUnmount {
+    fn blocks(&self) -> u64 {
+        8
+    }
+    fn read(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn unmount(&self) {
+        panic!("final flush failed");
+    }
+}
+
+/// A link that records whether `finish` was called.
+struct Finishes {
+    inner: LoopbackLink,
+    finished: Arc<AtomicUsize>,
+}
+
+impl KernelLink for Finishes {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
+        self.inner.start(export)
+    }
+    fn finish(&mut self) -> Result<(), LinkError> {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        self.inner.finish()
+    }
+}
+
+#[test]
+fn a_panic_in_unmount_is_a_typed_error_and_the_link_still_finishes() {
+    use std::io::Write;
+    let (inner, mut ends) = LoopbackLink::new(1).unwrap();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let link = Finishes {
+        inner,
+        finished: Arc::clone(&finished),
+    };
+    let mut server = Server::new(PanicsOnUnmount, link).unwrap();
+    let disc = Request::new(Command::Disc, Cookie(1), 0, 0).encode();
+    ends[0].write_all(&disc).unwrap();
+    match server.handle_one() {
+        Err(ServerError::UnmountPanicked { message }) => assert_eq!(message, "final flush failed"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    // Through `run`, the error reaches whoever stops the kernel.
+    let k = LoopbackKernel::start(PanicsOnUnmount).unwrap();
+    assert_eq!(k.read(0, 512).unwrap(), vec![0; 512]);
+    let err = k.shutdown().unwrap_err().to_string();
+    assert!(
+        err.contains("unmount() panicked: final flush failed"),
+        "{err}"
+    );
+}
+
+/// Fills reads below 64 KiB completely with 0xab, and only the first half of any other read.
+struct HalfFills;
+
+impl BlockDevice for HalfFills {
+    fn blocks(&self) -> u64 {
+        1024
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset < 64 << 10 {
+            buf.fill(0xab);
+        } else {
+            let half = buf.len() / 2;
+            buf[..half].fill(0xcd);
+        }
+        Ok(())
+    }
+}
+
+/// Buffers are recycled: a device that fills only half a read gets zeroes in the other half,
+/// never the bytes an earlier READ left in that buffer.
+#[test]
+fn bytes_the_device_did_not_write_read_as_zeroes_never_as_old_data() {
+    let k = LoopbackKernel::start(HalfFills).unwrap();
+    for _ in 0..4 {
+        assert_eq!(k.read(0, 4096).unwrap(), vec![0xab; 4096]);
+        let got = k.read(64 << 10, 4096).unwrap();
+        assert_eq!(got[..2048], [0xcd; 2048]);
+        let leaked = got[2048..].iter().filter(|&&b| b != 0).count();
+        assert_eq!(leaked, 0, "bytes of an earlier request sent as data");
     }
     k.shutdown().unwrap();
-    assert_eq!(dev.most.load(Ordering::SeqCst), most);
+}
+
+/// With `poison_reads`, what the device did not write holds a marker that `unfilled_ranges`
+/// finds, naming the byte range.
+#[test]
+fn poisoned_reads_show_what_the_device_did_not_write() {
+    use userblk::server::unfilled_ranges;
+    let options = LoopbackOptions {
+        server: ServerOptions {
+            poison_reads: true,
+            ..ServerOptions::default()
+        },
+        // 6.1 splits reads at 128 KiB (the last part below checks each request's half).
+        profile: KernelProfile::linux_6_1(),
+        ..LoopbackOptions::default()
+    };
+    let k = LoopbackKernel::with_options(HalfFills, options).unwrap();
+    assert!(unfilled_ranges(&k.read(0, 8192).unwrap()).is_empty());
+    let got = k.read(64 << 10, 8192).unwrap();
+    assert_eq!(got[..4096], [0xcd; 4096]);
+    assert_eq!(unfilled_ranges(&got), vec![4096..8192]);
+    // Split by the kernel into 128 KiB requests, each half filled.
+    let got = k.read(0, 256 << 10).unwrap();
+    assert_eq!(unfilled_ranges(&got), vec![(192 << 10)..(256 << 10)]);
+    k.shutdown().unwrap();
 }

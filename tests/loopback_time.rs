@@ -17,7 +17,7 @@ use userblk::proto::{Command, Cookie, Reply, Request, REQUEST_LEN};
 use userblk::server::export_of;
 use userblk::{
     BlockDevice, Capabilities, KernelLink, LoopbackError, LoopbackKernel, LoopbackOptions,
-    MemDevice, ServerError,
+    MemDevice, ServerError, ServerOptions,
 };
 
 /// The kernel timeout and the stall limit in these tests: short, yet long enough that a
@@ -198,7 +198,7 @@ fn scripted(
     seen: Arc<Mutex<[Vec<Request>; 2]>>,
 ) -> Result<(), ServerError> {
     let export = export_of(&MemDevice::new(1 << 20))?;
-    let mut socks = link.start(&export)?;
+    let mut socks = link.start(&export)?.conns;
     let mut s1 = socks
         .pop()
         .ok_or(ServerError::InvalidGeometry("two sockets".into()))?;
@@ -489,6 +489,12 @@ fn dispatch_order(jitter: Option<Jitter>) -> Vec<u64> {
     let options = LoopbackOptions {
         profile: KernelProfile::linux_6_1(),
         jitter,
+        // One serving thread, so the device sees requests in the order they were sent.
+        server: ServerOptions {
+            workers: 1,
+            batch_never_blocks: false,
+            ..ServerOptions::default()
+        },
         ..LoopbackOptions::default()
     };
     let k = LoopbackKernel::with_options(Arc::clone(&dev), options).unwrap();

@@ -5,9 +5,16 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use userblk::link::loopback::RawKernel;
-use userblk::proto::{encode_request, Command, CommandFlags, Cookie, Errno, Request, MAX_IO_LEN};
-use userblk::{BlockDevice, Capabilities, MemDevice, PatternDevice, ServerError};
+use userblk::link::loopback::{LoopbackLink, RawKernel};
+use userblk::proto::{
+    encode_request, Command, CommandFlags, Cookie, Errno, Reply, Request, TransmissionFlags,
+    MAX_IO_LEN, REPLY_LEN,
+};
+use userblk::server::Step;
+use userblk::{
+    BlockDevice, Capabilities, Export, KernelLink, LinkError, MemDevice, PatternDevice, Server,
+    ServerError, Started,
+};
 
 /// Counts every call that could change or reveal the device.
 struct Watched {
@@ -335,4 +342,91 @@ fn random_garbage_never_panics_the_server() {
         let _ = raw.finish();
         assert!(dev.untouched() || dev.calls() > 0);
     }
+}
+
+/// A kernel that takes less than it is offered: read-only, 4 KiB blocks, half the size.
+struct TakesLess(LoopbackLink);
+
+impl KernelLink for TakesLess {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
+        let mut started = self.0.start(export)?;
+        started.export = Export {
+            size: export.size / 2,
+            block_size: 4096,
+            flags: export.flags | TransmissionFlags::READ_ONLY,
+        };
+        Ok(started)
+    }
+}
+
+#[test]
+fn requests_are_checked_against_the_export_the_kernel_took() {
+    use std::io::{Read, Write};
+    let size = 64 << 10;
+    let dev = Watched::new(size);
+    let (link, mut ends) = LoopbackLink::new(1).unwrap();
+    let mut kernel = ends.remove(0);
+    let mut server = Server::new(Arc::clone(&dev), TakesLess(link)).unwrap();
+    assert_eq!(
+        server.export().block_size,
+        512,
+        "before start: what is asked for"
+    );
+    let cases = [
+        // Writable for the device, read-only for the kernel.
+        (req(Command::Write, 1, 0, 4096), Some(Errno::EPERM)),
+        // Aligned for the device's 512-byte blocks, not for the kernel's 4 KiB ones.
+        (req(Command::Read, 2, 512, 4096), Some(Errno::EINVAL)),
+        // Inside the device, past the size the kernel took.
+        (req(Command::Read, 3, size / 2, 4096), Some(Errno::EINVAL)),
+        (req(Command::Read, 4, size / 2 - 4096, 4096), None),
+    ];
+    for (r, want) in cases {
+        kernel.write_all(&r.encode()).unwrap();
+        kernel.write_all(&vec![0u8; r.payload_len()]).unwrap();
+        let step = server.handle_one().unwrap();
+        let replied = Step::Replied {
+            cookie: r.cookie,
+            command: Some(r.command),
+            error: want,
+        };
+        assert_eq!(step, replied, "{r:?}");
+        let mut header = [0u8; REPLY_LEN];
+        kernel.read_exact(&mut header).unwrap();
+        assert_eq!(Reply::parse(&header).unwrap().errno(), want, "{r:?}");
+    }
+    let mut data = vec![0u8; 4096];
+    kernel.read_exact(&mut data).unwrap();
+    assert_eq!(data, vec![0xaa; 4096]);
+    let served = server.export();
+    assert_eq!((served.size, served.block_size), (size / 2, 4096));
+    assert!(served.flags.contains(TransmissionFlags::READ_ONLY));
+    drop(kernel);
+    assert_eq!(server.handle_one().unwrap(), Step::Eof);
+    assert_eq!(dev.calls(), 1, "only the valid read reached the device");
+    assert!(dev.untouched());
+}
+
+/// A link reporting a block size no device can be served with.
+struct Nonsense(LoopbackLink);
+
+impl KernelLink for Nonsense {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
+        let mut started = self.0.start(export)?;
+        started.export.block_size = 1000;
+        Ok(started)
+    }
+}
+
+#[test]
+fn a_link_reporting_an_impossible_block_size_is_a_typed_error() {
+    let (link, _ends) = LoopbackLink::new(1).unwrap();
+    let dev = Watched::new(4096);
+    let mut server = Server::new(Arc::clone(&dev), Nonsense(link)).unwrap();
+    let err = server.run().unwrap_err();
+    assert!(matches!(err, ServerError::InvalidGeometry(_)), "{err}");
+    assert!(err.to_string().contains("block size 1000"), "{err}");
+    // Nothing is served afterwards.
+    assert_eq!(server.handle_one().unwrap(), Step::Eof);
+    assert_eq!(dev.calls(), 0);
 }

@@ -24,7 +24,7 @@ pub(crate) fn run<D: BlockDevice + ?Sized, L: KernelLink>(
     mut link: L,
 ) -> Result<(), ServerError> {
     let export = export_of(device)?;
-    let mut conns = link.start(&export)?;
+    let mut conns = link.start(&export)?.conns;
     let result = match conns.first_mut() {
         Some(sock) => serve(device, sock).map_err(|source| ServerError::Io { conn: 0, source }),
         None => Ok(()),

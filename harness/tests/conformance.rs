@@ -203,7 +203,7 @@ fn hand_written_server(
     checks: Checks,
 ) -> Result<(), ServerError> {
     let export = export_of(&*device)?;
-    let mut sock = link.start(&export)?.remove(0);
+    let mut sock = link.start(&export)?.conns.remove(0);
     let errno = |r: io::Result<()>| match r {
         Ok(()) => None,
         Err(e) => Some(Errno(e.raw_os_error().unwrap_or(5) as u32)),

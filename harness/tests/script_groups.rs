@@ -437,7 +437,7 @@ fn reverse_server(
     mut n: usize,
     cookie: Option<u64>,
 ) -> Result<(), userblk::ServerError> {
-    let mut socks = link.start(&export)?;
+    let mut socks = link.start(&export)?.conns;
     let mut s = socks.remove(0);
     let mut held = Vec::new();
     let mut header = [0u8; REQUEST_LEN];

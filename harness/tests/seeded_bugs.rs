@@ -152,7 +152,7 @@ fn payload_after_error(
     mut link: LoopbackLink,
     export: userblk::Export,
 ) -> Result<(), userblk::ServerError> {
-    let mut socks = link.start(&export)?;
+    let mut socks = link.start(&export)?.conns;
     let mut s = socks.remove(0);
     let mut header = [0u8; REQUEST_LEN];
     while s.read_exact(&mut header).is_ok() {

@@ -13,7 +13,8 @@ use crate::proto::TransmissionFlags;
 pub mod loopback;
 pub mod nbd;
 
-/// What the kernel is told about the export when a link starts.
+/// An export's geometry and flags: what the server asks a link for, and what the link reports the
+/// kernel took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Export {
     /// Size in bytes, a multiple of `block_size`.
@@ -24,6 +25,49 @@ pub struct Export {
     pub flags: TransmissionFlags,
 }
 
+impl Export {
+    /// What requests are checked against when the server asked for `self` and the kernel took
+    /// `got`: the stricter of the two on every point, so that the device never sees a request
+    /// outside either (the smaller size, the larger block size, read-only if either is) and
+    /// only commands both sides advertise. The other flags (ROTATIONAL, CAN_MULTI_CONN) are
+    /// `got`'s.
+    ///
+    /// ```
+    /// use userblk::proto::TransmissionFlags as F;
+    /// use userblk::Export;
+    ///
+    /// let asked = Export { size: 1 << 20, block_size: 512, flags: F::SEND_FLUSH | F::SEND_TRIM };
+    /// let got = Export { size: 1 << 19, block_size: 4096, flags: F::READ_ONLY | F::SEND_FLUSH };
+    /// let served = asked.narrowed_by(&got);
+    /// assert_eq!((served.size, served.block_size), (1 << 19, 4096));
+    /// assert_eq!(served.flags, F::READ_ONLY | F::SEND_FLUSH);
+    /// ```
+    pub fn narrowed_by(&self, got: &Export) -> Export {
+        const COMMANDS: u16 = TransmissionFlags::SEND_FLUSH.0
+            | TransmissionFlags::SEND_FUA.0
+            | TransmissionFlags::SEND_TRIM.0
+            | TransmissionFlags::SEND_WRITE_ZEROES.0;
+        let commands = got.flags.0 & self.flags.0 & COMMANDS;
+        let read_only = (got.flags.0 | self.flags.0) & TransmissionFlags::READ_ONLY.0;
+        Export {
+            size: self.size.min(got.size),
+            block_size: self.block_size.max(got.block_size),
+            flags: TransmissionFlags((got.flags.0 & !COMMANDS) | commands | read_only),
+        }
+    }
+}
+
+/// What [`KernelLink::start`] hands the server.
+#[derive(Debug)]
+pub struct Started {
+    /// The export as the kernel actually took it: it may differ from what was asked (a kernel
+    /// may force read-only, round the size, or use a larger block size). The server checks
+    /// requests against [`Export::narrowed_by`] this.
+    pub export: Export,
+    /// The server's end of each connection.
+    pub conns: Vec<UnixStream>,
+}
+
 /// The transport a [`Server`](crate::Server) is generic over.
 ///
 /// The server calls [`start`](Self::start) once, serves the returned sockets until each has sent
@@ -31,9 +75,9 @@ pub struct Export {
 /// (Ctrl+C, a handle, a fake kernel's shutdown) is the link's business: the kernel answers it by
 /// sending DISC on every connection.
 pub trait KernelLink: Send {
-    /// Sets up the kernel side for `export` and returns the server's end of each connection.
-    /// Requests may arrive as soon as this returns.
-    fn start(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError>;
+    /// Sets up the kernel side for `export` and returns the export as the kernel took it, with
+    /// the server's end of each connection. Requests may arrive as soon as this returns.
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError>;
 
     /// Releases the kernel side once the server has stopped reading every connection.
     fn finish(&mut self) -> Result<(), LinkError> {
@@ -42,7 +86,7 @@ pub trait KernelLink: Send {
 }
 
 impl<L: KernelLink + ?Sized> KernelLink for Box<L> {
-    fn start(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
         (**self).start(export)
     }
     fn finish(&mut self) -> Result<(), LinkError> {

@@ -28,7 +28,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use crate::link::{Export, KernelLink, LinkError};
+use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::{Command, CommandFlags, Cookie};
 use crate::server::ServerOptions;
 
@@ -70,11 +70,15 @@ impl LoopbackLink {
 }
 
 impl KernelLink for LoopbackLink {
-    fn start(&mut self, _export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
         if self.server_ends.is_empty() {
             return Err(LinkError::AlreadyStarted);
         }
-        Ok(std::mem::take(&mut self.server_ends))
+        let conns = std::mem::take(&mut self.server_ends);
+        Ok(Started {
+            export: *export,
+            conns,
+        })
     }
 }
 

@@ -23,7 +23,7 @@ use super::{
     block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
     request_error, Context, Setup, Step, EBUSY,
 };
-use crate::link::{Export, KernelLink, LinkError};
+use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::TransmissionFlags;
 
 /// How long a device may stay busy before it is reported so. A device keeps its configuration
@@ -334,7 +334,7 @@ impl NbdLink {
         })
     }
 
-    fn start_inner(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+    fn start_inner(&mut self, export: &Export) -> Result<Started, LinkError> {
         let export = self.kernel_export(export)?;
         // Protect the serving threads (created after this, from this thread) from the reclaim
         // deadlock; not permitted everywhere, and then only reported by `io_flusher()`.
@@ -417,7 +417,10 @@ impl NbdLink {
             // Asked for before the device existed: nothing can have been written yet.
             self.handle().disconnect()?;
         }
-        Ok(server_ends)
+        Ok(Started {
+            export,
+            conns: server_ends,
+        })
     }
 
     fn connect_netlink(
@@ -684,7 +687,7 @@ fn close_last(fd: Option<Arc<OwnedFd>>) {
 }
 
 impl KernelLink for NbdLink {
-    fn start(&mut self, export: &Export) -> Result<Vec<UnixStream>, LinkError> {
+    fn start(&mut self, export: &Export) -> Result<Started, LinkError> {
         {
             let mut st = self.control.lock();
             if st.phase != Phase::Idle {

@@ -1,0 +1,603 @@
+//! The NBD transmission loop: [`serve`] answers the requests of one export's connections with a
+//! [`Dispatcher`], whatever carries the stream (the kernel's socket, a network client after its
+//! handshake).
+//!
+//! Each connection has threads of its own (as nbdkit does) that take turns reading it: the one
+//! whose turn it is reads the next request, checks it, takes memory for it from the pool, and
+//! lets go, so that another reads while it calls the device. Replies therefore go out of order,
+//! many requests are in flight, and no request waits for a hand-off between threads. A device
+//! that never blocks gets two threads that write replies in batches, and the one calling the
+//! device keeps its turn unless another request is already waiting (see [`serve`]).
+//!
+//! # The completion path
+//!
+//! A request read from the wire becomes an [`InFlight`]: its cookie, its buffer and a handle on
+//! its connection's [`Outbox`]. Completing it, from any thread, queues its reply there; whoever
+//! finds the connection's writer free writes every queued reply in one `writev`. An `InFlight`
+//! dropped without being completed replies EIO, so every request gets exactly one reply
+//! whichever way its handling ends.
+//!
+//! # Where an asynchronous device plugs in
+//!
+//! Today the thread that read a request calls the device and completes the `InFlight` itself.
+//! An `AsyncBlockDevice` whose futures complete later changes only that step: the reading thread
+//! hands `(IoRequest, InFlight)` to the device (or to a per-connection executor polling its
+//! futures) and goes back to reading at once; when a future resolves, whatever thread polls it
+//! calls [`InFlight::complete`] with the result. `InFlight` is `Send + 'static` and owns
+//! everything its reply needs, so it can travel with the future. Nothing else changes: validation,
+//! the pool's byte bound (which then also bounds how many futures are pending), reply batching,
+//! and the exactly-one-reply rule (a dropped future drops its `InFlight`, which replies EIO).
+//! [`serve`] already waits for nothing but its threads; with futures it would also wait until
+//! the pool has nothing in flight before it returns.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::device::BlockDevice;
+use crate::link::Export;
+use crate::proto::{Command, Cookie, Errno};
+use crate::server::dispatch::{Dispatcher, IoResult};
+use crate::server::pool::{lock, Buffer, BufferPool};
+use crate::server::reader::{Incoming, RequestReader};
+use crate::server::replies::{peer_gone, Done, Outbox, REPLIES_PER_WRITE};
+use crate::server::request::{IoOp, IoRequest};
+use crate::server::validate::validate;
+use crate::server::{ServerError, ServerOptions};
+
+/// A byte stream the NBD loop can serve: it is read by one thread at a time, written by another,
+/// and shut down from any, through clones of the same connection.
+pub trait ConnStream: Read + Write + Send + Sync + Sized + 'static {
+    /// Another handle on the same connection.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Ends the connection in both directions, waking a thread blocked reading it.
+    fn shutdown(&self) -> io::Result<()>;
+}
+
+impl ConnStream for UnixStream {
+    fn try_clone(&self) -> io::Result<UnixStream> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Both)
+    }
+}
+
+impl ConnStream for TcpStream {
+    fn try_clone(&self) -> io::Result<TcpStream> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, Shutdown::Both)
+    }
+}
+
+/// How the threads of a connection serve it.
+#[derive(Clone, Copy, Debug)]
+struct ConnParams {
+    export: Export,
+    max_io: u32,
+    /// Replies are held back while the connection has more requests buffered, and written
+    /// together when the thread whose turn it is to read would wait, or `batch` are queued.
+    /// Only for devices that never block: a reply held behind a slow device call would wait.
+    hold_replies: bool,
+    batch: usize,
+    /// A thread keeps its turn at reading while it calls the device, unless another request is
+    /// already buffered for another thread to take: for a device that never blocks, handing the
+    /// turn over with nothing to read costs a wake-up and gains nothing, while calls still
+    /// overlap whenever requests queue up.
+    keep_idle_turn: bool,
+}
+
+/// State shared by every thread (and every [`InFlight`]) of one [`serve`].
+#[derive(Debug)]
+struct Group<S> {
+    outboxes: Vec<Outbox<S>>,
+    /// Clones of the connections, to shut them down without waiting for a writer.
+    closers: Vec<S>,
+    pool: BufferPool,
+    /// Set when serving must stop early (a fatal error on any connection).
+    stop: AtomicBool,
+    error: Mutex<Option<ServerError>>,
+}
+
+impl<S: ConnStream> Group<S> {
+    /// The group for `streams`, and the reading side of each.
+    #[allow(clippy::type_complexity)]
+    fn new(
+        streams: &[S],
+        max_in_flight_bytes: usize,
+    ) -> Result<(Arc<Group<S>>, Vec<Mutex<Reading<S>>>), ServerError> {
+        let n = streams.len();
+        let mut readers = Vec::with_capacity(n);
+        let mut outboxes = Vec::with_capacity(n);
+        let mut closers = Vec::with_capacity(n);
+        for (conn, s) in streams.iter().enumerate() {
+            let clone = || {
+                s.try_clone()
+                    .map_err(|source| ServerError::Io { conn, source })
+            };
+            readers.push(Mutex::new(Reading {
+                r: RequestReader::new(clone()?),
+                finished: false,
+            }));
+            outboxes.push(Outbox::new(clone()?));
+            closers.push(clone()?);
+        }
+        let group = Group {
+            outboxes,
+            closers,
+            pool: BufferPool::new(max_in_flight_bytes),
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+        };
+        Ok((Arc::new(group), readers))
+    }
+
+    /// Records the first fatal error and closes every connection, so all readers stop.
+    fn fail(&self, err: ServerError) {
+        let mut slot = lock(&self.error);
+        if slot.is_none() {
+            *slot = Some(err);
+        }
+        drop(slot);
+        self.stop.store(true, Ordering::SeqCst);
+        self.pool.close();
+        for s in &self.closers {
+            let _ = s.shutdown();
+        }
+    }
+
+    fn fail_unless_stopping(&self, err: ServerError) {
+        // Once another connection failed, this one's read error is only the shutdown's echo.
+        if !self.stop.load(Ordering::SeqCst) {
+            self.fail(err);
+        }
+    }
+
+    /// Writes the connection's pending replies (and `own` first); see [`Outbox::flush`].
+    fn flush(&self, conn: usize, own: Option<Done>) {
+        if let Err(e) = self.outboxes[conn].flush(&self.pool, own) {
+            if !peer_gone(&e) {
+                self.fail(ServerError::Io { conn, source: e });
+            }
+        }
+    }
+
+    /// Queues a reply and writes what is pending unless another thread is at it. Large READ
+    /// data is written by the thread that produced it, from its warm cache.
+    fn reply(&self, conn: usize, done: Done) {
+        if done.is_large() {
+            self.flush(conn, Some(done));
+        } else {
+            self.outboxes[conn].defer(done);
+            self.flush(conn, None);
+        }
+    }
+}
+
+/// A request read from a connection and not yet answered: the handle its result is completed
+/// through, from any thread. Dropped without [`complete`](Self::complete), it replies EIO.
+#[derive(Debug)]
+pub(crate) struct InFlight<S: ConnStream> {
+    group: Arc<Group<S>>,
+    conn: usize,
+    cookie: Cookie,
+    /// A successful reply carries the buffer as READ data.
+    read: bool,
+    /// `None` once answered.
+    buf: Option<Buffer>,
+}
+
+impl<S: ConnStream> InFlight<S> {
+    /// The request's data buffer: a WRITE's payload, or where a READ's data goes.
+    pub(crate) fn data(&mut self) -> &mut [u8] {
+        match &mut self.buf {
+            Some(b) => b.as_mut_slice(),
+            None => &mut [],
+        }
+    }
+
+    /// Sends the reply for `result` on the request's connection (or queues it for the thread
+    /// writing there). Any thread may call this.
+    pub(crate) fn complete(self, result: IoResult) {
+        let (group, conn) = (Arc::clone(&self.group), self.conn);
+        if let Some(done) = self.into_done(result) {
+            group.reply(conn, done);
+        }
+    }
+
+    /// The reply for `result`, for the connection's own threads to write or hold back. (`None`
+    /// only if already answered, which ownership rules out: the buffer is taken only by what
+    /// consumes `self`.)
+    fn into_done(mut self, result: IoResult) -> Option<Done> {
+        let buf = self.buf.take()?;
+        Some(match result {
+            Ok(n) if self.read && n != buf.as_slice().len() => {
+                // A READ must bring all its bytes: the protocol has no short read.
+                Done::error(self.cookie, Errno::EIO, buf)
+            }
+            Ok(_) => Done::ok(self.cookie, self.read, buf),
+            Err(errno) => Done::error(self.cookie, errno, buf),
+        })
+    }
+
+    /// Gives the memory back without a reply, for a request whose stream broke before it was
+    /// whole (a truncated WRITE payload): there is nobody left to reply to.
+    fn abandon(mut self) {
+        if let Some(b) = self.buf.take() {
+            self.group.pool.give(std::iter::once(b));
+        }
+    }
+}
+
+impl<S: ConnStream> Drop for InFlight<S> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.group
+                .reply(self.conn, Done::error(self.cookie, Errno::EIO, buf));
+        }
+    }
+}
+
+/// What a thread got from its turn at reading a connection.
+enum Next<S: ConnStream> {
+    /// A valid request for the device, its buffer in the `InFlight` (a WRITE's payload in it).
+    Request(InFlight<S>, IoRequest),
+    /// A request answered without the device.
+    Rejected(InFlight<S>, Errno),
+    /// DISC, EOF, a fatal error, or serving is stopping.
+    Stop,
+}
+
+/// The reading side of one connection: one thread at a time reads the next request, then lets
+/// go, so that another reads while it calls the device.
+struct Reading<S> {
+    r: RequestReader<S>,
+    /// The stream has ended for every thread of this connection.
+    finished: bool,
+}
+
+/// Serves `streams`, the connections of one export already past any handshake, until each has
+/// sent DISC or reached EOF, or one fails: a corrupt stream or a write error closes every one of
+/// them and is returned. Requests are checked against `export` and `options.max_io_len`, and
+/// what passes goes to `dispatcher`; in-flight memory is bounded by
+/// `options.max_in_flight_bytes`.
+///
+/// Threads per connection: two that hold replies back and write them in batches for a device
+/// whose capabilities say [`never_blocks`](crate::Capabilities::never_blocks) (unless
+/// `options.batch_never_blocks` is off), the one calling the device keeping its turn at reading
+/// unless another request is waiting, so that calls overlap whenever requests queue up and a
+/// lone request costs no hand-off; `options.workers` otherwise (one, holding replies back, for
+/// `0` or `1`).
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use std::os::unix::net::UnixStream;
+/// use userblk::proto::{Command, Cookie, Reply, Request, REPLY_LEN};
+/// use userblk::server::{export_of, serve, Dispatcher};
+/// use userblk::{MemDevice, ServerOptions};
+///
+/// let dev = MemDevice::new(1 << 20);
+/// let export = export_of(&dev)?;
+/// let (mut client, server_end) = UnixStream::pair()?;
+/// std::thread::scope(|s| {
+///     let server = s.spawn(|| {
+///         serve(Dispatcher::new(&dev), &export, &[server_end], &ServerOptions::default())
+///     });
+///     client.write_all(&Request::new(Command::Read, Cookie(7), 0, 512).encode())?;
+///     let mut reply = [0u8; REPLY_LEN + 512];
+///     client.read_exact(&mut reply)?;
+///     assert_eq!(Reply::parse(&reply)?, Reply::ok(Cookie(7)));
+///     client.write_all(&Request::new(Command::Disc, Cookie(8), 0, 0).encode())?;
+///     server.join().unwrap()?;
+///     Ok::<(), Box<dyn std::error::Error>>(())
+/// })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn serve<D: BlockDevice + ?Sized, S: ConnStream>(
+    dispatcher: Dispatcher<'_, D>,
+    export: &Export,
+    streams: &[S],
+    options: &ServerOptions,
+) -> Result<(), ServerError> {
+    let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
+    let never_blocks = dispatcher.device().capabilities().never_blocks;
+    let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {
+        // Two threads: calls may overlap, and neither waits long for the other's turn.
+        (2, true)
+    } else {
+        let workers = options.workers.max(1);
+        (workers, workers == 1)
+    };
+    let params = ConnParams {
+        export: *export,
+        max_io: options.max_io_len,
+        hold_replies,
+        batch: REPLIES_PER_WRITE,
+        keep_idle_turn: hold_replies,
+    };
+    thread::scope(|s| {
+        'spawn: for (conn, reading) in readers.iter().enumerate() {
+            for _ in 0..per_conn {
+                let group = &group;
+                let spawned = thread::Builder::new()
+                    .name(format!("userblk-conn{conn}"))
+                    .spawn_scoped(s, move || {
+                        serve_turns(group, reading, conn, dispatcher, params);
+                    });
+                if let Err(source) = spawned {
+                    // Closing every connection makes the threads already running stop too.
+                    group.fail(ServerError::Io { conn, source });
+                    break 'spawn;
+                }
+            }
+        }
+    });
+    debug_assert_eq!(group.pool.in_flight(), 0, "a request was never answered");
+    let error = lock(&group.error).take();
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One thread's share of serving a connection, until DISC, EOF or a fatal error: take a turn at
+/// reading the next request, let go, call the device, reply; again.
+fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
+    group: &Arc<Group<S>>,
+    reading: &Mutex<Reading<S>>,
+    conn: usize,
+    dispatcher: Dispatcher<'_, D>,
+    params: ConnParams,
+) {
+    let outbox = &group.outboxes[conn];
+    // About to wait (for the socket or for memory): what is held back must go out first, and
+    // whoever completes a request meanwhile writes its reply itself.
+    let before_wait = || {
+        outbox.reader_waiting.store(true, Ordering::SeqCst);
+        group.flush(conn, None);
+    };
+    let mut kept = None;
+    loop {
+        let mut turn = kept.take().unwrap_or_else(|| lock(reading));
+        if turn.finished {
+            break;
+        }
+        if params.hold_replies && !turn.r.has_header() {
+            before_wait();
+        }
+        let next = next(group, conn, &mut turn.r, &params, before_wait);
+        outbox.reader_waiting.store(false, Ordering::SeqCst);
+        if matches!(next, Next::Stop) {
+            turn.finished = true;
+        }
+        if params.keep_idle_turn && !turn.finished && !turn.r.has_header() {
+            kept = Some(turn);
+        } else {
+            drop(turn);
+        }
+        let (inflight, result) = match next {
+            Next::Stop => break,
+            Next::Rejected(inflight, errno) => (inflight, Err(errno)),
+            Next::Request(mut inflight, io) => {
+                let result = dispatcher.dispatch(&io, inflight.data());
+                (inflight, result)
+            }
+        };
+        if !params.hold_replies {
+            inflight.complete(result);
+            continue;
+        }
+        let Some(done) = inflight.into_done(result) else {
+            continue;
+        };
+        if done.is_large() {
+            group.flush(conn, Some(done));
+        } else if outbox.defer(done) >= params.batch || outbox.reader_waiting.load(Ordering::SeqCst)
+        {
+            group.flush(conn, None);
+        }
+    }
+    group.flush(conn, None);
+}
+
+/// Reads the next request of a connection (the caller holds its turn) and checks it.
+/// `before_wait` runs before waiting for memory.
+fn next<S: ConnStream>(
+    group: &Arc<Group<S>>,
+    conn: usize,
+    r: &mut RequestReader<S>,
+    params: &ConnParams,
+    before_wait: impl FnOnce(),
+) -> Next<S> {
+    if group.stop.load(Ordering::Relaxed) {
+        return Next::Stop;
+    }
+    let in_flight = |cookie: Cookie, read: bool, buf: Buffer| InFlight {
+        group: Arc::clone(group),
+        conn,
+        cookie,
+        read,
+        buf: Some(buf),
+    };
+    let req = match r.next_header(conn) {
+        Ok(Incoming::Eof) => return Next::Stop,
+        Ok(Incoming::Unknown { cookie }) => {
+            return match group.pool.take(0, before_wait) {
+                Some(buf) => Next::Rejected(in_flight(cookie, false, buf), Errno::EINVAL),
+                None => Next::Stop,
+            };
+        }
+        Ok(Incoming::Request(req)) => req,
+        Err(e) => {
+            group.fail_unless_stopping(e);
+            return Next::Stop;
+        }
+    };
+    if req.command == Command::Disc {
+        return Next::Stop;
+    }
+    let io = match validate(&req, &params.export, params.max_io) {
+        Ok(io) => io,
+        Err(errno) => {
+            if let Err(e) = r.skip(conn, &req) {
+                group.fail_unless_stopping(e);
+                return Next::Stop;
+            }
+            return match group.pool.take(0, before_wait) {
+                Some(buf) => Next::Rejected(in_flight(req.cookie, false, buf), errno),
+                None => Next::Stop,
+            };
+        }
+    };
+    let Some(buf) = group.pool.take(io.data_len(), before_wait) else {
+        return Next::Stop;
+    };
+    let mut inflight = in_flight(req.cookie, io.op == IoOp::Read, buf);
+    if io.op == IoOp::Write {
+        if let Err(e) = r.payload(conn, &req, inflight.data()) {
+            inflight.abandon();
+            group.fail_unless_stopping(e);
+            return Next::Stop;
+        }
+    }
+    Next::Request(inflight, io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Request;
+    use rstest::rstest;
+
+    /// A pipelined burst: errors get no payload, every request one reply, in either mode.
+    #[rstest]
+    #[case::workers(4, 1 << 20)]
+    #[case::one_thread(0, 1 << 20)]
+    #[case::one_thread_one_request_at_a_time(0, 1)]
+    #[case::workers_one_request_at_a_time(3, 1)]
+    fn burst_of_good_and_bad_requests(#[case] workers: usize, #[case] max_in_flight_bytes: usize) {
+        use crate::link::loopback::RawKernel;
+        use crate::proto::encode_request;
+        use crate::MemDevice;
+
+        let options = ServerOptions {
+            workers,
+            max_in_flight_bytes,
+            batch_never_blocks: false,
+            ..ServerOptions::default()
+        };
+        let mut raw = RawKernel::with_options(MemDevice::new(1 << 20), options).unwrap();
+        let mut burst = Vec::new();
+        burst.extend(Request::new(Command::Read, Cookie(1), 1 << 20, 512).encode());
+        burst.extend(encode_request(0x2560_9513, 42, Cookie(2), 0, 512));
+        burst.extend(Request::new(Command::Write, Cookie(3), 4096, 512).encode());
+        burst.extend([0x5a; 512]);
+        burst.extend(Request::new(Command::Write, Cookie(4), 1 << 20, 512).encode());
+        burst.extend([0xee; 512]);
+        raw.send(&burst).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for _ in 0..4 {
+            let reply = raw.recv_reply().unwrap();
+            got.insert(reply.cookie.0, reply.errno());
+        }
+        let want = [
+            (1, Some(Errno::EINVAL)),
+            (2, Some(Errno::EINVAL)),
+            (3, None),
+            (4, Some(Errno::ENOSPC)),
+        ];
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), want);
+        // The write landed, and a read returns it right behind its header.
+        raw.send_request(&Request::new(Command::Read, Cookie(5), 4096, 512), &[])
+            .unwrap();
+        assert_eq!(raw.recv_reply().unwrap().errno(), None);
+        assert_eq!(raw.recv_data(512).unwrap(), vec![0x5a; 512]);
+        raw.disconnect().unwrap();
+    }
+
+    /// Little memory shared by connections whose threads hold replies back: whoever runs short
+    /// writes what it holds before waiting, so nobody waits for memory it holds itself. With a
+    /// limit of one byte every request goes alone.
+    #[rstest]
+    #[case::one_thread(0, false)]
+    #[case::threads(3, false)]
+    #[case::never_blocks_pair(0, true)]
+    fn scarce_memory_over_several_connections(#[case] workers: usize, #[case] batch: bool) {
+        use crate::link::loopback::LoopbackKernel;
+        use crate::{LoopbackOptions, MemDevice};
+
+        let options = LoopbackOptions {
+            connections: 3,
+            max_request: 4096,
+            server: ServerOptions {
+                workers,
+                max_in_flight_bytes: 1,
+                batch_never_blocks: batch,
+                ..ServerOptions::default()
+            },
+            ..LoopbackOptions::default()
+        };
+        let k = LoopbackKernel::with_options(MemDevice::new(4 << 20), options).unwrap();
+        let data: Vec<u8> = (0..2 << 20).map(|i| (i % 253) as u8).collect();
+        k.write(0, &data).unwrap();
+        assert_eq!(k.read(0, data.len()).unwrap(), data);
+        k.shutdown().unwrap();
+    }
+
+    /// The completion path: any thread completes a request into its connection, a dropped
+    /// `InFlight` replies EIO, a short READ becomes EIO with no data, and every buffer goes back.
+    #[test]
+    fn requests_complete_from_any_thread_with_exactly_one_reply_each() {
+        use crate::proto::{Reply, REPLY_LEN};
+        use std::io::Read;
+
+        let (mut kernel, server) = UnixStream::pair().unwrap();
+        let (group, _readers) = Group::new(&[server], 1 << 20).unwrap();
+        let take = |cookie: u64, read: bool, len: usize| InFlight {
+            group: Arc::clone(&group),
+            conn: 0,
+            cookie: Cookie(cookie),
+            read,
+            buf: Some(group.pool.take(len, || {}).unwrap()),
+        };
+        let mut read = take(1, true, 512);
+        read.data().fill(9);
+        let flush = take(2, false, 0);
+        let short = take(3, true, 512);
+        let forgotten = take(4, false, 0);
+        std::thread::spawn(move || read.complete(Ok(512)))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || flush.complete(Err(Errno::ENOSPC)))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || short.complete(Ok(100)))
+            .join()
+            .unwrap();
+        drop(forgotten);
+        let reply = |kernel: &mut UnixStream, want: Reply| {
+            let mut header = [0u8; REPLY_LEN];
+            kernel.read_exact(&mut header).unwrap();
+            assert_eq!(Reply::parse(&header).unwrap(), want);
+        };
+        reply(&mut kernel, Reply::ok(Cookie(1)));
+        let mut data = [0u8; 512];
+        kernel.read_exact(&mut data).unwrap();
+        assert_eq!(data, [9; 512]);
+        reply(&mut kernel, Reply::error(Cookie(2), Errno::ENOSPC));
+        reply(&mut kernel, Reply::error(Cookie(3), Errno::EIO));
+        reply(&mut kernel, Reply::error(Cookie(4), Errno::EIO));
+        assert_eq!(group.pool.in_flight(), 0);
+        // Nothing else was sent: no data after the error replies.
+        drop(group);
+        drop(_readers);
+        let mut rest = Vec::new();
+        kernel.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} stray bytes", rest.len());
+    }
+}
