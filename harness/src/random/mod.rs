@@ -9,7 +9,8 @@
 //! read back again. A failing run is shrunk (operations deleted, each candidate re-run a few
 //! times) to a smaller one that fails **the same way**, and printed: the kind of failure and
 //! what went wrong on the first line, the seed, the operations on the block concerned with
-//! their order and thread, hex dumps, and the run as a [`Script`].
+//! their order and thread, hex dumps, and the run as a [`Script`] (operations that were in
+//! flight together as `together { .. }` groups, reads racing writes expecting `any-of(..)`).
 //!
 //! [`Mode::Sequential`] runs one sequence in one thread instead (every read then has exactly one
 //! value it may return); [`random_run`] and [`run_ops`] are the sequential entry points.
@@ -65,7 +66,9 @@
 //! # The fake kernel
 //!
 //! Concurrent runs want several connections, as the kernel's NBD driver uses with
-//! `connections=N`: [`loopback_rig`] is the loopback rig for random tests (two connections).
+//! `connections=N`, and the fake kernel's own dispatch jitter: [`loopback_rig`] is the loopback
+//! rig for random tests (two connections, jitter on), [`loopback_options`] turns any fake
+//! kernel's options into those.
 //!
 //! ```
 //! use userblk::{BlockDevice, MemDevice};
@@ -89,6 +92,7 @@ mod to_script;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use userblk::link::loopback::Jitter as KernelJitter;
 use userblk::{Capabilities, LoopbackOptions};
 
 use crate::factory::DeviceFactory;
@@ -180,18 +184,28 @@ pub struct RandomSummary {
     pub reopened: u32,
 }
 
-/// The loopback rig for random tests: the fake kernel with two connections, so that requests
-/// also race across connections (a flush on one, writes on the other) as with the kernel's
-/// `connections=2`.
+/// The loopback rig for random tests: [`loopback_options`] on the default fake kernel.
 pub fn loopback_rig() -> LoopbackRig {
-    // The fake kernel's own dispatch jitter goes here once `LoopbackOptions` has it.
     LoopbackRig {
-        options: LoopbackOptions {
-            connections: 2,
-            ..LoopbackOptions::default()
-        },
+        options: loopback_options(LoopbackOptions::default()),
     }
 }
+
+/// `base` as random tests want it: two connections, so that requests also race across
+/// connections (a flush on one, writes on the other) as with the kernel's `connections=2`; and
+/// the fake kernel's own seeded [jitter](userblk::link::loopback::Jitter) (delays before
+/// sending, a shuffled dispatch order for the requests of one operation), unless `base` has
+/// some already. Its seed is fixed: each run's kernel draws the same delays.
+pub fn loopback_options(base: LoopbackOptions) -> LoopbackOptions {
+    LoopbackOptions {
+        connections: base.connections.max(2),
+        jitter: base.jitter.or(Some(KernelJitter::new(KERNEL_JITTER_SEED))),
+        ..base
+    }
+}
+
+/// The seed of the fake kernel's jitter in random tests.
+const KERNEL_JITTER_SEED: u64 = 0x7261_6e64;
 
 /// Runs one sequence of `ops` operations from `seed` on a fresh device, sequentially; a failure
 /// is shrunk (at most `shrink_attempts` re-runs).
