@@ -222,8 +222,8 @@ struct Page {
     generation: u64,
 }
 
-/// 4 KiB blocks held in memory; flush (and FUA) writes dirty pages back; unmount writes dirty
-/// pages only.
+/// 4 KiB blocks held in memory; flush writes dirty pages back (FUA, those of the write);
+/// unmount writes dirty pages only.
 struct WriteBack {
     store: Arc<Store>,
     fixed: bool,
@@ -242,11 +242,12 @@ impl WriteBack {
         }
     }
 
-    fn write_back(&self) -> io::Result<()> {
+    /// Writes the dirty pages among `pages` (all when `None`) to the store.
+    fn write_back(&self, pages: Option<std::ops::Range<u64>>) -> io::Result<()> {
         let _one = self.fixed.then(|| lock(&self.writing_back));
         let mut dirty: Vec<(u64, Box<[u8]>, u64)> = lock(&self.pages)
             .iter()
-            .filter(|(_, p)| p.dirty)
+            .filter(|(n, p)| p.dirty && pages.as_ref().is_none_or(|r| r.contains(n)))
             .map(|(&n, p)| (n, p.data.clone(), p.generation))
             .collect();
         dirty.sort_by_key(|d| d.0);
@@ -277,13 +278,23 @@ impl BlockDevice for WriteBack {
         SIZE / PAGE
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        for (i, chunk) in buf.chunks_mut(PAGE as usize).enumerate() {
-            let n = offset / PAGE + i as u64;
-            let cached = lock(&self.pages).get(&n).map(|p| p.data.clone());
-            match cached {
-                Some(data) => chunk.copy_from_slice(&data),
-                None => self.store.read(n * PAGE, chunk)?,
+        // Cached pages from the cache, each run of the others from the store in one read.
+        let first = offset / PAGE;
+        let missing: Vec<u64> = {
+            let pages = lock(&self.pages);
+            let mut missing = Vec::new();
+            for (i, chunk) in buf.chunks_mut(PAGE as usize).enumerate() {
+                match pages.get(&(first + i as u64)) {
+                    Some(p) => chunk.copy_from_slice(&p.data),
+                    None => missing.push(first + i as u64),
+                }
             }
+            missing
+        };
+        for run in missing.chunk_by(|a, b| a + 1 == *b) {
+            let at = ((run[0] - first) * PAGE) as usize;
+            let part = &mut buf[at..at + run.len() * PAGE as usize];
+            self.store.read(run[0] * PAGE, part)?;
         }
         Ok(())
     }
@@ -304,10 +315,12 @@ impl BlockDevice for WriteBack {
     }
     fn write_fua(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write(offset, data)?;
-        self.write_back()
+        self.write_back(Some(
+            offset / PAGE..(offset + data.len() as u64).div_ceil(PAGE),
+        ))
     }
     fn flush(&self) -> io::Result<()> {
-        self.write_back()
+        self.write_back(None)
     }
     fn unmount(&self) {
         // Dirty pages only: clean ones are on the store already, or so the cache believes.
