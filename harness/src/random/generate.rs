@@ -211,7 +211,8 @@ pub fn pattern_seed(run: u64, thread: usize, index: usize) -> u64 {
 }
 
 /// Bytes of the focus area that the threads crowd onto together for a few operations at a
-/// time: half a 4 KiB page (at least two blocks), so that requests in flight at once often share a block, or a page.
+/// time: half a 4 KiB page (at least two blocks), so that requests in flight at once often
+/// share a block, or a page.
 pub const FOCUS_BYTES: u64 = 2 << 10;
 
 /// Operations of each thread that share one focus area, so that, threads running at about the
