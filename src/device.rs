@@ -83,6 +83,38 @@ impl Capabilities {
     }
 }
 
+/// A run of bytes with one allocation status, as [`BlockDevice::block_status`] reports it (NBD's
+/// `base:allocation` context: `NBD_STATE_HOLE`, `NBD_STATE_ZERO`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Not allocated in the backing store (a hole).
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// Allocated data of unknown content: what any range may be reported as.
+    pub fn data(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// An unallocated range that reads as zeroes.
+    pub fn hole(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: true,
+            zero: true,
+        }
+    }
+}
+
 /// How big [`BlockDevice::write_zeroes`]'s default implementation writes at a time.
 const ZERO_CHUNK: usize = 64 << 10;
 
@@ -151,6 +183,16 @@ pub trait BlockDevice: Send + Sync {
         Ok(())
     }
 
+    /// The allocation status of `len` bytes at `offset`: consecutive extents from `offset`.
+    /// They may cover less than `len` (the caller asks again for the rest) but not more, and
+    /// need not be merged. Served to network clients as `NBD_CMD_BLOCK_STATUS`
+    /// (`base:allocation`; `nbdinfo --map`, `qemu-img map`, sparse copies). Default: all of it
+    /// allocated data, which is always a correct answer.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent::data(len)])
+    }
+
     /// Called once when the kernel disconnects, after every request has been answered.
     fn unmount(&self) {}
 }
@@ -194,6 +236,10 @@ pub trait BlockDeviceMut: Send {
             done += n as u64;
         }
         Ok(())
+    }
+    fn block_status(&mut self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent::data(len)])
     }
     fn unmount(&mut self) {}
 }
@@ -242,6 +288,9 @@ impl<T: BlockDeviceMut> BlockDevice for Mutex<T> {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         lock(self)?.write_zeroes(offset, len, may_trim)
     }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        lock(self)?.block_status(offset, len)
+    }
     fn unmount(&self) {
         if let Ok(mut d) = self.lock() {
             d.unmount();
@@ -265,6 +314,9 @@ macro_rules! forward_block_device {
             fn trim(&self, offset: u64, len: u64) -> io::Result<()> { (**self).trim(offset, len) }
             fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
                 (**self).write_zeroes(offset, len, may_trim)
+            }
+            fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+                (**self).block_status(offset, len)
             }
             fn unmount(&self) { (**self).unmount() }
         }

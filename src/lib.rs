@@ -34,7 +34,7 @@ pub mod proto;
 pub mod server;
 mod stream;
 
-pub use device::{BlockDevice, BlockDeviceMut, Capabilities, Exclusive};
+pub use device::{BlockDevice, BlockDeviceMut, Capabilities, Exclusive, Extent};
 pub use devices::{FileDevice, MemDevice, PatternDevice};
 pub use link::loopback::{LoopbackError, LoopbackKernel, LoopbackOptions};
 pub use link::{Export, KernelLink, LinkError, Started};

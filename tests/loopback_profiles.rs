@@ -11,6 +11,7 @@ use userblk::proto::{Command, Reply, Request, REQUEST_LEN};
 use userblk::server::export_of;
 use userblk::{
     BlockDevice, Capabilities, KernelLink, LoopbackKernel, LoopbackOptions, MemDevice, ServerError,
+    ServerOptions,
 };
 
 /// One call the device received.
@@ -79,7 +80,17 @@ impl BlockDevice for Counting {
 
 fn kernel(dev: &Arc<Counting>, profile: &str) -> LoopbackKernel {
     let profile = KernelProfile::by_name(profile).unwrap();
-    LoopbackKernel::with_profile(Arc::clone(dev), profile).unwrap()
+    // One serving thread: the device sees requests in the order the kernel sent them, which
+    // these tests compare.
+    let options = LoopbackOptions {
+        server: ServerOptions {
+            workers: 1,
+            batch_never_blocks: false,
+            ..ServerOptions::default()
+        },
+        ..LoopbackOptions::for_profile(profile)
+    };
+    LoopbackKernel::with_options(Arc::clone(dev), options).unwrap()
 }
 
 #[rstest]

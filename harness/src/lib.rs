@@ -8,6 +8,7 @@ pub mod crash;
 pub mod factory;
 pub mod jitter;
 pub mod nbd_rig;
+pub mod net_rig;
 pub mod random;
 pub mod script;
 pub mod spec;

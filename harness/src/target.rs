@@ -8,6 +8,7 @@ use std::fmt;
 
 use userblk::link::loopback::Op;
 use userblk::proto::TransmissionFlags;
+use userblk::server::unfilled_ranges;
 use userblk::{BlockDevice, LoopbackError, LoopbackKernel, LoopbackOptions};
 
 /// A failed block operation as the caller saw it.
@@ -92,10 +93,28 @@ pub trait Rig: Send + Sync {
 }
 
 /// Attaches devices to a [`LoopbackKernel`].
+///
+/// The harness always has the server poison READ buffers
+/// ([`ServerOptions::poison_reads`](userblk::ServerOptions::poison_reads)), whatever `options`
+/// say: a read the device did not fill then fails as an "unfilled read" naming the bytes,
+/// where the served default (zeroes) would hide it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopbackRig {
     /// The fake kernel's options.
     pub options: LoopbackOptions,
+}
+
+impl LoopbackRig {
+    /// The options the rig's kernels run with: `options` with READ buffers poisoned.
+    pub fn kernel_options(&self) -> LoopbackOptions {
+        poisoned(self.options)
+    }
+}
+
+/// `options` with the server poisoning READ buffers, as the harness runs every fake kernel.
+pub fn poisoned(mut options: LoopbackOptions) -> LoopbackOptions {
+    options.server.poison_reads = true;
+    options
 }
 
 impl Rig for LoopbackRig {
@@ -106,9 +125,35 @@ impl Rig for LoopbackRig {
     fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError> {
         Ok(Box::new(LoopbackKernel::with_options(
             device,
-            self.options,
+            self.kernel_options(),
         )?))
     }
+}
+
+/// Fails a read whose data holds the server's poison marker: bytes the device never wrote.
+fn check_filled(offset: u64, data: Vec<u8>) -> Result<Vec<u8>, OpError> {
+    let unfilled = unfilled_ranges(&data);
+    let Some(first) = unfilled.first() else {
+        return Ok(data);
+    };
+    let spans: Vec<String> = unfilled
+        .iter()
+        .take(4)
+        .map(|r| format!("{}..{}", offset + r.start as u64, offset + r.end as u64))
+        .collect();
+    let bytes: usize = unfilled.iter().map(|r| r.len()).sum();
+    Err(OpError {
+        errno: None,
+        message: format!(
+            "unfilled read: the device did not write {bytes} of the {} bytes of the READ at \
+             offset {offset} (device bytes {}{}); served, the buffer's old contents would have \
+             gone to the kernel (first unfilled byte: +{})",
+            data.len(),
+            spans.join(", "),
+            if unfilled.len() > 4 { ", ..." } else { "" },
+            first.start
+        ),
+    })
 }
 
 impl Target for LoopbackKernel {
@@ -125,7 +170,12 @@ impl Target for LoopbackKernel {
         true
     }
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, OpError> {
-        Ok(LoopbackKernel::read(self, offset, len)?)
+        let data = LoopbackKernel::read(self, offset, len)?;
+        if self.options().server.poison_reads {
+            check_filled(offset, data)
+        } else {
+            Ok(data)
+        }
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), OpError> {
         Ok(LoopbackKernel::write(self, offset, data)?)

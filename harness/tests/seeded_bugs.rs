@@ -23,6 +23,8 @@ mod durability;
 mod offsets;
 #[path = "seeded_bugs/races.rs"]
 mod races;
+#[path = "seeded_bugs/short_reads.rs"]
+mod short_reads;
 #[path = "seeded_bugs/time.rs"]
 mod time;
 

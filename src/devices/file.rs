@@ -1,14 +1,17 @@
 //! [`FileDevice`]: a regular file or a host block device served through positioned reads and
-//! writes; flush is `fdatasync`, trim punches holes, write-zeroes uses `fallocate`.
+//! writes; flush is `fdatasync`, trim punches holes, write-zeroes uses `fallocate`, block status
+//! asks the file system where data and holes are (`SEEK_DATA`, `SEEK_HOLE`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
 
-use crate::device::{BlockDevice, Capabilities};
+use crate::device::{BlockDevice, Capabilities, Extent};
 
 /// A device backed by a file. Its size is the file's, rounded down to whole blocks.
 #[derive(Debug)]
@@ -130,6 +133,50 @@ impl BlockDevice for FileDevice {
         )
     }
 
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len);
+        let seek = |pos: u64, whence| -> Result<Option<u64>, Errno> {
+            let Ok(at) = i64::try_from(pos) else {
+                return Err(Errno::EINVAL);
+            };
+            match lseek(&self.file, at, whence) {
+                Ok(found) => Ok(Some(u64::try_from(found).unwrap_or(end))),
+                // No data after `pos` (SEEK_DATA), or `pos` at or past the end of the file.
+                Err(Errno::ENXIO) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // A file system or device without SEEK_DATA: everything is data, as by default.
+            let unsupported =
+                |e: Errno| matches!(e, Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOSYS);
+            let data = match seek(pos, Whence::SeekData) {
+                Ok(d) => d.unwrap_or(end).min(end),
+                Err(e) if unsupported(e) => return Ok(vec![Extent::data(len)]),
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            };
+            if data > pos {
+                out.push(Extent::hole(data - pos));
+                pos = data;
+                continue;
+            }
+            let hole = match seek(pos, Whence::SeekHole) {
+                Ok(h) => h.unwrap_or(end).min(end),
+                Err(e) if unsupported(e) => return Ok(vec![Extent::data(len)]),
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            };
+            if hole <= pos {
+                // Cannot happen (pos is in data); stop rather than loop.
+                break;
+            }
+            out.push(Extent::data(hole - pos));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let mode = if may_trim {
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
@@ -137,5 +184,41 @@ impl BlockDevice for FileDevice {
             FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
         };
         self.fallocate_or_write(mode, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_status_finds_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(dir.path().join("d.img"), 4 << 20).unwrap();
+        dev.write(1 << 20, &[1u8; 64 << 10]).unwrap();
+        let ext = dev.block_status(0, 4 << 20).unwrap();
+        assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 4 << 20);
+        // Whatever granularity the file system has, the written range is data and the first
+        // and last MiB are holes (on a file system without holes, all is data).
+        let at = |off: u64| {
+            let mut o = 0;
+            *ext.iter()
+                .find(|e| {
+                    o += e.len;
+                    off < o
+                })
+                .unwrap()
+        };
+        assert!(!at(1 << 20).hole);
+        if ext.len() > 1 {
+            assert!(at(0).hole && at(0).zero);
+            assert!(at((4 << 20) - 512).hole);
+        }
+        // Punching the data out makes it a hole again.
+        dev.trim(1 << 20, 64 << 10).unwrap();
+        let again = dev.block_status(1 << 20, 64 << 10).unwrap();
+        if ext.len() > 1 {
+            assert_eq!(again, vec![Extent::hole(64 << 10)]);
+        }
     }
 }

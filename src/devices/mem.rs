@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::device::{BlockDevice, Capabilities};
+use crate::device::{BlockDevice, Capabilities, Extent};
 
 /// Allocation and locking granule.
 const CHUNK: usize = 64 << 10;
@@ -260,6 +260,27 @@ impl BlockDevice for MemDevice {
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> io::Result<()> {
         self.zero(offset, len)
     }
+
+    /// Chunks never written (or freed by a trim or write-zeroes) are holes that read as zeroes;
+    /// allocated ones are data. Neighbours of one kind are merged.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos / CHUNK as u64;
+            let next = ((chunk + 1) * CHUNK as u64).min(end);
+            let hole = !read_lock(self.shard(chunk)).contains_key(&chunk);
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.len += next - pos,
+                _ if hole => out.push(Extent::hole(next - pos)),
+                _ => out.push(Extent::data(next - pos)),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +313,28 @@ mod tests {
         assert_eq!(back[..512], data[..512]);
         assert!(back[512..512 + CHUNK].iter().all(|&b| b == 0));
         assert_eq!(back[512 + CHUNK..], data[512 + CHUNK..]);
+    }
+
+    #[test]
+    fn block_status_reports_allocated_chunks_as_data_and_the_rest_as_holes() {
+        let dev = MemDevice::new(8 * C);
+        assert_eq!(dev.block_status(0, 8 * C).unwrap(), [Extent::hole(8 * C)]);
+        dev.write(C + 512, &[1; 512]).unwrap();
+        dev.write(2 * C, &[1; 512]).unwrap();
+        dev.write(5 * C, &[1; 512]).unwrap();
+        assert_eq!(
+            dev.block_status(512, 8 * C - 1024).unwrap(),
+            [
+                Extent::hole(C - 512),
+                Extent::data(2 * C),
+                Extent::hole(2 * C),
+                Extent::data(C),
+                Extent::hole(2 * C - 512),
+            ]
+        );
+        dev.trim(C, 2 * C).unwrap();
+        assert_eq!(dev.block_status(0, 4 * C).unwrap(), [Extent::hole(4 * C)]);
+        assert!(dev.block_status(8 * C, 512).is_err());
     }
 
     #[test]

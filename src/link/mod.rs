@@ -3,7 +3,8 @@
 //! releases the kernel side when serving ends.
 //!
 //! Two links exist: [`loopback`], an in-process fake kernel for tests, and `nbd`, the real
-//! `/dev/nbdX` driver configured by ioctl or generic netlink.
+//! `/dev/nbdX` driver configured by ioctl or generic netlink. [`net`] serves NBD clients over
+//! TCP and Unix sockets: a handshake first, then the same server on each client's socket.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -12,6 +13,7 @@ use crate::proto::TransmissionFlags;
 
 pub mod loopback;
 pub mod nbd;
+pub mod net;
 
 /// An export's geometry and flags: what the server asks a link for, and what the link reports the
 /// kernel took.

@@ -38,15 +38,17 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crate::device::BlockDevice;
+use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
+use crate::proto::Request;
 use crate::proto::{Command, Cookie, Errno};
 use crate::server::dispatch::{Dispatcher, IoResult};
 use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::server::reader::{Incoming, RequestReader};
-use crate::server::replies::{peer_gone, Done, Outbox, REPLIES_PER_WRITE};
+use crate::server::replies::{encode_extents, peer_gone, Done, Outbox, REPLIES_PER_WRITE};
 use crate::server::request::{IoOp, IoRequest};
-use crate::server::validate::validate;
-use crate::server::{ServerError, ServerOptions};
+use crate::server::validate::{validate, validate_block_status};
+use crate::server::{Features, ServerError, ServerOptions};
 
 /// A byte stream the NBD loop can serve: it is read by one thread at a time, written by another,
 /// and shut down from any, through clones of the same connection.
@@ -85,6 +87,8 @@ struct ConnParams {
     /// Only for devices that never block: a reply held behind a slow device call would wait.
     hold_replies: bool,
     batch: usize,
+    /// What a network client negotiated (nothing for the kernel).
+    features: Features,
     /// A thread keeps its turn at reading while it calls the device, unless another request is
     /// already buffered for another thread to take: for a device that never blocks, handing the
     /// turn over with nothing to read costs a wake-up and gains nothing, while calls still
@@ -188,6 +192,10 @@ pub(crate) struct InFlight<S: ConnStream> {
     cookie: Cookie,
     /// A successful reply carries the buffer as READ data.
     read: bool,
+    /// Replies go out as structured chunks (a network client asked for them).
+    structured: bool,
+    /// The request's offset (a structured READ reply names it).
+    offset: u64,
     /// `None` once answered.
     buf: Option<Buffer>,
 }
@@ -215,13 +223,24 @@ impl<S: ConnStream> InFlight<S> {
     /// consumes `self`.)
     fn into_done(mut self, result: IoResult) -> Option<Done> {
         let buf = self.buf.take()?;
+        let structured = self.structured;
         Some(match result {
             Ok(n) if self.read && n != buf.as_slice().len() => {
                 // A READ must bring all its bytes: the protocol has no short read.
-                Done::error(self.cookie, Errno::EIO, buf)
+                Done::error_in(structured, self.cookie, Errno::EIO, buf)
             }
+            Ok(_) if self.read && structured => Done::read_chunk(self.cookie, self.offset, buf),
             Ok(_) => Done::ok(self.cookie, self.read, buf),
-            Err(errno) => Done::error(self.cookie, errno, buf),
+            Err(errno) => Done::error_in(structured, self.cookie, errno, buf),
+        })
+    }
+
+    /// The reply to a BLOCK_STATUS request: its descriptors for `context`, or an error chunk.
+    fn into_status(mut self, result: Result<Vec<u8>, Errno>, context: u32) -> Option<Done> {
+        let buf = self.buf.take()?;
+        Some(match result {
+            Ok(descriptors) => Done::block_status(self.cookie, context, descriptors, buf),
+            Err(errno) => Done::error_in(true, self.cookie, errno, buf),
         })
     }
 
@@ -237,8 +256,8 @@ impl<S: ConnStream> InFlight<S> {
 impl<S: ConnStream> Drop for InFlight<S> {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.group
-                .reply(self.conn, Done::error(self.cookie, Errno::EIO, buf));
+            let done = Done::error_in(self.structured, self.cookie, Errno::EIO, buf);
+            self.group.reply(self.conn, done);
         }
     }
 }
@@ -249,6 +268,8 @@ enum Next<S: ConnStream> {
     Request(InFlight<S>, IoRequest),
     /// A request answered without the device.
     Rejected(InFlight<S>, Errno),
+    /// A valid BLOCK_STATUS request, for the device's extents.
+    Status(InFlight<S>, Request),
     /// DISC, EOF, a fatal error, or serving is stopping.
     Stop,
 }
@@ -304,6 +325,17 @@ pub fn serve<D: BlockDevice + ?Sized, S: ConnStream>(
     streams: &[S],
     options: &ServerOptions,
 ) -> Result<(), ServerError> {
+    serve_with(dispatcher, export, streams, options, Features::default())
+}
+
+/// [`serve`], with what a network client negotiated in its handshake.
+pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
+    dispatcher: Dispatcher<'_, D>,
+    export: &Export,
+    streams: &[S],
+    options: &ServerOptions,
+    features: Features,
+) -> Result<(), ServerError> {
     let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
     let never_blocks = dispatcher.device().capabilities().never_blocks;
     let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {
@@ -318,6 +350,7 @@ pub fn serve<D: BlockDevice + ?Sized, S: ConnStream>(
         max_io: options.max_io_len,
         hold_replies,
         batch: REPLIES_PER_WRITE,
+        features,
         keep_idle_turn: hold_replies,
     };
     thread::scope(|s| {
@@ -380,21 +413,32 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
         } else {
             drop(turn);
         }
-        let (inflight, result) = match next {
+        let done = match next {
             Next::Stop => break,
-            Next::Rejected(inflight, errno) => (inflight, Err(errno)),
+            Next::Rejected(inflight, errno) => inflight.into_done(Err(errno)),
             Next::Request(mut inflight, io) => {
                 let result = dispatcher.dispatch(&io, inflight.data());
-                (inflight, result)
+                if !params.hold_replies {
+                    inflight.complete(result);
+                    continue;
+                }
+                inflight.into_done(result)
+            }
+            Next::Status(inflight, req) => {
+                let result = dispatcher
+                    .block_status(req.offset, u64::from(req.len))
+                    .map(|e| encode_extents(&e, req.len, req.flags.contains(CMD_FLAG_REQ_ONE)));
+                let context = params.features.block_status.unwrap_or_default();
+                inflight.into_status(result, context)
             }
         };
-        if !params.hold_replies {
-            inflight.complete(result);
-            continue;
-        }
-        let Some(done) = inflight.into_done(result) else {
+        let Some(done) = done else {
             continue;
         };
+        if !params.hold_replies {
+            group.reply(conn, done);
+            continue;
+        }
         if done.is_large() {
             group.flush(conn, Some(done));
         } else if outbox.defer(done) >= params.batch || outbox.reader_waiting.load(Ordering::SeqCst)
@@ -417,18 +461,21 @@ fn next<S: ConnStream>(
     if group.stop.load(Ordering::Relaxed) {
         return Next::Stop;
     }
-    let in_flight = |cookie: Cookie, read: bool, buf: Buffer| InFlight {
+    let structured = params.features.structured;
+    let in_flight = |cookie: Cookie, read: bool, offset: u64, buf: Buffer| InFlight {
         group: Arc::clone(group),
         conn,
         cookie,
         read,
+        structured,
+        offset,
         buf: Some(buf),
     };
-    let req = match r.next_header(conn) {
+    let mut req = match r.next_header(conn) {
         Ok(Incoming::Eof) => return Next::Stop,
         Ok(Incoming::Unknown { cookie }) => {
             return match group.pool.take(0, before_wait) {
-                Some(buf) => Next::Rejected(in_flight(cookie, false, buf), Errno::EINVAL),
+                Some(buf) => Next::Rejected(in_flight(cookie, false, 0, buf), Errno::EINVAL),
                 None => Next::Stop,
             };
         }
@@ -441,6 +488,25 @@ fn next<S: ConnStream>(
     if req.command == Command::Disc {
         return Next::Stop;
     }
+    if req.command == Command::BlockStatus && params.features.block_status.is_some() {
+        let checked = validate_block_status(&req, &params.export);
+        let Some(buf) = group.pool.take(0, before_wait) else {
+            return Next::Stop;
+        };
+        let inflight = in_flight(req.cookie, false, req.offset, buf);
+        return match checked {
+            Ok(()) => Next::Status(inflight, req),
+            Err(errno) => Next::Rejected(inflight, errno),
+        };
+    }
+    // Flags a network client may send once they were advertised, with nothing left to do: the
+    // device's write-zeroes is the fast one, and a READ is always one content chunk.
+    if params.features.fast_zero && req.command == Command::WriteZeroes {
+        req.flags.0 &= !CMD_FLAG_FAST_ZERO.0;
+    }
+    if params.features.df && req.command == Command::Read {
+        req.flags.0 &= !CMD_FLAG_DF.0;
+    }
     let io = match validate(&req, &params.export, params.max_io) {
         Ok(io) => io,
         Err(errno) => {
@@ -449,7 +515,7 @@ fn next<S: ConnStream>(
                 return Next::Stop;
             }
             return match group.pool.take(0, before_wait) {
-                Some(buf) => Next::Rejected(in_flight(req.cookie, false, buf), errno),
+                Some(buf) => Next::Rejected(in_flight(req.cookie, false, 0, buf), errno),
                 None => Next::Stop,
             };
         }
@@ -457,7 +523,7 @@ fn next<S: ConnStream>(
     let Some(buf) = group.pool.take(io.data_len(), before_wait) else {
         return Next::Stop;
     };
-    let mut inflight = in_flight(req.cookie, io.op == IoOp::Read, buf);
+    let mut inflight = in_flight(req.cookie, io.op == IoOp::Read, req.offset, buf);
     if io.op == IoOp::Write {
         if let Err(e) = r.payload(conn, &req, inflight.data()) {
             inflight.abandon();
@@ -563,6 +629,8 @@ mod tests {
             conn: 0,
             cookie: Cookie(cookie),
             read,
+            structured: false,
+            offset: 0,
             buf: Some(group.pool.take(len, || {}).unwrap()),
         };
         let mut read = take(1, true, 512);

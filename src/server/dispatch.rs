@@ -9,7 +9,7 @@ use std::fmt;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Extent};
 use crate::proto::Errno;
 use crate::server::request::{IoFlags, IoOp, IoRequest};
 use crate::server::unfilled::poison;
@@ -116,6 +116,18 @@ impl<'d, D: BlockDevice + ?Sized> Dispatcher<'d, D> {
         }));
         match result {
             Ok(Ok(())) => Ok(len),
+            Ok(Err(e)) => Err(Errno::from_io_error(&e)),
+            Err(_) => Err(Errno::EIO),
+        }
+    }
+
+    /// Asks the device for the allocation status of a validated range (see
+    /// [`validate_block_status`](crate::server::validate_block_status)); errors and panics as
+    /// for [`dispatch`](Self::dispatch).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        let device = self.device;
+        match panic::catch_unwind(AssertUnwindSafe(|| device.block_status(offset, len))) {
+            Ok(Ok(extents)) => Ok(extents),
             Ok(Err(e)) => Err(Errno::from_io_error(&e)),
             Err(_) => Err(Errno::EIO),
         }

@@ -48,13 +48,14 @@ mod request;
 mod unfilled;
 mod validate;
 
+pub(crate) use conn::serve_with;
 pub use conn::{serve, ConnStream};
 pub use dispatch::{Dispatcher, IoResult};
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};
 pub use unfilled::{unfilled_ranges, unfilled_record, UNFILLED_RECORD};
-pub use validate::{validate, validate_io};
+pub use validate::{validate, validate_block_status, validate_io};
 
 /// Tuning for a [`Server`] (and for [`serve`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,6 +353,21 @@ impl<D, L> Drop for Server<D, L> {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// What a network client negotiated beyond what the kernel speaks (none of it for the kernel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Features {
+    /// Structured replies: READ data, holes and errors as chunks.
+    pub(crate) structured: bool,
+    /// `base:allocation` selected, with this context id: BLOCK_STATUS is served.
+    pub(crate) block_status: Option<u32>,
+    /// `NBD_FLAG_SEND_FAST_ZERO` was advertised: `NBD_CMD_FLAG_FAST_ZERO` is accepted (the
+    /// device's write-zeroes is the fast path, so the request is served as it is).
+    pub(crate) fast_zero: bool,
+    /// `NBD_FLAG_SEND_DF` was advertised: `NBD_CMD_FLAG_DF` is accepted on READ (a READ is
+    /// always one content chunk).
+    pub(crate) df: bool,
 }
 
 /// The export for a device, or why it cannot be served.

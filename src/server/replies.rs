@@ -1,11 +1,15 @@
 //! The sending side of a connection: replies queued by whichever thread has one, written in
-//! batches by one `writev`, by whoever finds the writer free.
+//! batches by one `writev`, by whoever finds the writer free; and their framing: simple replies
+//! (the kernel's), or structured reply chunks once a network client negotiated them
+//! (`doc/proto.md`, "Structured reply chunk message": data, hole, block status, error).
 
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, TryLockError};
 
-use crate::proto::{Cookie, Errno, Reply, REPLY_LEN};
+use crate::device::Extent;
+use crate::link::net::wire::{chunk, ChunkHeader, REPLY_FLAG_DONE, STATE_HOLE, STATE_ZERO};
+use crate::proto::{Cookie, Errno, Reply};
 use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::stream::write_all_vectored;
 
@@ -30,30 +34,97 @@ pub(super) const WRITE_OWN_REPLY: usize = 64 << 10;
 /// Replies gathered into one `writev` (two slices each: header and READ data).
 pub(super) const REPLIES_PER_WRITE: usize = 32;
 
+/// The longest header before a reply's data: a structured chunk header (20 bytes) and an
+/// OFFSET_HOLE payload (12).
+const MAX_HEADER: usize = 32;
+
 /// A reply ready to go out, with the buffer its request was charged for.
 #[derive(Debug)]
 pub(super) struct Done {
-    pub(super) header: [u8; REPLY_LEN],
+    header: [u8; MAX_HEADER],
+    header_len: u8,
     /// Whether `buf` is the READ data that follows the header. Never after an error.
     pub(super) with_data: bool,
     pub(super) buf: Buffer,
+    /// A block-status reply's descriptors (outside the pool: their number is the device's, and
+    /// the command is rare).
+    extra: Vec<u8>,
 }
 
 impl Done {
-    pub(super) fn ok(cookie: Cookie, with_data: bool, buf: Buffer) -> Done {
+    fn new(header: &[u8], with_data: bool, buf: Buffer) -> Done {
+        let mut h = [0u8; MAX_HEADER];
+        let n = header.len().min(MAX_HEADER);
+        h[..n].copy_from_slice(&header[..n]);
         Done {
-            header: Reply::ok(cookie).encode(),
+            header: h,
+            header_len: n as u8,
             with_data,
             buf,
+            extra: Vec::new(),
         }
     }
 
+    /// The bytes before the data.
+    fn header(&self) -> &[u8] {
+        &self.header[..usize::from(self.header_len)]
+    }
+
+    /// A simple success reply; `with_data` for READ.
+    pub(super) fn ok(cookie: Cookie, with_data: bool, buf: Buffer) -> Done {
+        Done::new(&Reply::ok(cookie).encode(), with_data, buf)
+    }
+
+    /// A simple error reply.
     pub(super) fn error(cookie: Cookie, errno: Errno, buf: Buffer) -> Done {
-        Done {
-            header: Reply::error(cookie, errno).encode(),
-            with_data: false,
-            buf,
+        Done::new(&Reply::error(cookie, errno).encode(), false, buf)
+    }
+
+    /// An error reply in the connection's framing: an error chunk once structured replies are
+    /// on (a READ's must be one).
+    pub(super) fn error_in(structured: bool, cookie: Cookie, errno: Errno, buf: Buffer) -> Done {
+        if !structured {
+            return Done::error(cookie, errno, buf);
         }
+        let mut h = [0u8; 26];
+        h[..20].copy_from_slice(&chunk_header(cookie, chunk::ERROR, 6));
+        h[20..24].copy_from_slice(&errno.0.to_be_bytes());
+        // Message length 0: the errno says it all.
+        Done::new(&h, false, buf)
+    }
+
+    /// A READ's structured reply: one OFFSET_DATA chunk, or one OFFSET_HOLE when the data is all
+    /// zeroes (the client fills in the zeroes; nothing else crosses the network).
+    pub(super) fn read_chunk(cookie: Cookie, offset: u64, buf: Buffer) -> Done {
+        let data = buf.as_slice();
+        if !data.is_empty() && data.iter().all(|&b| b == 0) {
+            let mut h = [0u8; 32];
+            h[..20].copy_from_slice(&chunk_header(cookie, chunk::OFFSET_HOLE, 12));
+            h[20..28].copy_from_slice(&offset.to_be_bytes());
+            h[28..32].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            return Done::new(&h, false, buf);
+        }
+        let mut h = [0u8; 28];
+        let len = u32::try_from(data.len() + 8).unwrap_or(u32::MAX);
+        h[..20].copy_from_slice(&chunk_header(cookie, chunk::OFFSET_DATA, len));
+        h[20..28].copy_from_slice(&offset.to_be_bytes());
+        Done::new(&h, true, buf)
+    }
+
+    /// A BLOCK_STATUS reply: one chunk for context `context`, with `descriptors`.
+    pub(super) fn block_status(
+        cookie: Cookie,
+        context: u32,
+        descriptors: Vec<u8>,
+        buf: Buffer,
+    ) -> Done {
+        let mut h = [0u8; 24];
+        let len = u32::try_from(descriptors.len() + 4).unwrap_or(u32::MAX);
+        h[..20].copy_from_slice(&chunk_header(cookie, chunk::BLOCK_STATUS, len));
+        h[20..24].copy_from_slice(&context.to_be_bytes());
+        let mut d = Done::new(&h, false, buf);
+        d.extra = descriptors;
+        d
     }
 
     /// Whether this reply carries data large enough to be written by its own thread.
@@ -62,16 +133,69 @@ impl Done {
     }
 }
 
+fn chunk_header(cookie: Cookie, kind: u16, len: u32) -> [u8; 20] {
+    ChunkHeader {
+        flags: REPLY_FLAG_DONE,
+        kind,
+        cookie: cookie.0,
+        len,
+    }
+    .encode()
+}
+
+/// Most descriptors in one block-status reply (the protocol asks for no more than 2^20; fewer
+/// keep a reply small, and the client asks again from where it ends).
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// The descriptors (length, flags) of a block-status reply for a request of `len` bytes: the
+/// device's extents with empty ones dropped, equal neighbours merged, cut at `len` (and at one
+/// with `req_one`). A device that reports nothing gets one data extent for it all.
+pub(super) fn encode_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<u8> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    let mut total = 0u64;
+    for e in extents {
+        let left = u64::from(len) - total;
+        if left == 0 || runs.len() >= MAX_EXTENTS {
+            break;
+        }
+        if e.len == 0 {
+            continue;
+        }
+        let l = e.len.min(left) as u32;
+        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        match runs.last_mut() {
+            Some((rl, rf)) if *rf == flags => *rl += l,
+            _ => runs.push((l, flags)),
+        }
+        total += u64::from(l);
+    }
+    if runs.is_empty() {
+        runs.push((len, 0));
+    }
+    if req_one {
+        runs.truncate(1);
+    }
+    let mut out = Vec::with_capacity(8 * runs.len());
+    for (l, f) in runs {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+    out
+}
+
 /// Writes replies in as few `writev` calls as the slices allow.
 fn write_replies(w: &mut impl Write, replies: &[Done]) -> io::Result<()> {
     let mut iov = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
     for group in replies.chunks(REPLIES_PER_WRITE) {
         let mut n = 0;
         for d in group {
-            iov[n] = IoSlice::new(&d.header);
+            iov[n] = IoSlice::new(d.header());
             n += 1;
             if d.with_data && !d.buf.as_slice().is_empty() {
                 iov[n] = IoSlice::new(d.buf.as_slice());
+                n += 1;
+            } else if !d.extra.is_empty() {
+                iov[n] = IoSlice::new(&d.extra);
                 n += 1;
             }
         }

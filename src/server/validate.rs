@@ -2,6 +2,7 @@
 //! a device never sees a request outside its size, misaligned, empty, or for a command it did not
 //! advertise. Every transport calls [`validate_io`]; the NBD loop calls [`validate`].
 
+use crate::link::net::wire::CMD_FLAG_REQ_ONE;
 use crate::link::Export;
 use crate::proto::{Errno, Request, TransmissionFlags};
 use crate::server::request::{IoOp, IoRequest};
@@ -50,6 +51,25 @@ pub fn validate_io(io: &IoRequest, export: &Export, max_io_len: u32) -> Result<(
             IoOp::Write | IoOp::WriteZeroes => Errno::ENOSPC,
             _ => Errno::EINVAL,
         });
+    }
+    Ok(())
+}
+
+/// Checks an `NBD_CMD_BLOCK_STATUS` request (allowed only once a client selected
+/// `base:allocation`): no flag but `NBD_CMD_FLAG_REQ_ONE`, a nonzero length, aligned, within the
+/// export (EINVAL otherwise, as the protocol document asks). Its length may exceed `max_io_len`:
+/// no data moves.
+pub fn validate_block_status(req: &Request, export: &Export) -> Result<(), Errno> {
+    if req.flags.0 & !CMD_FLAG_REQ_ONE.0 != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let bs = u64::from(export.block_size.max(1));
+    let (offset, len) = (req.offset, u64::from(req.len));
+    if len == 0 || offset % bs != 0 || len % bs != 0 {
+        return Err(Errno::EINVAL);
+    }
+    if offset.checked_add(len).is_none_or(|end| end > export.size) {
+        return Err(Errno::EINVAL);
     }
     Ok(())
 }

@@ -49,12 +49,13 @@ impl MeasuredRig {
         let options = ReplayOptions {
             trim_zeroes: device.capabilities().trim_zeroes,
         };
-        let kernel = LoopbackKernel::with_options(device, self.rig.options).map_err(|e| {
-            ReplayError::Rig {
-                what: "attaching",
-                source: e.into(),
-            }
-        })?;
+        let kernel =
+            LoopbackKernel::with_options(device, self.rig.kernel_options()).map_err(|e| {
+                ReplayError::Rig {
+                    what: "attaching",
+                    source: e.into(),
+                }
+            })?;
         let measured = Measured {
             kernel,
             sink: Arc::clone(&self.latency),
@@ -76,7 +77,7 @@ impl Rig for MeasuredRig {
     }
 
     fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError> {
-        let kernel = LoopbackKernel::with_options(device, self.rig.options)?;
+        let kernel = LoopbackKernel::with_options(device, self.rig.kernel_options())?;
         Ok(Box::new(Measured {
             kernel,
             sink: Arc::clone(&self.latency),

@@ -1,11 +1,13 @@
 //! `userblk serve`: serves a built-in device on a real `/dev/nbdN` until Ctrl+C (SIGINT) or
-//! SIGTERM, then unmounts cleanly (flush, DISC) and leaves the device free.
+//! SIGTERM, then unmounts cleanly (flush, DISC) and leaves the device free; or, with `--listen`,
+//! to NBD clients over TCP or a Unix socket (with TLS when asked), until the same signals.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use userblk::link::nbd::{MountOptions, Setup};
+use userblk::link::net::{ListenAddr, NetOptions, TlsConfig, TlsMode};
 use userblk::proto::TransmissionFlags;
 
 use crate::spec::{human, DeviceSpec};
@@ -39,8 +41,13 @@ Examples:
   userblk serve file:disk.img --nbd /dev/nbd1
   userblk serve pattern:1G --read-only --connections 4
 
-Needs root (CAP_SYS_ADMIN) and the nbd module (`modprobe nbd`). Stop with Ctrl+C or SIGTERM:
-the device is flushed, disconnected and left free for the next user.")]
+  userblk serve ram:1G --listen 127.0.0.1:10809          any NBD client: nbdinfo nbd://127.0.0.1
+  userblk serve file:disk.img --listen unix:/tmp/nbd.sock --export disk
+  userblk serve ram:1G --listen [::1]:10809 --tls-cert server.pem --tls-key key.pem --tls require
+
+On /dev/nbdN: needs root (CAP_SYS_ADMIN) and the nbd module (`modprobe nbd`). Stop with Ctrl+C
+or SIGTERM: the device is flushed, disconnected and left free for the next user. With --listen:
+no root needed; Ctrl+C stops accepting, lets clients finish what is in flight, then flushes.")]
 pub struct Args {
     /// The device to serve: ram:SIZE (a RAM disk), file:PATH (a file or block device) or
     /// pattern:SIZE (read-only, reads 0xdeadbeef). Sizes take K, M, G, T suffixes.
@@ -76,6 +83,49 @@ pub struct Args {
     /// Lock the server's memory (mlockall), for a device that backs swap.
     #[arg(long)]
     pub mlock: bool,
+
+    /// Serve NBD clients over the network instead of /dev/nbdN: unix:PATH, HOST:PORT, or an
+    /// IPv6 address in brackets and a port (port 0 picks a free one and prints it).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<ListenAddr>,
+
+    /// With --listen: the export's name (clients asking for the empty name get it too).
+    #[arg(long = "export", value_name = "NAME", default_value = "")]
+    pub export: String,
+
+    /// With --listen: clients served at once; more are closed on arrival.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_clients: usize,
+
+    /// With --listen: seconds a client may take to finish the handshake.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub handshake_timeout: u64,
+
+    /// With --listen: the server's TLS certificate chain (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// With --listen: the server's TLS private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// With --listen: require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// With --listen and a certificate: `require` (no export without TLS; the default) or
+    /// `allow` (TLS at the client's choice).
+    #[arg(long, value_enum, value_name = "MODE", requires = "tls_cert")]
+    pub tls: Option<TlsArg>,
+}
+
+/// Whether TLS is required or only offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsArg {
+    /// No export is reachable without TLS.
+    Require,
+    /// TLS is offered; plain clients are served too.
+    Allow,
 }
 
 fn flags_text(flags: TransmissionFlags) -> String {
@@ -109,6 +159,9 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = args.listen.clone() {
+        return run_listen(args, addr, device);
+    }
     let mut options = MountOptions::new()
         .device(&args.nbd)
         .setup(args.setup.into())
@@ -153,6 +206,88 @@ pub fn run(args: Args) -> ExitCode {
             println!(
                 "userblk: stopped{why}: {} flushed, disconnected and free",
                 handle.device().display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("userblk serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `userblk serve --listen`: NBD clients over the network.
+fn run_listen(args: Args, addr: ListenAddr, device: Box<dyn userblk::BlockDevice>) -> ExitCode {
+    let mut options = NetOptions::new()
+        .export_name(args.export.clone())
+        .description(format!("userblk {}", args.device))
+        .read_only(args.read_only)
+        .max_clients(args.max_clients)
+        .handshake_timeout(Duration::from_secs(args.handshake_timeout))
+        .stop_on_signals(true);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            match TlsConfig::from_pem_files(cert, key, args.tls_ca.as_deref()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("userblk serve: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    let tls_on = tls.is_some();
+    if let Some(config) = tls {
+        let mode = match args.tls {
+            Some(TlsArg::Allow) => TlsMode::Allow,
+            Some(TlsArg::Require) | None => TlsMode::Require,
+        };
+        options = options.tls(config, mode);
+    }
+    if !addr.is_local() && (!tls_on || args.tls == Some(TlsArg::Allow)) {
+        eprintln!(
+            "userblk: warning: {addr} is reachable from other machines and TLS is not required: \
+             anyone who can connect can read{} this disk",
+            if args.read_only { "" } else { " and write" }
+        );
+    }
+    let spec = args.device.clone();
+    let served = options.listen(device, &addr, |handle| {
+        let name = if args.export.is_empty() {
+            "(default)"
+        } else {
+            &args.export
+        };
+        let url = match handle.local_addr() {
+            ListenAddr::Tcp(a) => format!(
+                "{}://{a}/{}",
+                if tls_on { "nbds" } else { "nbd" },
+                args.export
+            ),
+            ListenAddr::Unix(p) => format!(
+                "{}:///{}?socket={}",
+                if tls_on { "nbds+unix" } else { "nbd+unix" },
+                args.export,
+                p.display()
+            ),
+        };
+        println!(
+            "userblk: serving {spec} as export {name} on {} ({url})",
+            handle.local_addr()
+        );
+        println!("userblk: press Ctrl+C to stop");
+        handle.clone()
+    });
+    match served {
+        Ok(handle) => {
+            let why = handle
+                .signal()
+                .map_or(String::new(), |s| format!(" on {s}"));
+            let st = handle.stats();
+            println!(
+                "userblk: stopped{why}: {} clients served, {} handshakes failed; device flushed",
+                st.served, st.handshake_failures
             );
             ExitCode::SUCCESS
         }

@@ -130,9 +130,10 @@ pub fn cases() -> Vec<Case> {
 /// A request's result, or a failure naming the request (`what`) and the error.
 fn op<T>(r: Result<T, OpError>, what: impl FnOnce() -> String) -> Result<T, Failure> {
     r.map_err(|e| {
-        // The fake kernel's watchdog says "stall: ..." of a request in flight too long: that
-        // is what went wrong, so it comes first.
-        if e.message.starts_with("stall") {
+        // The fake kernel's watchdog says "stall: ..." of a request in flight too long, the
+        // loopback rig "unfilled read: ..." of bytes the device never wrote: that is what went
+        // wrong, so it comes first.
+        if e.message.starts_with("stall") || e.message.starts_with("unfilled read") {
             Failure::failed(format!("{e} (during: {})", what()))
         } else {
             Failure::failed(format!("request failed: {}: {e}", what()))
