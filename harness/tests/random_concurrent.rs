@@ -183,3 +183,43 @@ fn a_block_holding_halves_of_two_writes_is_a_torn_read() {
     assert!(text.contains("holds parts of two writes"), "{text}");
     assert!(text.contains("bytes 0..256 from "), "{text}");
 }
+
+/// Leaves the second half of every read of block 5 as the buffer it was given.
+struct HalfReads(MemDevice);
+
+impl BlockDevice for HalfReads {
+    fn blocks(&self) -> u64 {
+        self.0.blocks()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let touches = offset <= 5 * 512 && offset + buf.len() as u64 > 5 * 512;
+        let n = if touches { buf.len() / 2 } else { buf.len() };
+        self.0.read(offset, &mut buf[..n])
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+}
+
+#[test]
+fn a_read_the_device_did_not_fill_is_an_unfilled_read() {
+    let factory = || HalfReads(MemDevice::new(SIZE));
+    let caps = userblk::Capabilities::default();
+    let f = random_test(
+        &loopback_rig(),
+        &factory,
+        caps,
+        &RandomConfig::default(),
+        &mut |_| {},
+    )
+    .expect_err("the unfilled reads went unnoticed");
+    let text = f.to_string();
+    println!("{text}");
+    assert_eq!(
+        f.kind,
+        userblk_harness::random::FailureKind::UnfilledRead,
+        "{text}"
+    );
+    assert!(text.starts_with("unfilled read: "), "{text}");
+    assert!(text.contains("the device did not write"), "{text}");
+}

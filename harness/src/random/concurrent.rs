@@ -465,12 +465,18 @@ pub(crate) fn op_failure(h: &History) -> Option<Failure> {
     let e = h.first_error()?;
     let ev = &h.events[e];
     let err = ev.result.as_ref().err()?;
-    let kind = if stalled(err) {
-        FailureKind::Stall
-    } else {
-        FailureKind::OpFailed
+    // The loopback rig fails a read the device did not fill, naming the bytes.
+    let summary = match err.message.strip_prefix("unfilled read: ") {
+        Some(rest) if err.errno.is_none() => {
+            (FailureKind::UnfilledRead, format!("{}: {rest}", h.name(e)))
+        }
+        _ if stalled(err) => (FailureKind::Stall, format!("{} failed: {err}", h.name(e))),
+        _ => (
+            FailureKind::OpFailed,
+            format!("{} failed: {err}", h.name(e)),
+        ),
     };
-    let mut f = Failure::new(kind, format!("{} failed: {err}", h.name(e)));
+    let mut f = Failure::new(summary.0, summary.1);
     f.event = Some(e);
     if let Some((offset, _)) = ev.op.range() {
         f.block = Some(offset / h.block_size);
