@@ -21,6 +21,8 @@ const SIZE: u64 = 8 << 20;
 mod durability;
 #[path = "seeded_bugs/offsets.rs"]
 mod offsets;
+#[path = "seeded_bugs/races.rs"]
+mod races;
 #[path = "seeded_bugs/short_reads.rs"]
 mod short_reads;
 #[path = "seeded_bugs/time.rs"]

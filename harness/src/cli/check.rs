@@ -15,7 +15,7 @@ use crate::cli::measured::MeasuredRig;
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::nbd_rig::NbdRig;
-use crate::random::{random_test, RandomConfig};
+use crate::random::{self, random_test, RandomConfig};
 use crate::spec::{human, DeviceSpec};
 use crate::target::{LoopbackRig, Rig};
 use crate::trace::{replay_on, ReplayReport, Trace};
@@ -32,11 +32,11 @@ pub struct Args {
     /// Seed of the first random sequence; a failure prints the seed that reproduces it.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Random sequences to run.
-    #[arg(long, default_value_t = 30)]
+    /// Random runs (concurrent: several client threads on one device).
+    #[arg(long, default_value_t = RandomConfig::default().runs)]
     pub runs: u32,
-    /// Operations per random sequence.
-    #[arg(long, default_value_t = 200)]
+    /// Operations per random run, over all its threads.
+    #[arg(long, default_value_t = RandomConfig::default().ops)]
     pub ops: usize,
     /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12. Default: each of
     /// them, the conformance suite once per kernel.
@@ -274,9 +274,14 @@ pub fn run(args: Args) -> ExitCode {
         options: loopback_options(newest),
     });
     let nbd = args.kernel.as_ref().map(NbdRig::new);
+    // The random tests' rig: two connections and the fake kernel's jitter (kept out of the
+    // latency table: their devices sleep on purpose).
+    let random_loopback = LoopbackRig {
+        options: random::loopback_options(loopback_options(newest)),
+    };
     let rig: &dyn Rig = match &nbd {
         Some(n) => n,
-        None => &loopback,
+        None => &random_loopback,
     };
     let progress = Progress {
         tty: std::io::stderr().is_terminal(),
