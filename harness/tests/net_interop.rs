@@ -281,6 +281,8 @@ fn fio_nbd_engine_with_crc32c_verify() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        // No verify-state file left in the working directory.
+        "--verify_state_save=0",
         "--output-format=terse",
     ]));
     let terse = text(&out);
