@@ -403,7 +403,10 @@ pub fn run(args: Args) -> ExitCode {
         Ok(s) => {
             progress.clear();
             println!(
-                "random: {} sequences, {} operations, seeds {}..={}: ok ({} ms)",
+                "random ({}, jittered, {} re-opened and read back): {} runs, {} operations, \
+                 seeds {}..={}: ok ({} ms)",
+                config.mode,
+                s.reopened,
                 s.runs,
                 s.ops,
                 config.seed,
