@@ -68,7 +68,11 @@ impl Checking {
 
     fn range(&self, op: &str, offset: u64, len: u64) -> io::Result<()> {
         let bs = u64::from(self.block_size);
-        if len == 0 || offset % bs != 0 || len % bs != 0 || offset.saturating_add(len) > SIZE {
+        if len == 0
+            || !offset.is_multiple_of(bs)
+            || !len.is_multiple_of(bs)
+            || offset.saturating_add(len) > SIZE
+        {
             self.violation(format!(
                 "{op} of {len} bytes at {offset} reached the device"
             ));
