@@ -14,6 +14,7 @@ use crate::proto::TransmissionFlags;
 pub mod loopback;
 pub mod nbd;
 pub mod net;
+mod signals;
 
 /// An export's geometry and flags: what the server asks a link for, and what the link reports the
 /// kernel took.

@@ -23,6 +23,7 @@ use super::{
     block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
     request_error, Context, Setup, Step, EBUSY,
 };
+use crate::link::signals::OnSignal;
 use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::TransmissionFlags;
 
@@ -123,10 +124,6 @@ impl MountHandle {
     /// [`unmount_on_signals`](MountOptions::unmount_on_signals) did: `"SIGINT"` or `"SIGTERM"`.
     pub fn signal(&self) -> Option<&'static str> {
         self.control.lock().signal
-    }
-
-    pub(crate) fn record_signal(&self, name: &'static str) {
-        self.control.lock().signal.get_or_insert(name);
     }
 
     /// Blocks until the link has started or failed to; true if it is running.
@@ -731,6 +728,29 @@ impl KernelLink for NbdLink {
 impl Drop for NbdLink {
     fn drop(&mut self) {
         let _ = self.release();
+    }
+}
+
+/// With [`unmount_on_signals`](MountOptions::unmount_on_signals): the first signal unmounts
+/// (flush, then DISC), a second disconnects at once. The first signal is kept.
+impl OnSignal for MountHandle {
+    fn record(&self, name: &'static str) {
+        self.control.lock().signal.get_or_insert(name);
+    }
+
+    fn stop(&self) {
+        let handle = self.clone();
+        // The flush may take a while, and the next signal must still be heard: the unmount
+        // runs on a thread of its own.
+        let _ = thread::Builder::new()
+            .name("userblk-unmount".into())
+            .spawn(move || {
+                let _ = handle.unmount();
+            });
+    }
+
+    fn stop_now(&self) {
+        let _ = self.disconnect();
     }
 }
 

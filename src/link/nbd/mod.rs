@@ -45,7 +45,6 @@ mod ioctl;
 mod link;
 mod mount;
 mod netlink;
-mod signals;
 mod sys;
 
 pub use link::{MountHandle, NbdLink};

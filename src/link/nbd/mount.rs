@@ -7,9 +7,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::link::{MountHandle, NbdLink};
-use super::signals::SignalWatch;
 use super::Setup;
 use crate::device::BlockDevice;
+use crate::link::signals::SignalWatch;
 use crate::link::LinkError;
 use crate::server::{Server, ServerError, ServerOptions};
 

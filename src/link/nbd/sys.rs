@@ -6,8 +6,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::thread::JoinHandleExt;
-use std::thread::JoinHandle;
 
 use nix::libc;
 use nix::sys::ioctl::ioctl_num_type;
@@ -191,21 +189,4 @@ pub(crate) fn page_size() -> u64 {
     // SAFETY: sysconf takes an integer and returns one; it has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size).unwrap_or(4096).max(4096)
-}
-
-/// Sends `signal` to the thread of `thread`. A `JoinHandle` that is neither joined (joining
-/// consumes it) nor dropped (dropping detaches the thread) keeps its `pthread_t` valid even
-/// after the thread has returned, and the borrow keeps it so for the whole call.
-pub(crate) fn signal_thread<T>(
-    thread: &JoinHandle<T>,
-    signal: nix::sys::signal::Signal,
-) -> io::Result<()> {
-    let id = thread.as_pthread_t();
-    // SAFETY: `id` names a thread of this process that has not been joined or detached (see
-    // above), so it is a valid pthread_t for the call; the signal is a valid signal number.
-    let rc = unsafe { libc::pthread_kill(id, signal as libc::c_int) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
 }

@@ -20,10 +20,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::handshake::Offer;
 use super::session::{self, emit, Exported, Handshaken};
-use super::signals::SignalWatch;
 use super::socket::{ListenAddr, Socket};
 use super::{NetError, NetEvent, NetOptions, TlsMode};
 use crate::device::BlockDevice;
+use crate::link::signals::{OnSignal, SignalWatch};
 use crate::link::Export;
 
 /// Counters of a listener's clients.
@@ -136,9 +136,21 @@ impl NetHandle {
     pub fn signal(&self) -> Option<&'static str> {
         *lock(&self.control.signal)
     }
+}
 
-    pub(crate) fn record_signal(&self, name: &'static str) {
+/// With [`NetOptions::stop_on_signals`]: the first signal stops cleanly, a second closes every
+/// connection at once. The last signal is kept.
+impl OnSignal for NetHandle {
+    fn record(&self, name: &'static str) {
         *lock(&self.control.signal) = Some(name);
+    }
+
+    fn stop(&self) {
+        NetHandle::stop(self);
+    }
+
+    fn stop_now(&self) {
+        NetHandle::stop_now(self);
     }
 }
 

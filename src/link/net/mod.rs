@@ -47,7 +47,6 @@ use crate::server::{ServerError, ServerOptions};
 pub mod handshake;
 mod listener;
 mod session;
-mod signals;
 mod socket;
 pub mod tls;
 pub mod wire;
