@@ -12,6 +12,7 @@ pub mod script;
 pub mod spec;
 pub mod target;
 pub mod trace;
+pub mod vm;
 
 /// The driver author's guide (`harness/README.md`); its examples run as doc tests.
 #[doc = include_str!("../README.md")]

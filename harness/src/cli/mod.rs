@@ -4,3 +4,4 @@ pub mod check;
 pub mod record;
 pub mod replay;
 pub mod serve;
+pub mod vm;
