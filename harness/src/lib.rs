@@ -6,6 +6,7 @@ pub mod cli;
 pub mod conformance;
 pub mod crash;
 pub mod factory;
+pub mod kernel_test;
 pub mod nbd_rig;
 pub mod random;
 pub mod script;

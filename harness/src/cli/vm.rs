@@ -176,7 +176,15 @@ mod tests {
 
     #[test]
     fn kernels_are_comma_separated_or_repeated() {
-        let a = parse(&["--kernel", "6.1,6.12", "--kernel", "/boot/vmlinuz-x", "--", "true"]).unwrap();
+        let a = parse(&[
+            "--kernel",
+            "6.1,6.12",
+            "--kernel",
+            "/boot/vmlinuz-x",
+            "--",
+            "true",
+        ])
+        .unwrap();
         assert_eq!(
             a.kernel,
             [
@@ -192,8 +200,22 @@ mod tests {
     #[test]
     fn options() {
         let a = parse(&[
-            "--timeout", "60", "--memory", "4G", "--cpus", "1", "--kvm", "off", "--keep-log", "logs",
-            "--rwdir", "/srv/target", "-v", "--", "sleep", "1000",
+            "--timeout",
+            "60",
+            "--memory",
+            "4G",
+            "--cpus",
+            "1",
+            "--kvm",
+            "off",
+            "--keep-log",
+            "logs",
+            "--rwdir",
+            "/srv/target",
+            "-v",
+            "--",
+            "sleep",
+            "1000",
         ])
         .unwrap();
         assert_eq!(a.timeout, Duration::from_secs(60));
@@ -208,13 +230,25 @@ mod tests {
         let err = parse(&[]).unwrap_err();
         assert!(err.contains("CMD"), "a command is required: {err}");
         let err = parse(&["cargo", "test"]).unwrap_err();
-        assert!(err.contains("unrecognized subcommand 'cargo'") || err.contains("unexpected argument"), "{err}");
+        assert!(
+            err.contains("unrecognized subcommand 'cargo'") || err.contains("unexpected argument"),
+            "{err}"
+        );
         for (args, want) in [
-            (&["--timeout", "soon", "--", "true"][..], "'soon' is not a duration"),
+            (
+                &["--timeout", "soon", "--", "true"][..],
+                "'soon' is not a duration",
+            ),
             (&["--timeout", "0", "--", "true"][..], "more than 0"),
-            (&["--memory", "lots", "--", "true"][..], "'lots' is not a memory size"),
+            (
+                &["--memory", "lots", "--", "true"][..],
+                "'lots' is not a memory size",
+            ),
             (&["--cpus", "0", "--", "true"][..], "0 is not in 1..=64"),
-            (&["--kvm", "maybe", "--", "true"][..], "invalid value 'maybe'"),
+            (
+                &["--kvm", "maybe", "--", "true"][..],
+                "invalid value 'maybe'",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");

@@ -86,8 +86,14 @@ pub enum Ended {
     Exited(i32),
     /// Loading a module the run needs failed (its message).
     ModuleFailed(String),
-    /// The timeout passed; the VM was killed.
-    TimedOut(Duration),
+    /// The timeout passed; the VM was killed. `started`: CMD had begun (else it was still
+    /// booting).
+    TimedOut {
+        /// The timeout.
+        after: Duration,
+        /// Whether CMD had started.
+        started: bool,
+    },
     /// The guest went down while CMD ran (a panic, usually).
     DiedDuringCommand,
     /// The guest never started CMD (no boot).
@@ -153,7 +159,11 @@ pub fn guest_script(boot: &Boot, state: &Path) -> String {
             let _ = writeln!(s, "export {}={}", k.to_string_lossy(), shell_quote(v));
         }
     }
-    let _ = writeln!(s, "export USERBLK_VM={}", shell_quote(OsStr::new(&boot.kernel.short_name())));
+    let _ = writeln!(
+        s,
+        "export USERBLK_VM={}",
+        shell_quote(OsStr::new(&boot.kernel.short_name()))
+    );
     let _ = writeln!(s, ": >{st}/booted");
     for m in &boot.modules {
         let m = shell_quote(OsStr::new(m));
@@ -204,7 +214,11 @@ pub fn vng_args(boot: &Boot, state: &Path, script: &Path) -> Result<Vec<OsString
 /// vng's `--rwdir` takes `path` or `guest=host`, and the kernel command line carries it: no `=`,
 /// `,`, spaces or quotes, and not `/` itself.
 pub fn check_rwdir(dir: &Path) -> Result<(), VmError> {
-    let bad = dir.as_os_str().as_bytes().iter().any(|b| b"=, \t\n\"'`".contains(b))
+    let bad = dir
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|b| b"=, \t\n\"'`".contains(b))
         || dir == Path::new("/")
         || !dir.is_absolute();
     if bad {
@@ -283,7 +297,10 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
 
     // vng runs virtme-run and friends by name: they live beside it.
     let mut path = OsString::new();
-    if let Some(dir) = fs::canonicalize(&boot.vng).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = fs::canonicalize(&boot.vng)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         path.push(dir);
         path.push(":");
     }
@@ -331,7 +348,10 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
                 if !kernel && line == START_MARKER {
                     in_cmd = true;
                 }
-                lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+                lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
             });
         }
     });
@@ -350,7 +370,10 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
     } else if let Some(msg) = read("module-failed") {
         Ended::ModuleFailed(msg.trim().replace('\n', "; "))
     } else if timed_out {
-        Ended::TimedOut(boot.timeout)
+        Ended::TimedOut {
+            after: boot.timeout,
+            started: state.join("started").exists(),
+        }
     } else if state.join("started").exists() {
         Ended::DiedDuringCommand
     } else {
@@ -358,7 +381,10 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
     };
     let findings = scan::merge(
         scan::scan(&console.join("\n"), Source::Console),
-        dmesg.as_deref().map(|d| scan::scan(d, Source::Dmesg)).unwrap_or_default(),
+        dmesg
+            .as_deref()
+            .map(|d| scan::scan(d, Source::Dmesg))
+            .unwrap_or_default(),
     );
     Ok(Outcome {
         ended,
@@ -374,12 +400,18 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
 /// Whether KVM boots `kernel`: a short boot running `true`. Here it fails at once (QEMU asserts
 /// in kvm_buf_set_msrs); where KVM works it takes seconds.
 pub fn kvm_boots(vng: &Path, kernel: &Kernel) -> Result<bool, String> {
-    let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let kvm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     if let Err(e) = kvm {
         return Err(format!("/dev/kvm: {e}"));
     }
     let mut path = OsString::new();
-    if let Some(dir) = fs::canonicalize(vng).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = fs::canonicalize(vng)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         path.push(dir);
         path.push(":");
     }
@@ -413,7 +445,13 @@ pub fn kvm_boots(vng: &Path, kernel: &Kernel) -> Result<bool, String> {
     match status {
         Some(s) if s.success() => Ok(true),
         _ if killed => Err("the probe boot did not finish within 60 s".into()),
-        _ => Err(last.join(" | ")),
+        // QEMU's own words, e.g. "error: failed to set MSR 0x10a": the line with "error".
+        _ => Err(last
+            .iter()
+            .find(|l| l.contains("error"))
+            .or(last.last())
+            .cloned()
+            .unwrap_or_else(|| "the probe boot failed".into())),
     }
 }
 
@@ -524,7 +562,10 @@ mod tests {
         o.findings.clear();
         o.ended = Ended::Exited(101);
         assert!(!o.passed());
-        o.ended = Ended::TimedOut(Duration::from_secs(60));
+        o.ended = Ended::TimedOut {
+            after: Duration::from_secs(60),
+            started: true,
+        };
         assert!(!o.passed());
     }
 }

@@ -48,7 +48,9 @@ impl Kernel {
     /// Whether the modules directory has `module` (`nbd`, `ublk_drv`), as a loadable module or
     /// built in.
     pub fn has_module(&self, module: &str) -> bool {
-        self.modules.as_deref().is_some_and(|m| has_module(m, module))
+        self.modules
+            .as_deref()
+            .is_some_and(|m| has_module(m, module))
     }
 
     /// A short name for output: the series, or the release, or the image path.
@@ -75,7 +77,9 @@ pub fn series_of(release: &str) -> Option<&str> {
     let first = dots.next()?;
     let major = &release[..first];
     let rest = &release[first + 1..];
-    let minor_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let minor_len = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     let ok = !major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()) && minor_len > 0;
     ok.then(|| &release[..first + 1 + minor_len])
 }
@@ -148,7 +152,9 @@ fn trim_zeroes(d: &[u8]) -> &[u8] {
 /// Flavours that are not the distribution's generic kernel (Debian's `-cloud-amd64` and
 /// `-rt-amd64`): picked for a series only when nothing else has it.
 fn special_flavour(release: &str) -> bool {
-    ["-cloud-", "-rt-", "-dbg"].iter().any(|f| release.contains(f))
+    ["-cloud-", "-rt-", "-dbg"]
+        .iter()
+        .any(|f| release.contains(f))
 }
 
 /// The test kernels in `boot` (`vmlinuz-RELEASE` files whose modules under `modules_root` have
@@ -171,9 +177,12 @@ pub fn installed(boot: &Path, modules_root: &Path) -> Vec<Kernel> {
     all.sort_by(|a, b| {
         let (ra, rb) = (a.release.as_deref(), b.release.as_deref());
         let (ra, rb) = (ra.unwrap_or_default(), rb.unwrap_or_default());
-        compare_releases(a.series().unwrap_or_default(), b.series().unwrap_or_default())
-            .then_with(|| (!special_flavour(ra)).cmp(&!special_flavour(rb)))
-            .then_with(|| compare_releases(ra, rb))
+        compare_releases(
+            a.series().unwrap_or_default(),
+            b.series().unwrap_or_default(),
+        )
+        .then_with(|| (!special_flavour(ra)).cmp(&!special_flavour(rb)))
+        .then_with(|| compare_releases(ra, rb))
     });
     let mut best: Vec<Kernel> = Vec::new();
     for k in all {
@@ -200,7 +209,9 @@ impl std::str::FromStr for KernelSpec {
     fn from_str(s: &str) -> Result<KernelSpec, String> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("empty kernel name (expected a series such as 6.12, or an image path)".into());
+            return Err(
+                "empty kernel name (expected a series such as 6.12, or an image path)".into(),
+            );
         }
         if s.contains('/') {
             return Ok(KernelSpec::Image(PathBuf::from(s)));
@@ -303,7 +314,10 @@ mod tests {
     #[test]
     fn releases_compare_like_sort_v() {
         assert_eq!(compare_releases("6.12.95", "6.12.117"), Ordering::Less);
-        assert_eq!(compare_releases("6.1.0-9-amd64", "6.1.0-41-amd64"), Ordering::Less);
+        assert_eq!(
+            compare_releases("6.1.0-9-amd64", "6.1.0-41-amd64"),
+            Ordering::Less
+        );
         assert_eq!(compare_releases("6.9", "6.12"), Ordering::Less);
         assert_eq!(compare_releases("6.12", "6.12"), Ordering::Equal);
         assert_eq!(compare_releases("6.12", "6.12.1"), Ordering::Less);
@@ -339,7 +353,10 @@ mod tests {
         let d = fake(&[("6.1.0-1-amd64", Some(&[]))]);
         let m = d.path().join("modules/6.1.0-1-amd64");
         std::fs::write(m.join("modules.builtin"), "kernel/drivers/block/nbd.ko\n").unwrap();
-        let k = Kernel::from_image(&d.path().join("boot/vmlinuz-6.1.0-1-amd64"), &d.path().join("modules"));
+        let k = Kernel::from_image(
+            &d.path().join("boot/vmlinuz-6.1.0-1-amd64"),
+            &d.path().join("modules"),
+        );
         assert!(k.has_module("nbd"));
         assert!(!k.has_module("ublk_drv"));
     }
@@ -374,9 +391,17 @@ mod tests {
         let inst = installed(&boot, &mods);
         let all = select(&[], &inst, &mods).unwrap();
         assert_eq!(releases(&all), ["6.1.0-41-amd64", "6.12.117+deb12-amd64"]);
-        let specs: Vec<KernelSpec> = vec!["6.12".parse().unwrap(), "6.1.0-41-amd64".parse().unwrap(), "6.12".parse().unwrap()];
+        let specs: Vec<KernelSpec> = vec![
+            "6.12".parse().unwrap(),
+            "6.1.0-41-amd64".parse().unwrap(),
+            "6.12".parse().unwrap(),
+        ];
         let some = select(&specs, &inst, &mods).unwrap();
-        assert_eq!(releases(&some), ["6.12.117+deb12-amd64", "6.1.0-41-amd64"], "duplicates dropped");
+        assert_eq!(
+            releases(&some),
+            ["6.12.117+deb12-amd64", "6.1.0-41-amd64"],
+            "duplicates dropped"
+        );
         let img = boot.join("vmlinuz-6.1.0-41-amd64");
         let by_path = select(&[KernelSpec::Image(img.clone())], &inst, &mods).unwrap();
         assert_eq!(by_path[0].image, img);
@@ -393,7 +418,12 @@ mod tests {
             err.to_string(),
             "no installed test kernel matches 6.12 (installed: 6.1.0-41-amd64); `userblk vm setup` installs the test kernels"
         );
-        let err = select(&[KernelSpec::Image("/nonexistent/bzImage".into())], &inst, &mods).unwrap_err();
+        let err = select(
+            &[KernelSpec::Image("/nonexistent/bzImage".into())],
+            &inst,
+            &mods,
+        )
+        .unwrap_err();
         assert_eq!(err.to_string(), "no kernel image /nonexistent/bzImage");
         let err = select(&[], &[], &mods).unwrap_err();
         assert!(matches!(err, VmError::NoKernels), "{err}");

@@ -118,12 +118,29 @@ impl KernelRun {
         let secs = o.elapsed.as_secs_f64();
         let verdict = match &o.ended {
             Ended::Exited(0) if o.passed() => format!("ok in {secs:.1} s"),
-            Ended::Exited(0) => "FAILED: the command passed but the kernel reported problems".into(),
-            Ended::Exited(c) => format!("FAILED: the command exited with status {c} after {secs:.1} s"),
+            Ended::Exited(0) => {
+                "FAILED: the command passed but the kernel reported problems".into()
+            }
+            Ended::Exited(c) => {
+                format!("FAILED: the command exited with status {c} after {secs:.1} s")
+            }
             Ended::ModuleFailed(m) => format!("FAILED: could not load a kernel module: {m}"),
-            Ended::TimedOut(t) => format!("FAILED: timed out after {} s (--timeout)", t.as_secs()),
-            Ended::DiedDuringCommand => format!("FAILED: the guest died while the command ran, after {secs:.1} s"),
-            Ended::NeverStarted => format!("FAILED: the guest did not boot (vng status {})", status_text(o)),
+            Ended::TimedOut { after, started } => format!(
+                "FAILED: timed out after {} s (--timeout), {}",
+                after.as_secs(),
+                if *started {
+                    "while the command ran"
+                } else {
+                    "still booting"
+                }
+            ),
+            Ended::DiedDuringCommand => {
+                format!("FAILED: the guest died while the command ran, after {secs:.1} s")
+            }
+            Ended::NeverStarted => format!(
+                "FAILED: the guest did not boot (vng status {})",
+                status_text(o)
+            ),
         };
         let mut problems: Vec<String> = Vec::new();
         for f in &o.findings {
@@ -180,10 +197,31 @@ fn is_executable(p: &Path) -> bool {
 /// Environment variables of this process not passed to the guest: they describe this session
 /// (terminal, display, ssh agent, runtime directories) and mean nothing, or harm, there.
 const HOST_ONLY_ENV: &[&str] = &[
-    "PWD", "OLDPWD", "SHLVL", "_", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "XDG_RUNTIME_DIR",
-    "DBUS_SESSION_BUS_ADDRESS", "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT",
-    "SSH_TTY", "TMUX", "TMUX_PANE", "STY", "HOSTNAME", "TMPDIR", "USERBLK_VM", "INVOCATION_ID",
-    "JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "_",
+    "DISPLAY",
+    "WAYLAND_DISPLAY",
+    "XAUTHORITY",
+    "XDG_RUNTIME_DIR",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "SSH_CONNECTION",
+    "SSH_CLIENT",
+    "SSH_TTY",
+    "TMUX",
+    "TMUX_PANE",
+    "STY",
+    "HOSTNAME",
+    "TMPDIR",
+    "USERBLK_VM",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "NOTIFY_SOCKET",
+    "LISTEN_PID",
+    "LISTEN_FDS",
 ];
 
 /// The environment CMD gets in the guest: ours, less [`HOST_ONLY_ENV`] and `XDG_SESSION_*`, so
@@ -222,8 +260,8 @@ pub fn run(opts: &Options) -> Result<Vec<KernelRun>, VmError> {
     if find_on_path("qemu-system-x86_64").is_none() {
         return Err(VmError::NoQemu);
     }
-    let cwd = std::env::current_dir()
-        .map_err(|e| VmError::Io("the current directory".into(), e))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| VmError::Io("the current directory".into(), e))?;
     boot::check_rwdir(&cwd)?;
     for d in &opts.rwdirs {
         boot::check_rwdir(d)?;
@@ -313,7 +351,11 @@ pub fn explain(run: &KernelRun, label: &str) -> String {
     if show_tail {
         let c = &run.outcome.console;
         let from = c.len().saturating_sub(TAIL_LINES);
-        let _ = writeln!(s, "== kernel {label}: the console's last {} lines:", c.len() - from);
+        let _ = writeln!(
+            s,
+            "== kernel {label}: the console's last {} lines:",
+            c.len() - from
+        );
         for l in &c[from..] {
             let _ = writeln!(s, "  | {l}");
         }
@@ -383,35 +425,57 @@ mod tests {
     fn labels_are_series_unless_two_share_one() {
         let ks = [kernel("6.1.0-41-amd64"), kernel("6.12.117+deb12-amd64")];
         assert_eq!(labels(&ks), ["6.1", "6.12"]);
-        let ks = [kernel("6.12.95+deb12-amd64"), kernel("6.12.117+deb12-amd64")];
+        let ks = [
+            kernel("6.12.95+deb12-amd64"),
+            kernel("6.12.117+deb12-amd64"),
+        ];
         assert_eq!(labels(&ks), ["6.12.95+deb12-amd64", "6.12.117+deb12-amd64"]);
     }
 
     #[test]
     fn summaries_say_why() {
         let ok = run_with(Ended::Exited(0), vec![], &[]);
-        assert_eq!(ok.summary(), "kernel 6.12 (6.12.117+deb12-amd64, tcg): ok in 95.3 s");
+        assert_eq!(
+            ok.summary(),
+            "kernel 6.12 (6.12.117+deb12-amd64, tcg): ok in 95.3 s"
+        );
         let failed = run_with(Ended::Exited(101), vec![], &[]);
         assert_eq!(
             failed.summary(),
             "kernel 6.12 (6.12.117+deb12-amd64, tcg): FAILED: the command exited with status 101 after 95.3 s"
         );
-        let t = run_with(Ended::TimedOut(Duration::from_secs(60)), vec![], &[]);
-        assert!(t.summary().ends_with("FAILED: timed out after 60 s (--timeout)"), "{}", t.summary());
+        let t = Ended::TimedOut {
+            after: Duration::from_secs(60),
+            started: true,
+        };
+        let t = run_with(t, vec![], &[]);
+        assert!(
+            t.summary()
+                .ends_with("FAILED: timed out after 60 s (--timeout), while the command ran"),
+            "{}",
+            t.summary()
+        );
         let panic = scan::scan(
             "[   21.1] Kernel panic - not syncing: sysrq triggered crash\n",
             scan::Source::Console,
         );
         let died = run_with(Ended::DiedDuringCommand, panic, &[]);
         assert!(
-            died.summary().ends_with("FAILED: the guest died while the command ran, after 95.3 s [kernel panic]"),
+            died.summary().ends_with(
+                "FAILED: the guest died while the command ran, after 95.3 s [kernel panic]"
+            ),
             "{}",
             died.summary()
         );
-        let hung = scan::scan("INFO: task fio:1 blocked for more than 120 seconds.\n", scan::Source::Dmesg);
+        let hung = scan::scan(
+            "INFO: task fio:1 blocked for more than 120 seconds.\n",
+            scan::Source::Dmesg,
+        );
         let hung = run_with(Ended::Exited(0), hung, &[]);
         assert!(
-            hung.summary().ends_with("FAILED: the command passed but the kernel reported problems [hung task]"),
+            hung.summary().ends_with(
+                "FAILED: the command passed but the kernel reported problems [hung task]"
+            ),
             "{}",
             hung.summary()
         );
@@ -421,10 +485,17 @@ mod tests {
     fn explain_shows_the_console_tail_when_the_guest_went_wrong() {
         let console: Vec<String> = (0..40).map(|i| format!("[ {i}.000000] line {i}")).collect();
         let refs: Vec<&str> = console.iter().map(String::as_str).collect();
-        let t = run_with(Ended::TimedOut(Duration::from_secs(60)), vec![], &refs);
+        let ended = Ended::TimedOut {
+            after: Duration::from_secs(60),
+            started: false,
+        };
+        let t = run_with(ended, vec![], &refs);
         let s = explain(&t, "6.12");
         assert!(s.contains("the console's last 30 lines:"), "{s}");
-        assert!(s.contains("  | [ 39.000000] line 39") && !s.contains("line 9\n"), "{s}");
+        assert!(
+            s.contains("  | [ 39.000000] line 39") && !s.contains("line 9\n"),
+            "{s}"
+        );
         // A command that failed on its own: its output said why; no console.
         let f = run_with(Ended::Exited(1), vec![], &refs);
         assert_eq!(explain(&f, "6.12"), "");
@@ -438,14 +509,22 @@ mod tests {
         let d = keep_logs(dir.path(), &r).unwrap();
         assert_eq!(d, dir.path().join("6.12.117+deb12-amd64"));
         let console = std::fs::read_to_string(d.join("console.log")).unwrap();
-        assert!(console.starts_with("# vng ...\n[ 1.0] boot\nhello\n# kernel 6.12"), "{console}");
-        assert_eq!(std::fs::read_to_string(d.join("dmesg.log")).unwrap(), "[ 1.0] boot\n");
+        assert!(
+            console.starts_with("# vng ...\n[ 1.0] boot\nhello\n# kernel 6.12"),
+            "{console}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("dmesg.log")).unwrap(),
+            "[ 1.0] boot\n"
+        );
     }
 
     #[test]
     fn the_guest_environment_leaves_out_the_session() {
         let env = guest_env();
-        assert!(env.iter().all(|(k, _)| k != "PWD" && k != "SSH_AUTH_SOCK" && k != "TMPDIR"));
+        assert!(env
+            .iter()
+            .all(|(k, _)| k != "PWD" && k != "SSH_AUTH_SOCK" && k != "TMPDIR"));
         if std::env::var_os("PATH").is_some() {
             assert!(env.iter().any(|(k, _)| k == "PATH"));
         }

@@ -117,10 +117,7 @@ pub fn classify(text: &str) -> Option<Problem> {
 /// finding's context (an oops right after a BUG line, as the kernel prints them) is still a
 /// finding of its own.
 pub fn scan(log: &str, source: Source) -> Vec<Finding> {
-    let lines: Vec<&str> = log
-        .lines()
-        .filter_map(|l| kernel_text(l, source))
-        .collect();
+    let lines: Vec<&str> = log.lines().filter_map(|l| kernel_text(l, source)).collect();
     let mut out = Vec::new();
     for (i, text) in lines.iter().enumerate() {
         if let Some(problem) = classify(text) {
@@ -195,7 +192,10 @@ test conformance ... ok
         let f = scan(PANIC, Source::Console);
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].problem, Problem::Panic);
-        assert_eq!(f[0].line, "Kernel panic - not syncing: sysrq triggered crash");
+        assert_eq!(
+            f[0].line,
+            "Kernel panic - not syncing: sysrq triggered crash"
+        );
         assert_eq!(f[0].context.len(), 3);
         assert!(f[0].context[1].starts_with("Call Trace"));
         assert!(f[0].problem.fails());
@@ -220,12 +220,27 @@ test conformance ... ok
     #[test]
     fn other_oops_shapes_and_kernel_bug_at() {
         for (line, want) in [
-            ("Oops: general protection fault, probably for non-canonical address", Problem::Oops),
-            ("general protection fault, probably for non-canonical address 0xdead: 0000 [#1]", Problem::Oops),
-            ("Unable to handle kernel paging request at virtual address 0", Problem::Oops),
+            (
+                "Oops: general protection fault, probably for non-canonical address",
+                Problem::Oops,
+            ),
+            (
+                "general protection fault, probably for non-canonical address 0xdead: 0000 [#1]",
+                Problem::Oops,
+            ),
+            (
+                "Unable to handle kernel paging request at virtual address 0",
+                Problem::Oops,
+            ),
             ("kernel BUG at drivers/block/nbd.c:1234!", Problem::Bug),
-            ("BUG: soft lockup - CPU#1 stuck for 22s! [fio:300]", Problem::Bug),
-            ("WARNING: CPU: 1 PID: 99 at block/blk-mq.c:1000 blk_mq_start_request+0x10/0x20", Problem::Warning),
+            (
+                "BUG: soft lockup - CPU#1 stuck for 22s! [fio:300]",
+                Problem::Bug,
+            ),
+            (
+                "WARNING: CPU: 1 PID: 99 at block/blk-mq.c:1000 blk_mq_start_request+0x10/0x20",
+                Problem::Warning,
+            ),
         ] {
             assert_eq!(classify(line), Some(want), "{line}");
         }
@@ -244,11 +259,17 @@ test conformance ... ok
 
     #[test]
     fn time_stamps_are_stripped_and_odd_brackets_kept() {
-        assert_eq!(kernel_text("[    1.000000] hello\r", Source::Console), Some("hello"));
+        assert_eq!(
+            kernel_text("[    1.000000] hello\r", Source::Console),
+            Some("hello")
+        );
         assert_eq!(kernel_text("[12345.678901] x", Source::Console), Some("x"));
         assert_eq!(kernel_text("[ok] not a stamp", Source::Console), None);
         assert_eq!(kernel_text("[1] not a stamp", Source::Console), None);
-        assert_eq!(kernel_text("[1] plain dmesg", Source::Dmesg), Some("[1] plain dmesg"));
+        assert_eq!(
+            kernel_text("[1] plain dmesg", Source::Dmesg),
+            Some("[1] plain dmesg")
+        );
     }
 
     #[test]

@@ -207,7 +207,10 @@ pub fn expected_kernels(distro: &Distro) -> Vec<(&'static str, String)> {
     match distro {
         Distro::Debian(_) => vec![
             ("6.1", "linux-image-amd64 (bookworm)".into()),
-            ("6.12", "linux-image-6.12.*+deb12-amd64-unsigned (bookworm-security)".into()),
+            (
+                "6.12",
+                "linux-image-6.12.*+deb12-amd64-unsigned (bookworm-security)".into(),
+            ),
         ],
         _ => Vec::new(),
     }
@@ -272,7 +275,12 @@ pub fn plan(p: &Probe) -> Result<Vec<Step>, SetupError> {
                     },
                 });
             }
-            packages.extend(DEBIAN_EXTRA.iter().filter(|n| !has(n)).map(|s| s.to_string()));
+            packages.extend(
+                DEBIAN_EXTRA
+                    .iter()
+                    .filter(|n| !has(n))
+                    .map(|s| s.to_string()),
+            );
             let need_612 = !p.kernels.iter().any(|k| k.series() == Some("6.12"));
             let need_qemu = !has("qemu-system-x86");
             let mut later = Vec::new();
@@ -306,36 +314,72 @@ pub fn plan(p: &Probe) -> Result<Vec<Step>, SetupError> {
                 let made_policy = !Path::new(POLICY_RC).exists();
                 if made_policy {
                     steps.push(Step {
-                        why: "keep package scripts from starting services (removed at the end)".into(),
+                        why: "keep package scripts from starting services (removed at the end)"
+                            .into(),
                         action: Action::Write {
                             path: POLICY_RC.into(),
                             contents: "#!/bin/sh\nexit 101\n".into(),
                         },
                     });
-                    steps.push(run("policy-rc.d must be executable", &["chmod", "755", POLICY_RC]));
+                    steps.push(run(
+                        "policy-rc.d must be executable",
+                        &["chmod", "755", POLICY_RC],
+                    ));
                 }
-                steps.push(run("apt lists", &["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "update", "-q"]));
+                steps.push(run(
+                    "apt lists",
+                    &[
+                        "env",
+                        "DEBIAN_FRONTEND=noninteractive",
+                        "apt-get",
+                        "update",
+                        "-q",
+                    ],
+                ));
                 if !packages.is_empty() {
                     steps.push(apt_install("packages from the release", None, &packages));
                 }
                 steps.extend(later);
                 if made_policy {
-                    steps.push(run("remove the temporary policy-rc.d", &["rm", "-f", POLICY_RC]));
+                    steps.push(run(
+                        "remove the temporary policy-rc.d",
+                        &["rm", "-f", POLICY_RC],
+                    ));
                 }
             }
         }
         Distro::Ubuntu { version, .. } => {
-            for k in ["qemu-system-x86".to_string(), "linux-image-generic".into(), format!("linux-image-generic-hwe-{version}")] {
+            for k in [
+                "qemu-system-x86".to_string(),
+                "linux-image-generic".into(),
+                format!("linux-image-generic-hwe-{version}"),
+            ] {
                 if !has(&k) {
                     packages.push(k);
                 }
             }
             if !packages.is_empty() {
-                steps.push(run("apt lists", &["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "update", "-q"]));
-                steps.push(apt_install("QEMU, the generic and HWE kernels with their modules, tools", None, &packages));
+                steps.push(run(
+                    "apt lists",
+                    &[
+                        "env",
+                        "DEBIAN_FRONTEND=noninteractive",
+                        "apt-get",
+                        "update",
+                        "-q",
+                    ],
+                ));
+                steps.push(apt_install(
+                    "QEMU, the generic and HWE kernels with their modules, tools",
+                    None,
+                    &packages,
+                ));
                 // Ubuntu's kernel images are readable by root only; virtme-ng reads them as the
                 // user who runs it (root here, but `userblk vm` may run under sudo -E).
-                steps.push(run("kernel images readable", &["sh", "-c", "chmod 0644 /boot/vmlinuz-*"]));
+                steps.push(run(
+                    "kernel images readable",
+                    &["sh", "-c", "chmod 0644 /boot/vmlinuz-*"],
+                ));
             }
         }
         Distro::Other(id) => return Err(SetupError::Unsupported(id.clone())),
@@ -345,10 +389,21 @@ pub fn plan(p: &Probe) -> Result<Vec<Step>, SetupError> {
         let py = venv.join("bin/python3");
         let venv_s = venv.display().to_string();
         let py_s = py.display().to_string();
-        steps.push(run("a private venv for virtme-ng", &["/usr/bin/python3", "-m", "venv", &venv_s]));
+        steps.push(run(
+            "a private venv for virtme-ng",
+            &["/usr/bin/python3", "-m", "venv", &venv_s],
+        ));
         steps.push(run(
             format!("virtme-ng {VNG_VERSION} from PyPI"),
-            &[&py_s, "-m", "pip", "install", "-q", "--disable-pip-version-check", &format!("virtme-ng=={VNG_VERSION}")],
+            &[
+                &py_s,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                &format!("virtme-ng=={VNG_VERSION}"),
+            ],
         ));
     }
     Ok(steps)
@@ -439,12 +494,15 @@ fn execute(step: &Step) -> Result<(), SetupError> {
     match &step.action {
         Action::Write { path, contents } => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io(format!("creating {}", dir.display()), e))?;
             }
             std::fs::write(path, contents).map_err(|e| io(format!("writing {}", path.display()), e))
         }
         Action::Run(argv) => {
-            let err_log = log.try_clone().map_err(|e| io(format!("opening {LOG}"), e))?;
+            let err_log = log
+                .try_clone()
+                .map_err(|e| io(format!("opening {LOG}"), e))?;
             let status = Command::new(&argv[0])
                 .args(&argv[1..])
                 .stdin(Stdio::null())
@@ -456,7 +514,10 @@ fn execute(step: &Step) -> Result<(), SetupError> {
                 Ok(())
             } else {
                 Err(SetupError::StepFailed {
-                    step: format!("{} ({status})", step.to_string().trim_end().replace('\n', ": ")),
+                    step: format!(
+                        "{} ({status})",
+                        step.to_string().trim_end().replace('\n', ": ")
+                    ),
                     log: LOG.into(),
                 })
             }
@@ -472,8 +533,16 @@ pub fn kernel_report(p: &Probe) -> String {
     } else {
         s.push_str("kernels found:\n");
         for k in &p.kernels {
-            let ublk = if k.has_module("ublk_drv") { ", ublk_drv" } else { "" };
-            s.push_str(&format!("  {:<6} {} (nbd{ublk})\n", k.short_name(), k.image.display()));
+            let ublk = if k.has_module("ublk_drv") {
+                ", ublk_drv"
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "  {:<6} {} (nbd{ublk})\n",
+                k.short_name(),
+                k.image.display()
+            ));
         }
     }
     let missing: Vec<String> = expected_kernels(&p.distro)
@@ -504,7 +573,11 @@ pub fn setup(print_only: bool) -> Result<bool, SetupError> {
         println!(
             "userblk vm setup: {} step(s) to run as root{}:",
             steps.len(),
-            if root { "" } else { " (you are not root; run these, or this command with sudo)" }
+            if root {
+                ""
+            } else {
+                " (you are not root; run these, or this command with sudo)"
+            }
         );
         for s in &steps {
             print!("{s}");
@@ -567,16 +640,30 @@ mod tests {
         let ubu = "ID=ubuntu\nVERSION_ID=\"24.04\"\nVERSION_CODENAME=noble\nID_LIKE=debian\n";
         assert_eq!(
             parse_os_release(ubu),
-            Distro::Ubuntu { version: "24.04".into(), codename: "noble".into() }
+            Distro::Ubuntu {
+                version: "24.04".into(),
+                codename: "noble".into()
+            }
         );
-        assert_eq!(parse_os_release("ID=fedora\n"), Distro::Other("fedora".into()));
+        assert_eq!(
+            parse_os_release("ID=fedora\n"),
+            Distro::Other("fedora".into())
+        );
     }
 
     #[test]
     fn a_ready_debian_machine_needs_nothing() {
-        let p = probe_with(Distro::Debian("bookworm".into()), &all_debian(), &["6.1.0-41-amd64", "6.12.117+deb12-amd64"]);
+        let p = probe_with(
+            Distro::Debian("bookworm".into()),
+            &all_debian(),
+            &["6.1.0-41-amd64", "6.12.117+deb12-amd64"],
+        );
         assert_eq!(plan(&p).unwrap(), []);
-        assert!(!kernel_report(&p).contains("missing"), "{}", kernel_report(&p));
+        assert!(
+            !kernel_report(&p).contains("missing"),
+            "{}",
+            kernel_report(&p)
+        );
     }
 
     #[test]
@@ -585,10 +672,19 @@ mod tests {
         pk.retain(|p| *p != "qemu-system-x86" && *p != "fio");
         let p = probe_with(Distro::Debian("bookworm".into()), &pk, &["6.1.0-41-amd64"]);
         let text: String = plan(&p).unwrap().iter().map(|s| s.to_string()).collect();
-        assert!(text.contains("sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q\n"), "{text}");
+        assert!(
+            text.contains("sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q\n"),
+            "{text}"
+        );
         assert!(text.contains("--force-confold fio\n"), "{text}");
-        assert!(text.contains("--force-confold linux-image-6.12.117+deb12-amd64-unsigned\n"), "{text}");
-        assert!(text.contains("-t bookworm-backports qemu-system-x86\n"), "{text}");
+        assert!(
+            text.contains("--force-confold linux-image-6.12.117+deb12-amd64-unsigned\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-t bookworm-backports qemu-system-x86\n"),
+            "{text}"
+        );
         assert!(!text.contains("venv"), "vng is there: {text}");
         let report = kernel_report(&p);
         assert!(report.contains("kernels missing:\n  6.12"), "{report}");
@@ -604,26 +700,48 @@ mod tests {
         p.candidate_612 = None;
         let steps = plan(&p).unwrap();
         let text: String = steps.iter().map(|s| s.to_string()).collect();
-        assert!(text.contains(&format!("sudo tee {BACKPORTS_SOURCES} >/dev/null <<'EOF'\n")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "sudo tee {BACKPORTS_SOURCES} >/dev/null <<'EOF'\n"
+            )),
+            "{text}"
+        );
         assert!(text.contains("Suites: bookworm-backports\n"), "{text}");
-        assert!(text.contains(&format!("sudo tee {BACKPORTS_PIN}")), "{text}");
-        assert!(text.contains("apt-cache pkgnames linux-image-6.12."), "{text}");
+        assert!(
+            text.contains(&format!("sudo tee {BACKPORTS_PIN}")),
+            "{text}"
+        );
+        assert!(
+            text.contains("apt-cache pkgnames linux-image-6.12."),
+            "{text}"
+        );
         assert!(text.contains("virtme-ng==1.42"), "{text}");
         // Sources before the update, the update before installs, vng last.
-        let pos = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle} in {text}"));
-        assert!(pos("Suites:") < pos("apt-get update") && pos("apt-get update") < pos("busybox-static"));
+        let pos = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle} in {text}"))
+        };
+        assert!(
+            pos("Suites:") < pos("apt-get update") && pos("apt-get update") < pos("busybox-static")
+        );
         assert!(pos("busybox-static") < pos("-m venv"));
     }
 
     #[test]
     fn ubuntu_gets_the_generic_and_hwe_kernels() {
         let p = probe_with(
-            Distro::Ubuntu { version: "24.04".into(), codename: "noble".into() },
-            &COMMON_PACKAGES.to_vec(),
+            Distro::Ubuntu {
+                version: "24.04".into(),
+                codename: "noble".into(),
+            },
+            COMMON_PACKAGES,
             &[],
         );
         let text: String = plan(&p).unwrap().iter().map(|s| s.to_string()).collect();
-        assert!(text.contains("qemu-system-x86 linux-image-generic linux-image-generic-hwe-24.04\n"), "{text}");
+        assert!(
+            text.contains("qemu-system-x86 linux-image-generic linux-image-generic-hwe-24.04\n"),
+            "{text}"
+        );
         assert!(!text.contains("backports"), "{text}");
     }
 
@@ -631,6 +749,10 @@ mod tests {
     fn other_distributions_are_told_what_to_install() {
         let p = probe_with(Distro::Other("fedora".into()), &[], &[]);
         let err = plan(&p).unwrap_err();
-        assert!(err.to_string().starts_with("userblk vm setup knows Debian and Ubuntu, not 'fedora'"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("userblk vm setup knows Debian and Ubuntu, not 'fedora'"),
+            "{err}"
+        );
     }
 }
