@@ -90,8 +90,8 @@ pub struct KernelTest {
     /// Conformance cases that may end "not run" without failing (see
     /// [`Report::all_passed_except`]).
     pub may_not_run: Vec<&'static str>,
-    /// Replay the shipped traces (default: yes).
-    pub traces: bool,
+    /// Which traces to replay (default: [`Traces::ThisKernel`]).
+    pub traces: Traces,
     /// Where the traces are (default: the ones shipped with userblk-harness).
     pub traces_dir: PathBuf,
 }
@@ -104,8 +104,46 @@ impl Default for KernelTest {
                 ..RandomConfig::default()
             },
             may_not_run: Vec::new(),
-            traces: true,
+            traces: Traces::ThisKernel,
             traces_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("traces"),
+        }
+    }
+}
+
+/// Which of the traces in [`KernelTest::traces_dir`] to replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traces {
+    /// Those recorded on the running kernel's series (`ext4-6.12.ubt` on 6.12), or all when
+    /// none was: each kernel replays the request streams it makes itself.
+    ThisKernel,
+    /// All of them.
+    All,
+    /// None.
+    Off,
+}
+
+/// The traces of `files` that `which` selects on a kernel of `release`.
+pub fn select_traces(files: Vec<PathBuf>, which: Traces, release: &str) -> Vec<PathBuf> {
+    match which {
+        Traces::Off => Vec::new(),
+        Traces::All => files,
+        Traces::ThisKernel => {
+            let series = crate::vm::kernels::series_of(release).unwrap_or(release);
+            let suffix = format!("-{series}.ubt");
+            let mine: Vec<PathBuf> = files
+                .iter()
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(&suffix))
+                })
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                files
+            } else {
+                mine
+            }
         }
     }
 }
@@ -247,8 +285,9 @@ impl KernelTest {
         eprintln!("kernel test: {} random sequences", self.random.runs);
         let random = random_test(rig, factory, caps, &self.random, &mut |_| {});
         let mut traces = Vec::new();
-        if self.traces {
-            for path in trace_files(&self.traces_dir) {
+        {
+            let files = select_traces(trace_files(&self.traces_dir), self.traces, &kernel);
+            for path in files {
                 let name = path
                     .file_name()
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -343,6 +382,10 @@ mod tests {
             },
             ..KernelTest::default()
         };
+        let t = KernelTest {
+            traces: Traces::All,
+            ..t
+        };
         let r = t.run_on(&LoopbackRig::default(), &|| MemDevice::new(64 << 20));
         assert!(r.passed(), "{r}");
         assert_eq!(r.traces.len(), 4, "{r}");
@@ -407,6 +450,35 @@ mod tests {
         let panicked =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.assert_passed()));
         assert!(panicked.is_err(), "assert_passed panics on a failure");
+    }
+
+    #[test]
+    fn each_kernel_replays_its_own_traces() {
+        let files: Vec<PathBuf> = [
+            "ext4-6.1.ubt",
+            "ext4-6.12.ubt",
+            "fio-6.1.ubt",
+            "fio-6.12.ubt",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let names = |v: Vec<PathBuf>| -> Vec<String> {
+            v.iter().map(|p| p.display().to_string()).collect()
+        };
+        let on = |release| names(select_traces(files.clone(), Traces::ThisKernel, release));
+        assert_eq!(on("6.1.0-57-amd64"), ["ext4-6.1.ubt", "fio-6.1.ubt"]);
+        assert_eq!(
+            on("6.12.117+deb12-amd64"),
+            ["ext4-6.12.ubt", "fio-6.12.ubt"]
+        );
+        assert_eq!(
+            on("6.8.0-45-generic").len(),
+            4,
+            "no trace of 6.8: all of them"
+        );
+        assert_eq!(select_traces(files.clone(), Traces::All, "6.1.0").len(), 4);
+        assert!(select_traces(files, Traces::Off, "6.1.0").is_empty());
     }
 
     #[test]

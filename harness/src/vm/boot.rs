@@ -16,11 +16,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, SigSet, Signal};
 use nix::unistd::Pid;
 
 use super::kernels::Kernel;
@@ -94,6 +95,8 @@ pub enum Ended {
         /// Whether CMD had started.
         started: bool,
     },
+    /// We were asked to stop (this signal); the VM was killed.
+    Interrupted(&'static str),
     /// The guest went down while CMD ran (a panic, usually).
     DiedDuringCommand,
     /// The guest never started CMD (no boot).
@@ -245,6 +248,40 @@ fn pump(from: impl Read, mut each: impl FnMut(String)) {
     }
 }
 
+/// The signal (SIGINT, SIGTERM, SIGHUP) that asked us to stop, or 0.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The process group of the VM running now, or 0.
+static VM_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Catches SIGINT, SIGTERM and SIGHUP for the whole process: the VM runs in a process group of
+/// its own (so that a timeout can kill QEMU with vng), where a Ctrl+C at the terminal would not
+/// reach it. A thread waits for them and stops the VM; [`run`] then reports the boot as
+/// interrupted. Call before starting other threads (they inherit the blocked mask; children do
+/// not: std resets it when it spawns).
+pub fn catch_stop_signals() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let set = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
+        if set.thread_block().is_err() {
+            return;
+        }
+        thread::spawn(move || {
+            while let Ok(sig) = set.wait() {
+                STOP_SIGNAL.store(sig as i32, Ordering::SeqCst);
+                let group = VM_GROUP.load(Ordering::SeqCst);
+                if group > 0 {
+                    let _ = killpg(Pid::from_raw(group), Signal::SIGTERM);
+                }
+            }
+        });
+    });
+}
+
+/// The signal that asked us to stop, if one did.
+pub fn stop_signal() -> Option<Signal> {
+    Signal::try_from(STOP_SIGNAL.load(Ordering::SeqCst)).ok()
+}
+
 /// Sends `sig` to the child's process group (vng and the QEMU it started).
 fn signal_group(child: &Child, sig: Signal) {
     if let Ok(pid) = i32::try_from(child.id()) {
@@ -258,7 +295,9 @@ fn wait_until(child: &mut Child, deadline: Instant) -> (Option<ExitStatus>, bool
     loop {
         match child.try_wait() {
             Ok(Some(st)) => return (Some(st), false),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            Ok(None) if Instant::now() < deadline && stop_signal().is_none() => {
+                thread::sleep(Duration::from_millis(100))
+            }
             Ok(None) | Err(_) => break,
         }
     }
@@ -320,6 +359,7 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
         .process_group(0)
         .spawn()
         .map_err(|e| VmError::Spawn(boot.vng.clone(), e))?;
+    VM_GROUP.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
 
     let label = boot.label.clone();
     let out = child.stdout.take();
@@ -357,6 +397,7 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
     });
 
     let (vng_status, timed_out) = wait_until(&mut child, started + boot.timeout);
+    VM_GROUP.store(0, Ordering::SeqCst);
     let elapsed = started.elapsed();
     let _ = out_thread.join();
     let _ = err_thread.join();
@@ -369,6 +410,8 @@ pub fn run(boot: &Boot) -> Result<Outcome, VmError> {
         Ended::Exited(code)
     } else if let Some(msg) = read("module-failed") {
         Ended::ModuleFailed(msg.trim().replace('\n', "; "))
+    } else if let Some(sig) = stop_signal() {
+        Ended::Interrupted(sig.as_str())
     } else if timed_out {
         Ended::TimedOut {
             after: boot.timeout,

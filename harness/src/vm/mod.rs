@@ -125,6 +125,7 @@ impl KernelRun {
                 format!("FAILED: the command exited with status {c} after {secs:.1} s")
             }
             Ended::ModuleFailed(m) => format!("FAILED: could not load a kernel module: {m}"),
+            Ended::Interrupted(sig) => format!("FAILED: interrupted by {sig} after {secs:.1} s"),
             Ended::TimedOut { after, started } => format!(
                 "FAILED: timed out after {} s (--timeout), {}",
                 after.as_secs(),
@@ -268,8 +269,13 @@ pub fn run(opts: &Options) -> Result<Vec<KernelRun>, VmError> {
     }
     let env = guest_env();
     let labels = labels(&selected);
+    boot::catch_stop_signals();
     let mut runs = Vec::new();
     for (kernel, label) in selected.into_iter().zip(labels) {
+        if let Some(sig) = boot::stop_signal() {
+            println!("== kernel {label}: not booted: interrupted by {sig}");
+            break;
+        }
         let accel = match opts.kvm {
             KvmMode::Off => Accel::Tcg,
             KvmMode::On => Accel::Kvm,
@@ -346,7 +352,7 @@ pub fn explain(run: &KernelRun, label: &str) -> String {
     for f in &run.outcome.findings {
         let _ = write!(s, "== kernel {label}: {f}");
     }
-    let show_tail = !matches!(run.outcome.ended, Ended::Exited(_))
+    let show_tail = !matches!(run.outcome.ended, Ended::Exited(_) | Ended::Interrupted(_))
         || run.outcome.findings.iter().any(|f| f.problem.fails());
     if show_tail {
         let c = &run.outcome.console;
