@@ -60,8 +60,22 @@ impl NbdRig {
 
     fn serve(&self, device: Box<dyn BlockDevice>) -> Result<NbdTarget, OpError> {
         let mounted = self.options.spawn(device).map_err(server_error)?;
+        settle_udev();
         NbdTarget::open(mounted)
     }
+}
+
+/// Waits until udev has handled the new device: on connect it probes the device (blkid reads
+/// blocks near the end for RAID and GPT signatures), and those reads, arriving in the middle of
+/// a case, would be taken for the case's own requests. Without udevadm there is nothing to wait
+/// for.
+fn settle_udev() {
+    let _ = std::process::Command::new("udevadm")
+        .args(["settle", "--timeout=10"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn server_error(e: ServerError) -> OpError {
