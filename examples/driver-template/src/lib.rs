@@ -83,7 +83,9 @@ impl BlockDevice for PageDisk {
         let mut pages = self.lock();
         PageDisk::each_page(offset, data.len(), |p, at, r| {
             let n = r.len();
-            let page = pages.entry(p).or_insert_with(|| Box::new([0; PAGE as usize]));
+            let page = pages
+                .entry(p)
+                .or_insert_with(|| Box::new([0; PAGE as usize]));
             page[at..at + n].copy_from_slice(&data[r]);
         });
         Ok(())

@@ -22,7 +22,13 @@ fn conformance_suite() {
 #[test]
 fn random_sequences() {
     let config = RandomConfig::default();
-    let result = random_test(&LoopbackRig::default(), &factory, factory().capabilities(), &config, &mut |_| {});
+    let result = random_test(
+        &LoopbackRig::default(),
+        &factory,
+        factory().capabilities(),
+        &config,
+        &mut |_| {},
+    );
     if let Err(failure) = result {
         panic!("{failure}");
     }

@@ -41,7 +41,7 @@ pub struct Args {
     /// Hardware virtualization: auto probes it with a short boot and falls back to TCG.
     #[arg(long, value_enum, default_value_t = KvmMode::Auto)]
     pub kvm: KvmMode,
-    /// Keep each boot's console and dmesg in DIR/<kernel release>/.
+    /// Keep each boot's console and dmesg in DIR/RELEASE/ (the kernel release).
     #[arg(long, value_name = "DIR")]
     pub keep_log: Option<PathBuf>,
     /// Another host directory the guest may write (e.g. a CARGO_TARGET_DIR outside the current

@@ -225,7 +225,8 @@ const HOST_ONLY_ENV: &[&str] = &[
     "LISTEN_FDS",
 ];
 
-/// The environment CMD gets in the guest: ours, less [`HOST_ONLY_ENV`] and `XDG_SESSION_*`, so
+/// The environment CMD gets in the guest: ours, less the session variables (`DISPLAY`,
+/// `SSH_AUTH_SOCK`, `XDG_RUNTIME_DIR`, `TMPDIR`...) and `XDG_SESSION_*`, so
 /// that `cargo` and `rustup` are found and behave as on the host.
 pub fn guest_env() -> Vec<(OsString, OsString)> {
     std::env::vars_os()
