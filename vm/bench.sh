@@ -18,15 +18,14 @@
 #   --targets   a subset, e.g. "userblk-1c brd" (default: the five above); for profiling also
 #               nbdkit-2c (2 connections) and ramdisk-wW-cC (examples/bench_ramdisk: W server
 #               workers, C connections), e.g. --targets "ramdisk-w0-c1 ramdisk-w4-c1 nbdkit"
-#   --no-setup  don't run vm/setup.sh first; --keep: keep the results directory
-# Environment: VM_MEMORY (default 2G, more for big --size), VM_CPUS (default 2); see vm/lib.sh.
+#   --no-setup  don't run `userblk vm setup` first; --keep: keep the results directory
+# Environment: VM_MEMORY (default 2G, more for big --size), VM_CPUS (default 2).
+# The VM is booted with `userblk vm` (TCG: figures are comparable from machine to machine).
 # Needs root. Exit status 1 if a target failed to come up or a fio run failed.
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$VM_DIR")
-# shellcheck source=vm/lib.sh
-source "$VM_DIR/lib.sh"
 
 kernel=6.1
 runtime=10
@@ -44,7 +43,7 @@ while (($#)); do
         --targets) targets=${2:?--targets needs names}; shift 2 ;;
         --no-setup) setup=0; shift ;;
         --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm/bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -70,20 +69,6 @@ if ((EUID != 0)); then
     echo "vm/bench.sh: needs root (it installs QEMU, kernels and virtme-ng, and boots VMs); run it with sudo" >&2
     exit 2
 fi
-if ((setup)); then
-    "$VM_DIR/setup.sh"
-fi
-vm_ready
-
-if [[ -f $kernel ]]; then
-    kimg=$kernel
-    kver=${kernel#/boot/vmlinuz-}
-else
-    line=$(vm_kernels "$kernel" | head -n1)
-    [[ -n $line ]] || { echo "vm/bench.sh: no installed kernel for series $kernel" >&2; exit 2; }
-    read -r kver kimg <<<"$line"
-fi
-
 echo "== building on the host (the guest runs these binaries from the host's file system)"
 cd "$ROOT"
 # BENCH_TARGET_DIR: build elsewhere than target/ (e.g. not to contend with other builds).
@@ -93,6 +78,9 @@ cargo build --release --quiet -p userblk --example sequential_server --example b
 bin=$CARGO_TARGET_DIR/release/userblk
 examples=$CARGO_TARGET_DIR/release/examples
 [[ -x $bin && -x $examples/sequential_server ]] || { echo "vm/bench.sh: build produced no binaries" >&2; exit 1; }
+if ((setup)); then
+    "$bin" vm setup
+fi
 
 # Guest memory: two copies of the device may be resident at once (a server's RAM disk and the
 # page cache or brd being freed), plus the guest itself.
@@ -105,7 +93,7 @@ fi
 ntargets=5
 if [[ -n $targets ]]; then ntargets=$(wc -w <<<"$targets"); fi
 # Per target: set-up, prefill (TCG: ~100 MB/s), 4 × (ramp + runtime + fio start), teardown.
-export VM_TIMEOUT=$((180 + ntargets * (90 + size_mib / 20 + 4 * (runtime + ramp + 15))))
+VM_TIMEOUT=$((180 + ntargets * (90 + size_mib / 20 + 4 * (runtime + ramp + 15))))
 
 results=$(mktemp -d /tmp/userblk-bench.XXXXXX)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -114,7 +102,7 @@ others=$(pgrep -c qemu-system-x86 || true)
 if ((others > 0)); then
     echo "vm/bench.sh: warning: $others other QEMU process(es) running on this host: the figures will be skewed" >&2
 fi
-echo "== kernel $kver: booting $kimg (${VM_CPUS:-2} vCPUs, $VM_MEMORY, TCG); ${runtime}s per workload after ${ramp}s ramp, $size devices"
+echo "== kernel $kernel: ${VM_CPUS:-2} vCPUs, $VM_MEMORY, TCG; ${runtime}s per workload after ${ramp}s ramp, $size devices"
 echo "   host: $(nproc) CPUs, load average $load_before; up to ${VM_TIMEOUT}s; results in $results"
 guest_env=(USERBLK_BIN="$bin" USERBLK_EXAMPLES="$examples" RESULTS="$results"
     RUNTIME="$runtime" RAMP="$ramp" SIZE_BYTES="$size_bytes")
@@ -131,10 +119,13 @@ sampler=$!
 trap 'kill "$sampler" 2>/dev/null || true' EXIT
 t0=$SECONDS
 set +e
-# The guest's stdout (nothing; progress comes on stderr) goes to a file of its own: QEMU reopens
-# its stdout with O_TRUNC, which would punch a hole in a log our own stdout is redirected to.
-vm_boot "$kimg" "$results" env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh" >"$results/vm-stdout.log"
+# TCG always: the figures compare with earlier runs only under the same emulation.
+"$bin" vm --kernel "$kernel" --kvm off --memory "$VM_MEMORY" --cpus "${VM_CPUS:-2}" \
+    --timeout "$VM_TIMEOUT" --keep-log "$results/boot" --rwdir "$results" -- \
+    env "${guest_env[@]}" bash "$VM_DIR/bench-guest.sh"
 rc=$?
+# The release of the kernel that ran: the directory userblk vm kept its logs in.
+kver=$(basename "$(find "$results/boot" -mindepth 1 -maxdepth 1 -type d | head -n1)")
 set -e
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 kill "$sampler" 2>/dev/null || true
@@ -143,8 +134,7 @@ echo "== VM finished in $((SECONDS - t0))s (status $rc); host load average befor
 
 status=0
 if [[ ! -s $results/targets ]]; then
-    echo "vm/bench.sh: the VM did not run the benchmark (vm_boot status $rc); console log: $results/vm-console.log" >&2
-    tail -n 30 "$results/vm-console.log" >&2 || true
+    echo "vm/bench.sh: the VM did not run the benchmark (userblk vm status $rc); console log: $results/boot/$kver/console.log" >&2
     status=1
 fi
 if grep -q ' FAIL ' "$results/targets" 2>/dev/null; then

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# vm/guest.sh - runs inside the VM (vm/run.sh boots it): the kernel test binary's cases through
-# /dev/nbd0, then real workloads on `userblk serve`. Writes one line per test to $RESULTS/results
-# (PASS name | FAIL name reason | SKIP name reason) and each test's output to $RESULTS/logs/.
+# vm/guest.sh - runs inside the VM (vm/run.sh starts it through `userblk vm`): the kernel test
+# binary's cases through /dev/nbd0, the driver template's kernel test, then real workloads on
+# `userblk serve`. Writes one line per test to $RESULTS/results (PASS name | FAIL name reason |
+# SKIP name reason) and each test's output to $RESULTS/logs/; RESULTS defaults to
+# $RESULTS_ROOT/$USERBLK_VM (the kernel series `userblk vm` names). Exit status 1 if a test failed.
 # Test functions are called indirectly (run_test NAME t_NAME).
 # shellcheck disable=SC2317
 set -uo pipefail
 
-: "${USERBLK_BIN:?}" "${USERBLK_EXAMPLES:?}" "${USERBLK_KERNEL_TESTS:?}" "${RESULTS:?}"
+: "${USERBLK_BIN:?}" "${USERBLK_EXAMPLES:?}" "${USERBLK_KERNEL_TESTS:?}"
+RESULTS=${RESULTS:-${RESULTS_ROOT:?}/${USERBLK_VM:?}}
 mkdir -p "$RESULTS/logs"
 : >"$RESULTS/results"
 NBD=/dev/nbd0
@@ -287,9 +290,21 @@ done
 # Each case leaves /dev/nbd0 free; if a case left it busy, the workloads below would fail.
 [[ $(nbd_size "$NBD") == 0 ]] || result "FAIL kernel-tests left $NBD connected"
 
+# The driver template's kernel test (examples/driver-template/tests/kernel.rs): the entry point
+# a driver author calls, userblk_harness::kernel_test::run, through a free /dev/nbdN.
+if [[ -n ${USERBLK_TEMPLATE_TESTS:-} ]]; then
+    say "guest: driver template kernel test"
+    log="$RESULTS/logs/template-kernel-test.log"
+    if "$USERBLK_TEMPLATE_TESTS" --test-threads=1 --nocapture >"$log" 2>&1 && grep -q '^passed$' "$log"; then
+        result "PASS template_kernel_test"
+    else
+        result "FAIL template_kernel_test (see logs/template-kernel-test.log)"
+    fi
+fi
+
 for t in mkfs_ramdisk mkfs_file fio_verify fio_verify_two_connections read_only media_error \
     sigterm_under_load busy no_permission serve_twice check_kernel; do
     say "guest: $t"
     run_test "$t" "t_$t"
 done
-exit 0
+! grep -q '^FAIL ' "$RESULTS/results"

@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
-# vm/run.sh - the real-kernel suite: boots each Debian test kernel under QEMU (virtme-ng, TCG),
-# loads nbd, and runs inside it the same conformance cases `cargo test` runs through the loopback
-# kernel, now through /dev/nbd0, plus real workloads (mkfs.ext4 + fsck, fio verify, read-only,
-# media errors, SIGTERM under load). Prints one summary line per kernel.
+# vm/run.sh - the real-kernel suite: `userblk vm` boots each test kernel under QEMU (virtme-ng;
+# TCG where KVM does not work), loads nbd, and runs vm/guest.sh in it: the same conformance
+# cases `cargo test` runs through the loopback kernel, now through /dev/nbd0, plus real
+# workloads (mkfs.ext4 + fsck, fio verify, read-only, media errors, SIGTERM under load).
+# Prints one summary line per kernel.
 #
-# Usage: vm/run.sh [--kernel SERIES|VMLINUZ]... [--no-setup] [--keep]
+# Usage: vm/run.sh [--kernel SERIES|VMLINUZ]... [--no-setup] [--keep] [--template]
 #   --kernel 6.1 | 6.12 | /boot/vmlinuz-...   test only this kernel (repeatable)
-#   --no-setup                                 don't run vm/setup.sh first
+#   --no-setup                                 don't run `userblk vm setup` first
 #   --keep                                     keep the results directory
-# Needs root (to install packages); everything else it needs, vm/setup.sh installs.
+#   --template                                 also the driver template's kernel test
+#                                              (kernel_test::run; ~1.5 min more per kernel)
+# Needs root (to install packages and boot VMs); `userblk vm setup` installs the rest.
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$VM_DIR")
-# shellcheck source=vm/lib.sh
-source "$VM_DIR/lib.sh"
 
 kernels=()
 setup=1
 keep=0
+template=0
 while (($#)); do
     case $1 in
-        --kernel) kernels+=("${2:?--kernel needs a series (6.1, 6.12) or an image path}"); shift 2 ;;
+        --kernel) kernels+=(--kernel "${2:?--kernel needs a series (6.1, 6.12) or an image path}"); shift 2 ;;
         --no-setup) setup=0; shift ;;
         --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --template) template=1; shift ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -33,75 +36,67 @@ if ((EUID != 0)); then
     echo "vm/run.sh: needs root (it installs QEMU, kernels and virtme-ng, and boots VMs); run it with sudo" >&2
     exit 2
 fi
-if ((setup)); then
-    bash "$VM_DIR/setup.sh"
-fi
-vm_ready
 
 echo "== building on the host (the guest runs these binaries from the host's file system)"
 cd "$ROOT"
 export CARGO_TARGET_DIR="$ROOT/target"
 cargo build --release --workspace --bins --examples --quiet
-# The kernel tests: harness/tests/kernel.rs, run in the guest with USERBLK_TEST_NBD set.
-kernel_tests=$(cargo test --release -p userblk-harness --test kernel --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json,sys
+USERBLK=$CARGO_TARGET_DIR/release/userblk
+if ((setup)); then
+    "$USERBLK" vm setup
+fi
+
+# The test binaries the guest runs, by the JSON cargo prints for them.
+test_binary() {
+    cargo test --release "$@" --no-run --message-format=json 2>/dev/null | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "kernel" and m.get("executable"):
-        print(m["executable"])')
-[[ -x "$kernel_tests" ]] || { echo "vm/run.sh: could not build the kernel test binary" >&2; exit 1; }
-
-# Which kernels.
-declare -a plan=()
-if ((${#kernels[@]} == 0)); then
-    while read -r kver kimg; do plan+=("$kver $kimg"); done < <(vm_kernels)
-else
-    for k in "${kernels[@]}"; do
-        if [[ -f $k ]]; then
-            plan+=("${k#/boot/vmlinuz-} $k")
-        else
-            line=$(vm_kernels "$k" | head -n1)
-            [[ -n $line ]] || { echo "vm/run.sh: no installed kernel for series $k" >&2; exit 2; }
-            plan+=("$line")
-        fi
-    done
+    if m.get("reason") == "compiler-artifact" and "test" in m.get("target", {}).get("kind", []) and m.get("executable"):
+        print(m["executable"])'
+}
+# harness/tests/kernel.rs, run in the guest with USERBLK_TEST_NBD set.
+kernel_tests=$(test_binary -p userblk-harness --test kernel)
+[[ -x $kernel_tests ]] || { echo "vm/run.sh: could not build the kernel test binary" >&2; exit 1; }
+# The driver template's kernel test (a standalone crate; the same target directory shares the
+# build of userblk). It checks what `userblk check --kernel` checks, through the entry point a
+# driver author calls: off by default, to keep the suite's time.
+template_tests=
+if ((template)); then
+    template_tests=$(test_binary --manifest-path examples/driver-template/Cargo.toml --test kernel)
+    [[ -x $template_tests ]] || { echo "vm/run.sh: could not build the driver template's kernel test" >&2; exit 1; }
 fi
 
 results=$(mktemp -d /tmp/userblk-vm.XXXXXX)
-status=0
+set +e
+# Each kernel's guest writes to $results/<series> (userblk vm sets USERBLK_VM to the series).
+"$USERBLK" vm "${kernels[@]}" --timeout 20m --keep-log "$results/boot" --rwdir "$results" -- \
+    env USERBLK_BIN="$USERBLK" USERBLK_EXAMPLES="$CARGO_TARGET_DIR/release/examples" \
+    USERBLK_KERNEL_TESTS="$kernel_tests" USERBLK_TEMPLATE_TESTS="$template_tests" \
+    RESULTS_ROOT="$results" bash "$VM_DIR/guest.sh"
+vm_status=$?
+set -e
+
+status=$vm_status
 summary=()
-for entry in "${plan[@]}"; do
-    read -r kver kimg <<<"$entry"
-    out="$results/$kver"
-    mkdir -p "$out"
-    echo "== kernel $kver: booting $kimg"
-    set +e
-    vm_boot "$kimg" "$out" env USERBLK_BIN="$CARGO_TARGET_DIR/release/userblk" \
-        USERBLK_EXAMPLES="$CARGO_TARGET_DIR/release/examples" \
-        USERBLK_KERNEL_TESTS="$kernel_tests" RESULTS="$out" \
-        bash "$VM_DIR/guest.sh"
-    rc=$?
-    set -e
-    passed=$(grep -c '^PASS ' "$out/results" 2>/dev/null || true)
-    failed=$(grep -c '^FAIL ' "$out/results" 2>/dev/null || true)
-    skipped=$(grep -c '^SKIP ' "$out/results" 2>/dev/null || true)
-    if [[ ! -s $out/results ]] || ((rc != 0 && failed == 0)); then
-        echo "kernel $kver: the VM did not run the suite (vm_boot status $rc); console log: $out/vm-console.log" >&2
-        tail -n 30 "$out/vm-console.log" >&2 || true
-        failed=$((failed + 1))
-    fi
+for out in "$results"/*/; do
+    out=${out%/}
+    [[ -f $out/results ]] || continue
+    series=${out##*/}
+    passed=$(grep -c '^PASS ' "$out/results" || true)
+    failed=$(grep -c '^FAIL ' "$out/results" || true)
+    skipped=$(grep -c '^SKIP ' "$out/results" || true)
     if ((failed > 0)); then
         status=1
-        grep '^FAIL ' "$out/results" 2>/dev/null | while read -r _ name _; do
-            echo "--- $name (kernel $kver), last lines of its log:"
-            tail -n 25 "$out/logs/$name.log" 2>/dev/null || true
+        grep '^FAIL ' "$out/results" | while read -r _ name _; do
+            echo "--- $name (kernel $series), last lines of its log:"
+            tail -n 25 "$out/logs/${name%%\[*}.log" 2>/dev/null || true
         done
     fi
-    line="kernel $kver: $passed passed, $failed failed"
+    line="kernel $series: $passed passed, $failed failed"
     ((skipped > 0)) && line+=", $skipped skipped"
     summary+=("$line")
-    echo "$line"
 done
+((${#summary[@]} > 0)) || { echo "vm/run.sh: no kernel ran the suite (userblk vm status $vm_status)" >&2; status=1; }
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"

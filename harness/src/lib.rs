@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod crash;
 pub mod factory;
 pub mod jitter;
+pub mod kernel_test;
 pub mod nbd_rig;
 pub mod net_rig;
 pub mod random;
@@ -14,6 +15,7 @@ pub mod script;
 pub mod spec;
 pub mod target;
 pub mod trace;
+pub mod vm;
 
 /// The driver author's guide (`harness/README.md`); its examples run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,4 +1,5 @@
-//! `userblk`: serve a built-in device on /dev/nbdN, or check, replay and record block devices.
+//! `userblk`: serve a built-in device on /dev/nbdN, check, replay and record block devices, or
+//! run a command in a VM per test kernel.
 
 use std::process::ExitCode;
 
@@ -23,6 +24,8 @@ enum Cmd {
     Replay(cli::replay::Args),
     /// Serve a device on /dev/nbdN and record every request it receives into a trace file.
     Record(cli::record::Args),
+    /// Run a command as root in a VM per test kernel (QEMU, virtme-ng) with nbd loaded; `vm setup` installs what it needs.
+    Vm(cli::vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,5 +34,6 @@ fn main() -> ExitCode {
         Cmd::Check(a) => cli::check::run(a),
         Cmd::Replay(a) => cli::replay::run(a),
         Cmd::Record(a) => cli::record::run(a),
+        Cmd::Vm(a) => cli::vm::run(a),
     }
 }

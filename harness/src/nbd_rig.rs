@@ -3,8 +3,8 @@
 //! buffers, fsync for flush, an `O_DSYNC` descriptor for FUA writes, BLKDISCARD for trim,
 //! BLKZEROOUT (or a punched hole) for write-zeroes.
 //!
-//! A write that runs past the end is refused whole (ENOSPC); the kernel itself would write the
-//! part inside the device and stop there.
+//! A write that runs past the end is refused whole (ENOSPC), a read EINVAL; the kernel itself
+//! would do the part inside the device and stop there.
 //!
 //! The device node is opened only by the thread that calls [`Rig::attach`] (the test's), never by
 //! a thread that serves it. Device errors arrive as EIO: the block layer keeps no other errno.
@@ -60,8 +60,22 @@ impl NbdRig {
 
     fn serve(&self, device: Box<dyn BlockDevice>) -> Result<NbdTarget, OpError> {
         let mounted = self.options.spawn(device).map_err(server_error)?;
+        settle_udev();
         NbdTarget::open(mounted)
     }
+}
+
+/// Waits until udev has handled the new device: on connect it probes the device (blkid reads
+/// blocks near the end for RAID and GPT signatures), and those reads, arriving in the middle of
+/// a case, would be taken for the case's own requests. Without udevadm there is nothing to wait
+/// for.
+fn settle_udev() {
+    let _ = std::process::Command::new("udevadm")
+        .args(["settle", "--timeout=10"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn server_error(e: ServerError) -> OpError {
@@ -193,6 +207,15 @@ impl Target for NbdTarget {
         false
     }
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, OpError> {
+        if offset.saturating_add(len as u64) > self.export.size {
+            // The kernel would read the part inside the device and return a short count; a
+            // target's read succeeds or fails whole, so refuse it without reaching the device,
+            // as a server answers a read past the end (EINVAL).
+            return Err(io_error(
+                &format!("pread of {len} bytes at {offset}"),
+                io::Error::from_raw_os_error(22),
+            ));
+        }
         let mut buf = blk::AlignedBuf::new(len);
         self.direct
             .read_exact_at(&mut buf, offset)

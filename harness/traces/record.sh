@@ -3,12 +3,12 @@
 #
 # Usage: harness/traces/record.sh [SERIES...]       (default: 6.1 6.12)
 #
-# For each kernel series, boots the Debian kernel under QEMU (vm/lib.sh), serves a RAM disk
+# For each kernel series, boots the Debian kernel under QEMU (`userblk vm`), serves a RAM disk
 # on /dev/nbd0 through `userblk record`, runs the workloads below against it, and writes
 #   harness/traces/ext4-<series>.ubt   mkfs.ext4, mount, file writes, sync, fstrim, umount
 #   harness/traces/fio-<series>.ubt    an fio verify run (random 4 KiB writes, queue depth 16,
 #                                      then a read-back of everything)
-# Needs vm/setup.sh to have run (QEMU, virtme-ng, both kernels), and fio and e2fsprogs on the
+# Needs `userblk vm setup` to have run (QEMU, virtme-ng, both kernels), and fio and e2fsprogs on the
 # host (the guest uses the host's binaries). Takes a few minutes per kernel under TCG.
 #
 # Environment: CARGO_TARGET_DIR (default target/), KEEP=1 keeps the scratch directory.
@@ -63,9 +63,6 @@ if [[ "${1:-}" == --in-guest ]]; then
     exit 0
 fi
 
-# shellcheck source=../../vm/lib.sh
-source "$root/vm/lib.sh"
-vm_ready || exit 1
 (( $# )) || set -- 6.1 6.12
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
@@ -75,11 +72,10 @@ userblk=$CARGO_TARGET_DIR/release/userblk
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/userblk-record.XXXXXX")
 [[ "${KEEP:-0}" == 1 ]] || trap 'rm -rf "$scratch"' EXIT
 for series in "$@"; do
-    read -r kver kimg < <(vm_kernels "$series")
-    [[ -n "${kimg:-}" ]] || { echo "no kernel for series $series" >&2; exit 1; }
-    echo "== $series ($kver)"
-    vm_boot "$kimg" "$scratch" /bin/bash "$here/record.sh" --in-guest "$series" "$scratch" "$userblk" ||
-        { echo "recording on $kver failed; console log: $scratch/vm-console.log" >&2; exit 1; }
+    echo "== $series"
+    (cd "$scratch" && "$userblk" vm --kernel "$series" --keep-log "$scratch/boot" -- \
+        /bin/bash "$here/record.sh" --in-guest "$series" "$scratch" "$userblk") ||
+        { echo "recording on $series failed; console log in $scratch/boot (KEEP=1 keeps it)" >&2; exit 1; }
     for f in "$scratch"/*-"$series".ubt; do
         cp "$f" "$here/"
         echo "$(basename "$f"): $(stat -c %s "$f") bytes"

@@ -5,3 +5,4 @@ pub mod measured;
 pub mod record;
 pub mod replay;
 pub mod serve;
+pub mod vm;
