@@ -386,7 +386,7 @@ mod tests {
             traces: Traces::All,
             ..t
         };
-        let r = t.run_on(&LoopbackRig::default(), &|| MemDevice::new(64 << 20));
+        let r = t.run_on(&LoopbackRig::default(), &crate::factory::mem(64 << 20));
         assert!(r.passed(), "{r}");
         assert_eq!(r.traces.len(), 4, "{r}");
         assert!(

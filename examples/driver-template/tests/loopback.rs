@@ -2,19 +2,32 @@
 //! `cargo test`. The conformance suite, random sequences against a model, and a regression
 //! script.
 
+use std::sync::Arc;
+
 use blockdev_template::PageDisk;
 use userblk::BlockDevice;
 use userblk_harness::conformance;
+use userblk_harness::factory::{DeviceFactory, Reopen};
 use userblk_harness::random::{random_test, RandomConfig};
 use userblk_harness::target::LoopbackRig;
 
-fn factory() -> PageDisk {
-    PageDisk::new(64 << 20)
+/// Fresh disks, each of which can be served again after a clean disconnect: the durability
+/// cases disconnect, re-open the same storage and read back what was acknowledged. (A disk kept
+/// in a file or a remote store re-opens it from its path or handle instead.)
+fn factory() -> impl DeviceFactory {
+    Reopen::new(
+        || Ok(Arc::new(PageDisk::new(64 << 20))),
+        |disk: &Arc<PageDisk>| Ok(Arc::clone(disk)),
+    )
 }
 
 #[test]
 fn conformance_suite() {
-    let report = conformance::run_all(&LoopbackRig::default(), &factory, factory().capabilities());
+    let report = conformance::run_all(
+        &LoopbackRig::default(),
+        &factory(),
+        PageDisk::new(4096).capabilities(),
+    );
     println!("{report}");
     assert!(report.all_passed(), "{report}");
 }
@@ -24,8 +37,8 @@ fn random_sequences() {
     let config = RandomConfig::default();
     let result = random_test(
         &LoopbackRig::default(),
-        &factory,
-        factory().capabilities(),
+        &factory(),
+        PageDisk::new(4096).capabilities(),
         &config,
         &mut |_| {},
     );
