@@ -1,7 +1,8 @@
 //! `userblk check URI` against NBD servers it does not own: `userblk serve` (everything that can
 //! run must pass), nbdkit's memory plugin (when installed; what passes is printed), and an
-//! address nothing listens on (a clear error, exit status 2). Servers listen on Unix sockets in
-//! temporary directories and are killed at the end; every command runs under a time limit.
+//! address nothing listens on or a malformed URI (a clear error, exit status 2). Servers listen
+//! on Unix sockets in temporary directories and are killed at the end; every command runs under
+//! a time limit.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -190,7 +191,7 @@ fn check_uri_against_nbdkit_memory() {
 }
 
 #[test]
-fn check_uri_nobody_listens_on_is_a_clear_error() {
+fn check_bad_or_unreachable_uri_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let uri = format!(
         "nbd+unix:///?socket={}",
@@ -201,5 +202,12 @@ fn check_uri_nobody_listens_on_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot connect to"), "{stderr}");
     let out = check(&["nbd://"]);
-    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad NBD URI"), "{stderr}");
+    // Neither a device nor a URI: the message names both forms.
+    let out = check(&["nbdx://host/x"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("or an NBD URI"), "{stderr}");
 }

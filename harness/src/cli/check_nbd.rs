@@ -41,8 +41,8 @@ pub enum CheckTarget {
 }
 
 impl FromStr for CheckTarget {
-    type Err = SpecError;
-    fn from_str(s: &str) -> Result<CheckTarget, SpecError> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CheckTarget, String> {
         if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
             .iter()
             .any(|p| s.starts_with(p))
@@ -50,7 +50,12 @@ impl FromStr for CheckTarget {
             // The URI itself is parsed (and its errors reported) when connecting.
             Ok(CheckTarget::Nbd(s.to_string()))
         } else {
-            s.parse().map(CheckTarget::Device)
+            s.parse().map(CheckTarget::Device).map_err(|e: SpecError| {
+                format!(
+                    "{e}; or an NBD URI: nbd://HOST[:PORT]/NAME, nbds://..., \
+                     nbd+unix:///NAME?socket=PATH"
+                )
+            })
         }
     }
 }
@@ -124,9 +129,6 @@ pub fn run(uri: &str, args: &Args) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    eprintln!(
-        "userblk check: warning: this check WRITES to the export at {uri}: its contents are lost"
-    );
     let rig = match ExternalRig::new(uri) {
         Ok(r) => r,
         Err(e) => {
@@ -134,6 +136,9 @@ pub fn run(uri: &str, args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    eprintln!(
+        "userblk check: warning: this check WRITES to the export at {uri}: its contents are lost"
+    );
     let info = match NbdClient::connect(rig.uri()) {
         Ok(c) => {
             let info = c.info().clone();
