@@ -132,6 +132,18 @@ impl<'a> Env<'a> {
             .map_err(|e| Failure::failed(format!("the factory could not make a device: {e}")))
     }
 
+    /// Skips the case when the rig does not serve the device the case makes (an external NBD
+    /// server with its own disk): for cases that inspect that device.
+    pub fn needs_own_device(&self) -> Result<(), Failure> {
+        if self.rig.serves_given_device() {
+            Ok(())
+        } else {
+            Err(Failure::skip(
+                "the server serves its own disk: this case inspects the device the harness made",
+            ))
+        }
+    }
+
     /// Serves a fresh device from the factory.
     pub fn attach(&self) -> Result<Box<dyn Attached>, Failure> {
         self.attach_device(self.create()?)

@@ -7,8 +7,8 @@
 //! - [`ExternalRig`] connects to a server that is already running (nbdkit, qemu-nbd, another
 //!   userblk), from a URI (`nbd://HOST:PORT/NAME`, `nbd+unix:///NAME?socket=PATH`). Such a
 //!   server serves its own disk: the device a case hands to [`Rig::attach`] is **dropped
-//!   unused**, so cases that need a device of their own (device errors, read-only wrappers,
-//!   unmount counts) check the server's disk instead and may fail for that reason alone.
+//!   unused**, and it says so ([`Rig::serves_given_device`] is `false`): cases that need a device
+//!   of their own (device errors, read-only wrappers, flush counts, unmount counts) skip.
 //!   [`NbdClientTarget::connect`] gives one target without a rig.
 //!
 //! Requests go out as they are: what a server does with a request past the end, misaligned or
@@ -103,6 +103,20 @@ impl Target for NbdClientTarget {
             .as_ref()
             .and_then(|c| c.info().block_sizes)
             .map_or(512, |b| b.minimum.max(512))
+    }
+    fn min_block_size(&self) -> u32 {
+        // Without a NBD_INFO_BLOCK_SIZE the protocol's default minimum is 1: a server SHOULD
+        // then accept any byte offset and length.
+        self.client
+            .as_ref()
+            .and_then(|c| c.info().block_sizes)
+            .map_or(1, |b| b.minimum.max(1))
+    }
+    fn max_request(&self) -> u32 {
+        self.client
+            .as_ref()
+            .and_then(|c| c.info().block_sizes)
+            .map_or(u32::MAX, |b| b.maximum)
     }
     fn flags(&self) -> TransmissionFlags {
         self.client
@@ -317,6 +331,10 @@ impl ExternalRig {
 impl Rig for ExternalRig {
     fn name(&self) -> String {
         self.uri.to_string()
+    }
+
+    fn serves_given_device(&self) -> bool {
+        false
     }
 
     fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError> {

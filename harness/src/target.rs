@@ -46,6 +46,17 @@ pub trait Target: Send + Sync {
     fn size(&self) -> u64;
     /// Logical block size.
     fn block_size(&self) -> u32;
+    /// The smallest alignment the server enforces: requests misaligned to it must be refused.
+    /// The block size unless the server advertises a smaller minimum (an NBD server may accept
+    /// any byte offset, minimum 1).
+    fn min_block_size(&self) -> u32 {
+        self.block_size()
+    }
+    /// The longest request the server must serve: longer ones must be refused. 32 MiB unless
+    /// the server advertises otherwise (one that advertises no maximum may serve any length).
+    fn max_request(&self) -> u32 {
+        userblk::proto::MAX_IO_LEN
+    }
     /// The transmission flags the server advertised.
     fn flags(&self) -> TransmissionFlags;
     /// Whether device errors arrive with their own errno (loopback) or as EIO (real kernel).
@@ -90,6 +101,12 @@ pub trait Rig: Send + Sync {
     fn name(&self) -> String;
     /// Serves `device` and returns the target driving it.
     fn attach(&self, device: Box<dyn BlockDevice>) -> Result<Box<dyn Attached>, OpError>;
+    /// Whether the target serves the device given to [`attach`](Rig::attach). `false` for a
+    /// rig that connects to a server with a disk of its own (an external NBD server): cases
+    /// that inspect the device they made then skip.
+    fn serves_given_device(&self) -> bool {
+        true
+    }
 }
 
 /// Attaches devices to a [`LoopbackKernel`].

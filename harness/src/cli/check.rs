@@ -1,6 +1,7 @@
 //! `userblk check`: the conformance suite, the random tests and the shipped traces against a
 //! device, through the loopback fake kernel (no root) or a real `/dev/nbdN`, with a progress line
-//! while it runs and a report at the end.
+//! while it runs and a report at the end; or, given an NBD URI, against any NBD server
+//! ([`super::check_nbd`] does that).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice,
 
 use userblk::link::loopback::{KernelProfile, LatencyReport};
 
+use crate::cli::check_nbd::{self, CheckTarget};
 use crate::cli::measured::MeasuredRig;
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
@@ -23,8 +25,10 @@ use crate::trace::{replay_on, ReplayReport, Trace};
 /// Arguments of `userblk check`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The device to check: ram:SIZE (e.g. ram:64M) or file:PATH (its contents are overwritten).
-    pub device: DeviceSpec,
+    /// The device to check: ram:SIZE (e.g. ram:64M) or file:PATH (its contents are overwritten);
+    /// or an NBD server's export, nbd://HOST:PORT/NAME, nbds://..., or
+    /// nbd+unix:///NAME?socket=PATH (its contents are overwritten).
+    pub device: CheckTarget,
     /// Check through this real NBD device (e.g. /dev/nbd0; needs root and the nbd module)
     /// instead of the loopback fake kernel.
     #[arg(long, value_name = "DEV")]
@@ -57,12 +61,19 @@ fn parse_profile(name: &str) -> Result<KernelProfile, String> {
 }
 
 /// A progress line on stderr, rewritten in place when stderr is a terminal.
-struct Progress {
+pub(super) struct Progress {
     tty: bool,
 }
 
 impl Progress {
-    fn show(&self, text: &str) {
+    /// Shown only when stderr is a terminal.
+    pub(super) fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub(super) fn show(&self, text: &str) {
         if self.tty {
             let mut e = std::io::stderr().lock();
             let _ = write!(e, "\r\x1b[K{text}");
@@ -70,7 +81,7 @@ impl Progress {
         }
     }
 
-    fn clear(&self) {
+    pub(super) fn clear(&self) {
         if self.tty {
             eprint!("\r\x1b[K");
         }
@@ -182,7 +193,7 @@ impl Drop for TempFile {
 }
 
 /// The traces to replay: `*.ubt` files in `dir`, sorted.
-fn trace_files(dir: &Path) -> Vec<PathBuf> {
+pub(super) fn trace_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
@@ -205,7 +216,7 @@ fn zeroed(dev: Box<dyn BlockDevice>, trace: &Trace) -> Result<Box<dyn BlockDevic
 }
 
 /// `flush fua trim(zeroes) write-zeroes`, or `read-only`.
-fn describe(caps: &Capabilities) -> String {
+pub(super) fn describe(caps: &Capabilities) -> String {
     let mut words = Vec::new();
     for (on, word) in [
         (caps.read_only, "read-only"),
@@ -227,14 +238,18 @@ fn describe(caps: &Capabilities) -> String {
     }
 }
 
-fn print_report(r: &Report) {
+pub(super) fn print_report(r: &Report) {
     print!("{r}");
 }
 
 /// Runs `userblk check`.
 pub fn run(args: Args) -> ExitCode {
+    let spec = match &args.device {
+        CheckTarget::Nbd(uri) => return check_nbd::run(uri, &args),
+        CheckTarget::Device(spec) => spec.clone(),
+    };
     let started = Instant::now();
-    let make = match factory(&args.device) {
+    let make = match factory(&spec) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("userblk check: {e}");
@@ -283,9 +298,7 @@ pub fn run(args: Args) -> ExitCode {
         Some(n) => n,
         None => &random_loopback,
     };
-    let progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-    };
+    let progress = Progress::new();
     let through = match &nbd {
         Some(n) => n.name(),
         None => format!(
@@ -371,7 +384,7 @@ pub fn run(args: Args) -> ExitCode {
 
     // 1b. A sparse 4 TiB device of the same kind: offsets that 32-bit arithmetic aliases.
     if nbd.is_none() {
-        match huge_probe(&args.device, &loopback.rig) {
+        match huge_probe(&spec, &loopback.rig) {
             Ok(Some(report)) => {
                 print_report(&report);
                 failed |= !report.all_passed();

@@ -291,6 +291,7 @@ pub fn unwritten_reads_stable(env: &Env<'_>) -> CaseResult {
 /// Flush and FUA writes succeed; the device sees a flush after the writes it covers, and a FUA
 /// write as `write_fua` or as a write followed by a flush; the data reads back.
 pub fn flush_and_fua(env: &Env<'_>) -> CaseResult {
+    env.needs_own_device()?;
     writable(env)?;
     let dev = Counting::new(env.create()?);
     let log = dev.log();

@@ -10,6 +10,7 @@ use crate::target::OpError;
 /// the protocol's set, EIO for one it lacks or none), as EIO through the kernel; requests
 /// outside the failing range still succeed.
 pub fn device_errors_reach_caller(env: &Env<'_>) -> CaseResult {
+    env.needs_own_device()?;
     const ENOMEM: i32 = 12;
     const ENOSPC: i32 = 28;
     const ENOENT: i32 = 2;
@@ -87,6 +88,7 @@ pub fn device_errors_reach_caller(env: &Env<'_>) -> CaseResult {
 
 /// `unmount` is called exactly once when serving ends, after every request, and not before.
 pub fn unmount_once(env: &Env<'_>) -> CaseResult {
+    env.needs_own_device()?;
     let dev = Counting::new(env.create()?);
     let log = dev.log();
     let t = env.attach_device(Box::new(dev))?;

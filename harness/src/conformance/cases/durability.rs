@@ -41,6 +41,7 @@ pub fn reopen_after_fua(env: &Env<'_>) -> CaseResult {
 /// stream and then threads racing, through the suite's rig; every survivor of a simulated power
 /// loss holds what the write-cache rules require.
 pub fn crash_and_reopen(env: &Env<'_>) -> CaseResult {
+    env.needs_own_device()?;
     if env.caps.read_only {
         return Err(Failure::skip("the device is read-only"));
     }

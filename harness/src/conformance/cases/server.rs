@@ -6,7 +6,7 @@
 //! then check what the kernel returns, and say so in a note.
 
 use userblk::link::loopback::Op;
-use userblk::proto::{Command, CommandFlags, Errno, TransmissionFlags, MAX_IO_LEN};
+use userblk::proto::{Command, CommandFlags, Errno, TransmissionFlags};
 use userblk::BlockDevice;
 
 use super::super::devices::{CallKind, CallLog, Counting, ReadOnly};
@@ -106,9 +106,10 @@ fn verdict(reached: &[String], wrong: &[String]) -> CaseResult {
 }
 
 /// Requests past the end, straddling it, with an offset that overflows, misaligned, empty or
-/// over 32 MiB get the errno the NBD protocol asks for (EINVAL for reads and trims, ENOSPC for
-/// writes and write-zeroes past the end, EINVAL when misaligned), the device is never called
-/// for them, and the data at the end is unchanged afterwards.
+/// over the server's maximum (32 MiB unless it advertises one) get the errno the NBD protocol
+/// asks for (EINVAL for reads and trims, ENOSPC for writes and write-zeroes past the end, EINVAL
+/// when misaligned to the minimum block size the server enforces, unchecked when that is 1),
+/// the device is never called for them, and the data at the end is unchanged afterwards.
 pub fn out_of_range_rejected(env: &Env<'_>) -> CaseResult {
     let dev = Counting::new(env.create()?);
     let log = dev.log();
@@ -128,7 +129,15 @@ pub fn out_of_range_rejected(env: &Env<'_>) -> CaseResult {
         })?;
         let from = log.calls().len();
         let wrong = match t.raw() {
-            Some(raw) => raw_out_of_range(raw, t, writable),
+            Some(raw) => {
+                if t.min_block_size() <= 1 {
+                    env.note(
+                        "the server advertises a minimum block size of 1, or none (then 1 by \
+                         default): misaligned requests are valid there, not checked",
+                    );
+                }
+                raw_out_of_range(raw, t, writable)
+            }
             None => {
                 env.note(THROUGH_KERNEL);
                 kernel_out_of_range(t, writable)
@@ -192,24 +201,36 @@ fn raw_out_of_range(raw: &dyn RawRequests, t: &dyn Target, writable: bool) -> Ve
             }
         }
     }
-    // Misaligned, empty, too large: EINVAL wherever they are.
-    rejects.push(Reject {
-        op: Op::read(1, bs as u32),
-        allowed: EINVAL,
-    });
-    rejects.push(Reject {
-        op: Op::read(0, bs as u32 + 1),
-        allowed: EINVAL,
-    });
+    // Misaligned (to the minimum block size the server enforces: none when it is 1), empty,
+    // too large: EINVAL wherever they are.
+    let min = u64::from(t.min_block_size());
+    let misaligned = min > 1;
+    if misaligned {
+        rejects.push(Reject {
+            op: Op::read(1, bs as u32),
+            allowed: EINVAL,
+        });
+        rejects.push(Reject {
+            op: Op::read(0, bs as u32 + 1),
+            allowed: EINVAL,
+        });
+    }
     rejects.push(Reject {
         op: Op::read(0, 0),
         allowed: EINVAL,
     });
-    rejects.push(Reject {
-        op: Op::read(0, MAX_IO_LEN + bs as u32),
-        allowed: EINVAL,
-    });
-    if writable {
+    // Longer than the server's maximum, when a request can be (and fits in the export).
+    if let Some(len) = t
+        .max_request()
+        .checked_add(bs as u32)
+        .filter(|&l| u64::from(l) <= size)
+    {
+        rejects.push(Reject {
+            op: Op::read(0, len),
+            allowed: EINVAL,
+        });
+    }
+    if writable && misaligned {
         rejects.push(Reject {
             op: Op::write(tail + 1, &junk[..bs as usize]),
             allowed: EINVAL,
@@ -218,7 +239,7 @@ fn raw_out_of_range(raw: &dyn RawRequests, t: &dyn Target, writable: bool) -> Ve
             op: Op::write(tail, &junk[..bs as usize + 1]),
             allowed: EINVAL,
         });
-        if flags.contains(TransmissionFlags::SEND_TRIM) {
+        if flags.contains(TransmissionFlags::SEND_TRIM) && (bs / 2) % min != 0 {
             rejects.push(Reject {
                 op: with(Command::Trim, tail + bs / 2, bs, &[]),
                 allowed: EINVAL,
@@ -283,6 +304,7 @@ fn kernel_out_of_range(t: &dyn Target, writable: bool) -> Vec<String> {
 /// trims and write-zeroes get EPERM (EINVAL also for a trim or write-zeroes the export does not
 /// advertise), nothing reaches the device, and the data stays.
 pub fn read_only_rejected(env: &Env<'_>) -> CaseResult {
+    env.needs_own_device()?;
     let dev = Counting::new(env.create()?);
     let log = dev.log();
     let dev: Box<dyn BlockDevice> = Box::new(ReadOnly(dev));

@@ -1,0 +1,282 @@
+//! `userblk check nbd://HOST:PORT/NAME` (or `nbds://...`, `nbd+unix:///NAME?socket=PATH`): the
+//! checks that can run against a disk the harness does not own, through the harness's NBD client
+//! ([`ExternalRig`]), against any NBD server. The export is overwritten.
+//!
+//! The checks still take a device factory: here it makes placeholders of the export's size and
+//! capabilities whose content is never used (the rig drops them; the server serves its own
+//! disk). Re-opening one means connecting to the server again.
+//!
+//! What runs: the conformance suite (capabilities from the server's transmission flags; cases
+//! that inspect the device the harness made skip), the random tests, and the shipped traces the
+//! export is large enough for. What does not: the fake kernel's profiles, the 32 MiB-request
+//! pass, the sparse 4 TiB probe and the latency table, all of which need a device the harness
+//! serves itself.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Instant;
+
+use userblk::proto::TransmissionFlags as F;
+use userblk::{BlockDevice, Capabilities};
+
+use super::check::{describe, print_report, trace_files, Args, Progress};
+use crate::conformance::{self, Env};
+use crate::factory::{DeviceFactory, Reopen};
+use crate::net_rig::{ExternalRig, NbdClient};
+use crate::random::{random_test, RandomConfig};
+use crate::spec::{human, DeviceSpec, SpecError};
+use crate::target::Rig;
+use crate::trace::{replay_on, Trace};
+
+/// What `userblk check` checks: a device it serves itself, or an NBD server's export.
+#[derive(Clone, Debug)]
+pub enum CheckTarget {
+    /// A device spec (`ram:64M`, `file:PATH`, `pattern:SIZE`).
+    Device(DeviceSpec),
+    /// An NBD URI (`nbd://`, `nbds://`, `nbd+unix://`): the server serves its own disk.
+    Nbd(String),
+}
+
+impl FromStr for CheckTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CheckTarget, String> {
+        if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+        {
+            // The URI itself is parsed (and its errors reported) when connecting.
+            Ok(CheckTarget::Nbd(s.to_string()))
+        } else {
+            s.parse().map(CheckTarget::Device).map_err(|e: SpecError| {
+                format!(
+                    "{e}; or an NBD URI: nbd://HOST[:PORT]/NAME, nbds://..., \
+                     nbd+unix:///NAME?socket=PATH"
+                )
+            })
+        }
+    }
+}
+
+impl fmt::Display for CheckTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckTarget::Device(d) => d.fmt(f),
+            CheckTarget::Nbd(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Stands in for the device a case or run hands to [`ExternalRig::attach`], which drops it
+/// unused: it has the export's size and capabilities (which the checks read) and no content
+/// (reading it is an error, so a check that wrongly used it would say so).
+struct Placeholder {
+    blocks: u64,
+    caps: Capabilities,
+}
+
+impl BlockDevice for Placeholder {
+    fn blocks(&self) -> u64 {
+        self.blocks
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+    fn read(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
+        Err(io::Error::other(
+            "placeholder device: the NBD server serves its own disk",
+        ))
+    }
+}
+
+/// The capabilities the server advertises. TRIM is never taken to read back zeroes: the
+/// protocol does not promise it.
+fn caps_of(flags: F) -> Capabilities {
+    Capabilities {
+        read_only: flags.contains(F::READ_ONLY),
+        flush: flags.contains(F::SEND_FLUSH),
+        fua: flags.contains(F::SEND_FUA),
+        trim: flags.contains(F::SEND_TRIM),
+        trim_zeroes: false,
+        write_zeroes: flags.contains(F::SEND_WRITE_ZEROES),
+        ..Capabilities::default()
+    }
+}
+
+/// Zeroes the export over `len` bytes before a trace that assumes it starts as zeroes.
+fn zero_export(rig: &ExternalRig, caps: Capabilities, len: u64) -> Result<(), String> {
+    let dev = Placeholder {
+        blocks: len / 512,
+        caps,
+    };
+    let t = rig.attach(Box::new(dev)).map_err(|e| e.to_string())?;
+    let zeroed = t
+        .write_zeroes(0, len, false)
+        .and_then(|()| t.flush())
+        .map_err(|e| format!("cannot zero the export before replaying: {e}"));
+    let detached = t.detach().map_err(|e| e.to_string());
+    zeroed.and(detached)
+}
+
+/// Runs `userblk check URI`.
+pub fn run(uri: &str, args: &Args) -> ExitCode {
+    let started = Instant::now();
+    if args.kernel.is_some() || !args.profiles.is_empty() {
+        eprintln!(
+            "userblk check: --kernel and --profile apply to a device spec, not to an NBD URI"
+        );
+        return ExitCode::from(2);
+    }
+    let rig = match ExternalRig::new(uri) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("userblk check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!(
+        "userblk check: warning: this check WRITES to the export at {uri}: its contents are lost"
+    );
+    let info = match NbdClient::connect(rig.uri()) {
+        Ok(c) => {
+            let info = c.info().clone();
+            let _ = c.disconnect();
+            info
+        }
+        Err(e) => {
+            eprintln!("userblk check: cannot connect to {uri}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let size = info.size;
+    let caps = caps_of(info.flags);
+    // The checks' devices: placeholders of the export's size, never read (see Placeholder).
+    // Re-openable: the "storage" is the server's export, and re-opening it is connecting again,
+    // so the durability cases check that the data survives a disconnect.
+    let blocks = size / 512;
+    let make = Reopen::new(|| Ok(()), move |_: &()| Ok(Placeholder { blocks, caps }));
+    let progress = Progress::new();
+    println!(
+        "userblk check {uri}: {} bytes, {}; through the harness's NBD client (the server's own disk)",
+        human(size),
+        describe(&caps),
+    );
+    let mut failed = false;
+
+    // 1. The conformance suite.
+    let cases = conformance::cases();
+    let env = Env::new(&rig, &make, caps);
+    let report = conformance::run_cases(&env, &cases, &mut |i, c| {
+        progress.show(&format!(
+            "[{}/{}] conformance: {}",
+            i + 1,
+            cases.len(),
+            c.name
+        ));
+    });
+    progress.clear();
+    print_report(&report);
+    failed |= !report.all_passed();
+
+    // 2. Random sequences against the model (which takes the initial content as unknown).
+    let config = RandomConfig {
+        seed: args.seed,
+        runs: args.runs,
+        ops: args.ops,
+        ..RandomConfig::default()
+    };
+    let t = Instant::now();
+    match random_test(&rig, &make, caps, &config, &mut |i| {
+        progress.show(&format!(
+            "[{}/{}] random sequences (seed {})",
+            i + 1,
+            config.runs,
+            config.seed + u64::from(i)
+        ))
+    }) {
+        Ok(s) => {
+            progress.clear();
+            println!(
+                "random ({}): {} runs, {} operations, seeds {}..={}: ok ({} ms)",
+                config.mode,
+                s.runs,
+                s.ops,
+                config.seed,
+                config.seed + u64::from(config.runs.saturating_sub(1)),
+                t.elapsed().as_millis()
+            );
+        }
+        Err(f) => {
+            progress.clear();
+            failed = true;
+            println!("random: FAIL\n{f}");
+            println!(
+                "  reproduce: userblk check {uri} --seed {} --runs 1 --ops {}",
+                f.seed, args.ops
+            );
+        }
+    }
+
+    // 3. The shipped traces the export is large enough for.
+    let dir = args
+        .traces
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("traces"));
+    let files = trace_files(&dir);
+    if files.is_empty() {
+        println!("traces: none found in {}", dir.display());
+    } else {
+        println!("traces ({}):", dir.display());
+    }
+    for (i, path) in files.iter().enumerate() {
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        progress.show(&format!("[{}/{}] trace {name}", i + 1, files.len()));
+        let t = Instant::now();
+        let line = match Trace::read_file(path) {
+            Err(e) => {
+                failed = true;
+                format!("  FAIL  {name:<32} cannot read: {e}")
+            }
+            Ok(trace) if trace.header.size > size => format!(
+                "  skip  {name:<32} needs a device of {} bytes",
+                human(trace.header.size)
+            ),
+            Ok(_) if caps.read_only => format!("  skip  {name:<32} the export is read-only"),
+            Ok(trace) => {
+                let ready = if trace.header.initial_zeroes {
+                    zero_export(&rig, caps, trace.header.size)
+                } else {
+                    Ok(())
+                };
+                match ready
+                    .and_then(|()| make.create().map_err(|e| e.to_string()))
+                    .and_then(|dev| replay_on(&rig, dev, &trace).map_err(|e| e.to_string()))
+                {
+                    Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),
+                    Err(e) => {
+                        failed = true;
+                        format!("  FAIL  {name:<32} {e}")
+                    }
+                }
+            }
+        };
+        progress.clear();
+        println!("{line}");
+    }
+
+    println!(
+        "{} in {:.1} s",
+        if failed { "FAILED" } else { "all passed" },
+        started.elapsed().as_secs_f64()
+    );
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
