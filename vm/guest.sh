@@ -275,14 +275,18 @@ for setup in netlink ioctl; do
             ignored) result "SKIP ${name}[$setup]" ;;
         esac
     done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
-    # Each conformance case on its own line, from the suite's report.
-    while read -r verdict name _; do
-        case $verdict in
+    # Each conformance case on its own line, from the suite's report
+    # ("  ok       driver  read_after_write    12 ms", "  NOT RUN  driver  reopen_after_fua  why").
+    while IFS= read -r line; do
+        [[ $line =~ ^\ \ (ok|FAIL|skip|NOT\ RUN)\ +(driver|server)\ +([a-z_0-9]+) ]] || continue
+        name=${BASH_REMATCH[3]}
+        case ${BASH_REMATCH[1]} in
             ok) result "PASS conformance:${name}[$setup]" ;;
             FAIL) result "FAIL conformance:${name}[$setup] (see logs/kernel-tests-$setup.log)" ;;
             skip) result "SKIP conformance:${name}[$setup]" ;;
+            "NOT RUN") result "FAIL conformance:${name}[$setup] could not run (see logs/kernel-tests-$setup.log)" ;;
         esac
-    done < <(grep -E '^  (ok|FAIL|skip) +[a-z_0-9]+' "$log")
+    done <"$log"
     if ((kt != 0)) && (($(grep -c '^FAIL ' "$RESULTS/results") == before)); then
         result "FAIL kernel-tests[$setup] exited with status $kt without a failing case (see $log)"
     fi
