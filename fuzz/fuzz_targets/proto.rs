@@ -83,7 +83,7 @@ fn check_validation(req: &Request, rest: &[u8]) {
         block_size,
         flags,
     };
-    let Ok(()) = validate(req, &export, max_io) else {
+    let Ok(_) = validate(req, &export, max_io) else {
         return;
     };
     let f = export.flags;

@@ -163,9 +163,11 @@ impl Config {
         };
         let options = ServerOptions {
             workers: [1, 2, 4, 8][usize::from(b & 3)],
-            queue_depth: [1, 2, 8, 256][usize::from(b >> 2 & 3)],
+            // Tiny bounds too: a request larger than the bound goes alone.
+            max_in_flight_bytes: [4096, 64 << 10, 1 << 20, 64 << 20][usize::from(b >> 2 & 3)],
             max_io_len: [4096, 16 << 10, 64 << 10, MAX_IO_LEN][usize::from(b >> 4 & 3)],
-            inline_never_blocks: b & 64 != 0,
+            batch_never_blocks: b & 64 != 0,
+            poison_reads: false,
         };
         Config {
             caps,
@@ -177,8 +179,9 @@ impl Config {
 
     /// Whether requests run one at a time in stream order (so READ data is predictable).
     fn sequential(&self) -> bool {
-        let inline = self.options.inline_never_blocks && self.caps.never_blocks;
-        self.handle_one || inline || self.options.workers <= 1
+        // A never-blocking device with batching gets two threads whatever `workers` says.
+        let pair = self.options.batch_never_blocks && self.caps.never_blocks;
+        self.handle_one || (self.options.workers <= 1 && !pair)
     }
 }
 
@@ -244,8 +247,8 @@ fn walk(stream: &mut [u8], cfg: &Config, export: &userblk::Export) -> (Vec<Sent>
         pos += payload_len;
         let error = match validate(&req, export, cfg.options.max_io_len) {
             Err(e) => e.0,
-            Ok(()) if req.command == Command::Flush => 0,
-            Ok(()) => {
+            Ok(_) if req.command == Command::Flush => 0,
+            Ok(_) => {
                 let len = u64::from(req.len);
                 if touches(&BAD, req.offset, len) || touches(&PANICS, req.offset, len) {
                     Errno::EIO.0
