@@ -4,7 +4,10 @@
 # `userblk serve`. Writes one line per test to $RESULTS/results (PASS name | FAIL name reason |
 # SKIP name reason) and each test's output to $RESULTS/logs/; RESULTS defaults to
 # $RESULTS_ROOT/$USERBLK_VM (the kernel series `userblk vm` names). Exit status 1 if a test failed.
-# Test functions are called indirectly (run_test NAME t_NAME).
+# Test functions are called indirectly (run_test NAME t_NAME). Workloads are listed in WORKLOADS
+# here and in vm/cases/*.sh (one file a topic, each defining its t_* functions and adding their
+# names to WORKLOADS). USERBLK_VM_ONLY, an extended regex, runs only the workloads (and the
+# kernel-tests[SETUP] groups) whose names match it.
 # shellcheck disable=SC2317
 set -uo pipefail
 
@@ -253,6 +256,17 @@ t_check_kernel() {
     assert_free
 }
 
+WORKLOADS=(mkfs_ramdisk mkfs_file fio_verify fio_verify_two_connections read_only media_error
+    sigterm_under_load busy no_permission serve_twice check_kernel)
+for cases in "$(dirname "${BASH_SOURCE[0]}")"/cases/*.sh; do
+    [[ -e $cases ]] || continue
+    # shellcheck source=/dev/null
+    source "$cases"
+done
+
+# selected NAME: whether USERBLK_VM_ONLY (unset: everything) selects NAME.
+selected() { [[ -z ${USERBLK_VM_ONLY:-} || $1 =~ ${USERBLK_VM_ONLY} ]]; }
+
 say "guest: kernel $(uname -r)"
 if ! modprobe nbd; then
     result "FAIL modprobe_nbd could not load the nbd module"
@@ -262,6 +276,7 @@ fi
 # The same conformance cases cargo test runs through the loopback, through /dev/nbd0, once with
 # each way of configuring the driver.
 for setup in netlink ioctl; do
+    selected "kernel-tests[$setup]" || continue
     say "guest: kernel tests, $setup set-up ($USERBLK_KERNEL_TESTS)"
     log="$RESULTS/logs/kernel-tests-$setup.log"
     env USERBLK_TEST_NBD="$NBD" USERBLK_TEST_NBD_SETUP="$setup" RUST_BACKTRACE=1 \
@@ -296,7 +311,7 @@ done
 
 # The driver template's kernel test (examples/driver-template/tests/kernel.rs): the entry point
 # a driver author calls, userblk_harness::kernel_test::run, through a free /dev/nbdN.
-if [[ -n ${USERBLK_TEMPLATE_TESTS:-} ]]; then
+if [[ -n ${USERBLK_TEMPLATE_TESTS:-} ]] && selected template_kernel_test; then
     say "guest: driver template kernel test"
     log="$RESULTS/logs/template-kernel-test.log"
     if "$USERBLK_TEMPLATE_TESTS" --test-threads=1 --nocapture >"$log" 2>&1 && grep -q '^passed$' "$log"; then
@@ -306,8 +321,8 @@ if [[ -n ${USERBLK_TEMPLATE_TESTS:-} ]]; then
     fi
 fi
 
-for t in mkfs_ramdisk mkfs_file fio_verify fio_verify_two_connections read_only media_error \
-    sigterm_under_load busy no_permission serve_twice check_kernel; do
+for t in "${WORKLOADS[@]}"; do
+    selected "$t" || continue
     say "guest: $t"
     run_test "$t" "t_$t"
 done

@@ -5,8 +5,10 @@
 # workloads (mkfs.ext4 + fsck, fio verify, read-only, media errors, SIGTERM under load).
 # Prints one summary line per kernel.
 #
-# Usage: vm/run.sh [--kernel SERIES|VMLINUZ]... [--no-setup] [--keep] [--template]
+# Usage: vm/run.sh [--kernel SERIES|VMLINUZ]... [--only REGEX] [--no-setup] [--keep] [--template]
 #   --kernel 6.1 | 6.12 | /boot/vmlinuz-...   test only this kernel (repeatable)
+#   --only REGEX                               only the tests whose names match (extended regex:
+#                                              'ublk_', 'kernel-tests\[netlink', 'fio_verify$')
 #   --no-setup                                 don't run `userblk vm setup` first
 #   --keep                                     keep the results directory
 #   --template                                 also the driver template's kernel test
@@ -21,13 +23,15 @@ kernels=()
 setup=1
 keep=0
 template=0
+only=
 while (($#)); do
     case $1 in
         --kernel) kernels+=(--kernel "${2:?--kernel needs a series (6.1, 6.12) or an image path}"); shift 2 ;;
+        --only) only=${2:?--only needs a regex}; shift 2 ;;
         --no-setup) setup=0; shift ;;
         --keep) keep=1; shift ;;
         --template) template=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -67,11 +71,17 @@ if ((template)); then
 fi
 
 results=$(mktemp -d /tmp/userblk-vm.XXXXXX)
+# One VM at a time on this machine: a second run waits here for the first to finish.
+exec 9>/run/lock/userblk-vm.lock
+if ! flock -n 9; then
+    echo "== another vm/run.sh is booting a VM; waiting for it"
+    flock 9
+fi
 set +e
 # Each kernel's guest writes to $results/<series> (userblk vm sets USERBLK_VM to the series).
 "$USERBLK" vm "${kernels[@]}" --timeout 20m --keep-log "$results/boot" --rwdir "$results" -- \
     env USERBLK_BIN="$USERBLK" USERBLK_EXAMPLES="$CARGO_TARGET_DIR/release/examples" \
-    USERBLK_KERNEL_TESTS="$kernel_tests" USERBLK_TEMPLATE_TESTS="$template_tests" \
+    USERBLK_KERNEL_TESTS="$kernel_tests" USERBLK_TEMPLATE_TESTS="$template_tests" USERBLK_VM_ONLY="$only" \
     RESULTS_ROOT="$results" bash "$VM_DIR/guest.sh"
 vm_status=$?
 set -e
