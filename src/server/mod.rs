@@ -40,7 +40,9 @@ use crate::link::{Export, KernelLink, LinkError};
 use crate::proto::{Command, Cookie, Errno, ParseError, Reply, MAX_IO_LEN};
 
 mod conn;
+mod conn_async;
 mod dispatch;
+mod dispatch_async;
 mod pool;
 mod reader;
 mod replies;
@@ -51,6 +53,8 @@ mod validate;
 pub(crate) use conn::serve_with;
 pub use conn::{serve, ConnStream};
 pub use dispatch::{Dispatcher, IoResult};
+pub use dispatch_async::{block_status_async, dispatch_async};
+pub(crate) use pool::Buffer;
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};
