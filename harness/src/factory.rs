@@ -95,14 +95,18 @@ pub trait Storage: Send + Sync {
     fn open(&self) -> io::Result<Box<dyn BlockDevice>>;
 }
 
-/// Any closure returning a device (boxed or not) makes fresh devices.
+/// Any closure returning a device makes fresh devices: a [`BlockDevice`] (boxed or not), or an
+/// [`AsyncBlockDevice`](userblk::AsyncBlockDevice), which is served as an
+/// [`AsyncDevice`](userblk::AsyncDevice) (on the tokio runtime the closure runs in, or
+/// userblk's) through [`into_block_device`](userblk::AsyncBlockDevice::into_block_device).
 impl<F, D> DeviceFactory for F
 where
     F: Fn() -> D + Send + Sync,
-    D: BlockDevice + 'static,
+    // Named in full: with both device traits in scope, calls on a sync device are ambiguous.
+    D: userblk::AsyncBlockDevice + 'static,
 {
     fn create(&self) -> io::Result<Box<dyn BlockDevice>> {
-        Ok(Box::new(self()))
+        Ok(userblk::AsyncBlockDevice::into_block_device(self()))
     }
 }
 
