@@ -35,7 +35,11 @@ fn main() -> Result<(), Box<dyn Error>> {
                 latency = Duration::from_secs_f64(ms / 1000.0);
             }
             "--nbd" => nbd = Some(args.next().ok_or("--nbd needs a device")?.into()),
-            other => return Err(format!("unknown argument {other:?} (--latency-ms MS, --nbd DEV)").into()),
+            other => {
+                return Err(
+                    format!("unknown argument {other:?} (--latency-ms MS, --nbd DEV)").into(),
+                )
+            }
         }
     }
     let rt = tokio::runtime::Runtime::new()?;

@@ -116,7 +116,6 @@ impl Extent {
     }
 }
 
-
 /// A block device served to the kernel, for devices that handle requests concurrently.
 ///
 /// Offsets and lengths are in bytes and always multiples of [`block_size`](Self::block_size);

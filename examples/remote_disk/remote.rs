@@ -252,7 +252,9 @@ impl RemoteDisk {
         {
             return (Err(gone()), IoBuf::zeroed(0));
         }
-        reply.await.unwrap_or_else(|_| (Err(gone()), IoBuf::zeroed(0)))
+        reply
+            .await
+            .unwrap_or_else(|_| (Err(gone()), IoBuf::zeroed(0)))
     }
 }
 
@@ -283,7 +285,9 @@ impl AsyncBlockDevice for RemoteDisk {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(1 << 30);
-            self.call(OP_TRIM, offset + done, n, IoBuf::zeroed(0)).await.0?;
+            self.call(OP_TRIM, offset + done, n, IoBuf::zeroed(0))
+                .await
+                .0?;
             done += n;
         }
         Ok(())
@@ -333,7 +337,10 @@ impl<D: AsyncBlockDevice> PageCache<D> {
         if let Some(p) = self.slot(page).lock().await.clone() {
             return Ok(p);
         }
-        let (r, buf) = self.inner.read(page * PAGE as u64, IoBuf::zeroed(PAGE)).await;
+        let (r, buf) = self
+            .inner
+            .read(page * PAGE as u64, IoBuf::zeroed(PAGE))
+            .await;
         r.map(|()| buf.into_vec())
     }
 
@@ -348,7 +355,10 @@ impl<D: AsyncBlockDevice> PageCache<D> {
             let bytes = match guard.clone() {
                 Some(p) => p,
                 None => {
-                    let (r, buf) = self.inner.read(page * PAGE as u64, IoBuf::zeroed(PAGE)).await;
+                    let (r, buf) = self
+                        .inner
+                        .read(page * PAGE as u64, IoBuf::zeroed(PAGE))
+                        .await;
                     r?;
                     buf.into_vec()
                 }

@@ -56,8 +56,8 @@ use crate::server::Buffer;
 
 mod bridge;
 
-pub use bridge::{runtime, AsyncDevice, AsyncServing, BlockingDevice};
 pub(crate) use bridge::DynAsync;
+pub use bridge::{runtime, AsyncDevice, AsyncServing, BlockingDevice};
 
 /// How big the default write-zeroes writes at a time (both traits).
 pub(crate) const ZERO_CHUNK: usize = 64 << 10;
@@ -160,7 +160,8 @@ pub trait AsyncBlockDevice: Send + Sync {
     }
 
     /// Fills `buf` (zeroed, as long as the request) from `offset`, and gives it back.
-    fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = (io::Result<()>, IoBuf)> + Send;
+    fn read(&self, offset: u64, buf: IoBuf)
+        -> impl Future<Output = (io::Result<()>, IoBuf)> + Send;
 
     /// Writes `data` at `offset`, and gives it back. Default: fails with EPERM.
     fn write(

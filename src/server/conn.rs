@@ -37,12 +37,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::async_device::IoBuf;
 use crate::device::BlockDevice;
 use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
 use crate::proto::Request;
 use crate::proto::{Command, Cookie, Errno};
-use crate::async_device::IoBuf;
 use crate::server::conn_async::serve_async;
 use crate::server::dispatch::{Dispatcher, IoResult};
 use crate::server::pool::{lock, Buffer, BufferPool};

@@ -84,7 +84,16 @@ pub(super) fn serve_async<S: ConnStream>(
                 .name(format!("userblk-conn{conn}"))
                 .spawn_scoped(s, move || {
                     let mut turn = lock(reading);
-                    read_requests(group, &mut turn, conn, device, rt, tasks, params, poison_reads);
+                    read_requests(
+                        group,
+                        &mut turn,
+                        conn,
+                        device,
+                        rt,
+                        tasks,
+                        params,
+                        poison_reads,
+                    );
                     turn.finished = true;
                 });
             if let Err(source) = spawned {

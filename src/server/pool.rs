@@ -95,7 +95,6 @@ impl Buffer {
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.data[..self.len]
     }
-
 }
 
 /// The memory of one server's requests in flight: see the module documentation.
