@@ -1,6 +1,6 @@
 //! A remote disk, written the way a user writes one with tokio: the storage is a server task
 //! reached over a Unix socket with a protocol of its own, every request waits an injected
-//! latency there (a network round trip), and the device ([`RemoteDisk`]) is an
+//! latency there (a network round trip; a delay line thread keeps it precise), and the device ([`RemoteDisk`]) is an
 //! [`AsyncBlockDevice`] that keeps as many requests in flight on one connection as it is given.
 //!
 //! The protocol: a request is `op u8, id u64, offset u64, len u32` (big-endian) then, for a
@@ -19,7 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -58,9 +58,15 @@ impl Storage {
             UnixListener::bind(&path)?
         };
         let bytes = Arc::new(Mutex::new(vec![0u8; size as usize]));
+        let delay = delay_line(Arc::clone(&bytes));
         rt.spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve_client(sock, Arc::clone(&bytes), latency));
+                tokio::spawn(serve_client(
+                    sock,
+                    Arc::clone(&bytes),
+                    delay.clone(),
+                    latency,
+                ));
             }
         });
         Ok(Storage {
@@ -81,9 +87,100 @@ impl Storage {
     }
 }
 
-/// One client of the storage server: each request is a task that waits `latency`, then does it;
-/// replies go out through one writer task, as many per write as are ready.
-async fn serve_client(sock: UnixStream, bytes: Arc<Mutex<Vec<u8>>>, latency: Duration) {
+/// One request on the storage side, due at `due`.
+struct Job {
+    due: Instant,
+    op: u8,
+    id: u64,
+    offset: u64,
+    len: usize,
+    payload: Vec<u8>,
+    reply: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// The latency: a delay line. Every request waits the same time, so they come due in the order
+/// they arrived, and one thread sleeping until the next is due serves them all, with those due
+/// within [`SLACK`] of it (tokio's timer rounds up to whole milliseconds, which would make 1 ms
+/// about 2; one sleep per request would cost a context switch each).
+fn delay_line(bytes: Arc<Mutex<Vec<u8>>>) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::spawn(move || {
+        let mut next = None;
+        loop {
+            let Some(job) = next.take().or_else(|| rx.recv().ok()) else {
+                return;
+            };
+            let now = Instant::now();
+            if job.due > now + SLACK {
+                std::thread::sleep(job.due - now);
+            }
+            let horizon = Instant::now() + SLACK;
+            let mut job = job;
+            loop {
+                let reply = job.reply.clone();
+                let _ = reply.send(execute(&bytes, job));
+                match rx.try_recv() {
+                    Ok(j) if j.due <= horizon => job = j,
+                    Ok(j) => {
+                        next = Some(j);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// How early the delay line serves a request that is nearly due.
+const SLACK: Duration = Duration::from_micros(50);
+
+/// Does a request on the storage and makes its reply.
+fn execute(bytes: &Mutex<Vec<u8>>, job: Job) -> Vec<u8> {
+    let Job {
+        op,
+        id,
+        offset,
+        len,
+        payload,
+        ..
+    } = job;
+    let mut reply = Vec::with_capacity(REPLY_LEN + if op == OP_READ { len } else { 0 });
+    reply.extend_from_slice(&id.to_be_bytes());
+    let mut data = bytes.lock().unwrap();
+    let range = offset as usize..(offset as usize).saturating_add(len);
+    let errno: u32 = if range.end > data.len() {
+        22 // EINVAL
+    } else {
+        match op {
+            OP_READ | OP_FLUSH => 0,
+            OP_WRITE => {
+                data[range.clone()].copy_from_slice(&payload);
+                0
+            }
+            OP_TRIM => {
+                data[range.clone()].fill(0);
+                0
+            }
+            _ => 22,
+        }
+    };
+    reply.extend_from_slice(&errno.to_be_bytes());
+    if op == OP_READ && errno == 0 {
+        reply.extend_from_slice(&data[range]);
+    }
+    reply
+}
+
+/// One client of the storage server: each request goes down the delay line (or is done at once
+/// without latency); replies go out through one writer task, as many per write as are ready.
+async fn serve_client(
+    sock: UnixStream,
+    bytes: Arc<Mutex<Vec<u8>>>,
+    delay: std::sync::mpsc::Sender<Job>,
+    latency: Duration,
+) {
     let (r, mut w) = sock.into_split();
     let mut r = BufReader::with_capacity(256 << 10, r);
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -103,8 +200,6 @@ async fn serve_client(sock: UnixStream, bytes: Arc<Mutex<Vec<u8>>>, latency: Dur
     let mut header = [0u8; REQUEST_LEN];
     while r.read_exact(&mut header).await.is_ok() {
         let op = header[0];
-        let id = u64::from_be_bytes(header[1..9].try_into().unwrap());
-        let offset = u64::from_be_bytes(header[9..17].try_into().unwrap());
         let len = u32::from_be_bytes(header[17..21].try_into().unwrap()) as usize;
         let mut payload = Vec::new();
         if op == OP_WRITE {
@@ -113,37 +208,20 @@ async fn serve_client(sock: UnixStream, bytes: Arc<Mutex<Vec<u8>>>, latency: Dur
                 return;
             }
         }
-        let (bytes, tx) = (Arc::clone(&bytes), tx.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(latency).await;
-            let mut reply = Vec::with_capacity(REPLY_LEN + if op == OP_READ { len } else { 0 });
-            reply.extend_from_slice(&id.to_be_bytes());
-            let mut data = bytes.lock().unwrap();
-            let range = offset as usize..(offset as usize).saturating_add(len);
-            let errno: u32 = if range.end > data.len() {
-                22 // EINVAL
-            } else {
-                match op {
-                    OP_READ => 0,
-                    OP_WRITE => {
-                        data[range.clone()].copy_from_slice(&payload);
-                        0
-                    }
-                    OP_TRIM => {
-                        data[range.clone()].fill(0);
-                        0
-                    }
-                    OP_FLUSH => 0,
-                    _ => 22,
-                }
-            };
-            reply.extend_from_slice(&errno.to_be_bytes());
-            if op == OP_READ && errno == 0 {
-                reply.extend_from_slice(&data[range]);
-            }
-            drop(data);
-            let _ = tx.send(reply);
-        });
+        let job = Job {
+            due: Instant::now() + latency,
+            op,
+            id: u64::from_be_bytes(header[1..9].try_into().unwrap()),
+            offset: u64::from_be_bytes(header[9..17].try_into().unwrap()),
+            len,
+            payload,
+            reply: tx.clone(),
+        };
+        if latency.is_zero() {
+            let _ = tx.send(execute(&bytes, job));
+        } else if delay.send(job).is_err() {
+            return;
+        }
     }
 }
 
