@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use remote::{PageCache, RemoteDisk, Storage, DEFAULT_LATENCY, PAGE};
 use userblk::async_device::{runtime, AsyncBlockDevice, IoBuf};
+use userblk::{AsyncDevice, BlockDevice, MemDevice};
 use userblk_harness::conformance;
-use userblk_harness::factory::{DeviceFactory, Reopen};
+use userblk_harness::crash::{self, AsyncCrashable, CrashOptions};
+use userblk_harness::factory::{self, DeviceFactory, Reopen};
+use userblk_harness::net_rig::{NetRig, NetTransport};
 use userblk_harness::random::{loopback_rig, random_test, FailureKind, RandomConfig};
 use userblk_harness::target::LoopbackRig;
 
@@ -49,7 +52,7 @@ fn concurrent(
     factory: &dyn DeviceFactory,
     runs: u32,
 ) -> Result<u32, Box<userblk_harness::random::RandomFailure>> {
-    let caps = factory.create().unwrap().capabilities();
+    let caps = BlockDevice::capabilities(&factory.create().unwrap());
     let config = RandomConfig {
         runs,
         ..RandomConfig::default()
@@ -63,7 +66,7 @@ fn concurrent(
 #[test]
 fn remote_disk_conforms() {
     let factory = remote_disks(DEFAULT_LATENCY);
-    let caps = factory.create().unwrap().capabilities();
+    let caps = BlockDevice::capabilities(&factory.create().unwrap());
     let rig = LoopbackRig::default();
     let env = conformance::Env::new(&rig, &factory, caps);
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, _| {});
@@ -137,4 +140,45 @@ fn two_writes_to_one_page_lose_one_in_the_racy_cache_only() {
             assert_eq!(kept, [true, true]);
         }
     }
+}
+
+/// The remote storage has no volatile cache: after a power loss it holds everything written.
+impl AsyncCrashable for RemoteDisk {
+    async fn crash(&self) -> std::io::Result<Box<dyn BlockDevice>> {
+        let size = self.blocks() * 512;
+        let copy = MemDevice::new(size);
+        for at in (0..size).step_by(64 << 10) {
+            let (r, buf) = self.read(at, IoBuf::zeroed(64 << 10)).await;
+            r?;
+            BlockDevice::write(&copy, at, &buf)?;
+        }
+        Ok(Box::new(copy))
+    }
+}
+
+#[test]
+fn remote_disk_passes_the_crash_checker() {
+    let rt = runtime().unwrap();
+    let storages = std::sync::Mutex::new(Vec::new());
+    let factory = factory::crashable(move || {
+        let storage = Storage::start(&rt, 1 << 20, DEFAULT_LATENCY).unwrap();
+        let disk = rt
+            .block_on(RemoteDisk::connect(storage.path(), storage.size()))
+            .unwrap();
+        storages.lock().unwrap().push(storage);
+        AsyncDevice::new(disk)
+    });
+    let ops = crash::random_ops(3, 1 << 20, 512, 40);
+    let report = crash::check(&factory, &ops, &CrashOptions::default()).unwrap();
+    assert_eq!(report.crash_points, 40);
+}
+
+/// The network export serves an async device as tasks too (structured replies, block status).
+#[test]
+fn remote_disk_conforms_over_the_network() {
+    let factory = remote_disks(DEFAULT_LATENCY);
+    let caps = BlockDevice::capabilities(&factory.create().unwrap());
+    let report = conformance::run_all(&NetRig::new(NetTransport::Unix), &factory, caps);
+    println!("{report}");
+    assert!(report.all_passed(), "{report}");
 }
