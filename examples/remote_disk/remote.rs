@@ -372,6 +372,9 @@ impl AsyncBlockDevice for RemoteDisk {
     }
 }
 
+/// A cached page (`None` until first written), locked across a read-modify-write.
+type Slot = Arc<tokio::sync::Mutex<Option<Vec<u8>>>>;
+
 /// The page a [`PageCache`] keeps.
 pub const PAGE: usize = 4096;
 
@@ -384,7 +387,7 @@ pub const PAGE: usize = 4096;
 /// lost update), though both were acknowledged.
 pub struct PageCache<D> {
     inner: D,
-    pages: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Option<Vec<u8>>>>>>,
+    pages: Mutex<HashMap<u64, Slot>>,
     racy: bool,
 }
 
@@ -406,7 +409,7 @@ impl<D: AsyncBlockDevice> PageCache<D> {
         }
     }
 
-    fn slot(&self, page: u64) -> Arc<tokio::sync::Mutex<Option<Vec<u8>>>> {
+    fn slot(&self, page: u64) -> Slot {
         Arc::clone(self.pages.lock().unwrap().entry(page).or_default())
     }
 

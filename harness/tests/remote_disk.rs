@@ -133,7 +133,7 @@ fn two_writes_to_one_page_lose_one_in_the_racy_cache_only() {
             r.unwrap();
             page.into_vec()
         });
-        let kept = [&page[..512] == [0xaa; 512], &page[512..1024] == [0xbb; 512]];
+        let kept = [page[..512] == [0xaa; 512], page[512..1024] == [0xbb; 512]];
         if racy {
             assert_eq!(kept.iter().filter(|&&k| k).count(), 1, "racy: {kept:?}");
         } else {
