@@ -8,6 +8,7 @@
 //! cargo run --example remote_disk -- --latency-ms 5      # the same, slower storage
 //! sudo modprobe nbd
 //! sudo cargo run --example remote_disk -- --nbd /dev/nbd0   # on a real NBD device until Ctrl+C
+//! sudo cargo run --example remote_disk -- --nbd /dev/nbd0 --blocking   # behind the sync trait
 //! ```
 
 #[path = "remote_disk/remote.rs"]
@@ -27,6 +28,7 @@ const SIZE: u64 = 256 << 20;
 fn main() -> Result<(), Box<dyn Error>> {
     let mut latency = DEFAULT_LATENCY;
     let mut nbd: Option<PathBuf> = None;
+    let mut blocking = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -48,17 +50,21 @@ fn main() -> Result<(), Box<dyn Error>> {
     let device = AsyncDevice::with_runtime(disk, rt.handle().clone());
     match nbd {
         Some(path) => {
-            MountOptions::new()
-                .device(&path)
-                .unmount_on_signals(true)
-                .mount(device, |handle| {
-                    println!(
-                        "remote_disk: {} MiB at {:?} latency on {}; Ctrl+C to stop",
-                        SIZE >> 20,
-                        latency,
-                        handle.device().display()
-                    );
-                })?;
+            let mount = MountOptions::new().device(&path).unmount_on_signals(true);
+            let ready = |handle: &userblk::link::nbd::MountHandle| {
+                println!(
+                    "remote_disk: {} MiB at {:?} latency on {} ({}); Ctrl+C to stop",
+                    SIZE >> 20,
+                    latency,
+                    handle.device().display(),
+                    if blocking { "sync trait" } else { "async" }
+                );
+            };
+            if blocking {
+                mount.mount(device.blocking(), ready)?;
+            } else {
+                mount.mount(device, ready)?;
+            }
             println!("remote_disk: unmounted");
         }
         None => {

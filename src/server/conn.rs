@@ -19,16 +19,12 @@
 //!
 //! # Where an asynchronous device plugs in
 //!
-//! Today the thread that read a request calls the device and completes the `InFlight` itself.
-//! An `AsyncBlockDevice` whose futures complete later changes only that step: the reading thread
-//! hands `(IoRequest, InFlight)` to the device (or to a per-connection executor polling its
-//! futures) and goes back to reading at once; when a future resolves, whatever thread polls it
-//! calls [`InFlight::complete`] with the result. `InFlight` is `Send + 'static` and owns
-//! everything its reply needs, so it can travel with the future. Nothing else changes: validation,
-//! the pool's byte bound (which then also bounds how many futures are pending), reply batching,
-//! and the exactly-one-reply rule (a dropped future drops its `InFlight`, which replies EIO).
-//! [`serve`] already waits for nothing but its threads; with futures it would also wait until
-//! the pool has nothing in flight before it returns.
+//! For a device whose [`asynchronous`](crate::BlockDevice::asynchronous) is `Some` (an
+//! [`AsyncDevice`](crate::AsyncDevice)), [`serve`] hands the connections to `conn_async`: one
+//! thread per connection reads and checks requests exactly as here, lends each request's buffer
+//! to a task on the device's runtime and goes back to reading; the task completes the
+//! `InFlight`. Validation, the pool's byte bound, reply batching and the exactly-one-reply rule
+//! are this file's; serving returns once every task has finished.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
