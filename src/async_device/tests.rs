@@ -194,3 +194,48 @@ fn a_sync_device_is_an_async_one() {
     assert_eq!(buf.into_vec(), vec![9; 512]);
     assert_eq!(AsyncBlockDevice::blocks(&mem), 2048);
 }
+
+/// DISC right behind a slow READ: serve returns only after the READ's task has replied (the
+/// reply is in the socket when the serving thread is joined).
+#[test]
+fn serve_returns_only_when_every_task_has_replied() {
+    use crate::proto::{Command, Cookie, Reply, Request, REPLY_LEN};
+    use crate::server::{export_of, serve, Dispatcher};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    struct Slow;
+    impl AsyncBlockDevice for Slow {
+        fn blocks(&self) -> u64 {
+            64
+        }
+        async fn read(&self, _: u64, mut buf: IoBuf) -> (io::Result<()>, IoBuf) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            buf.fill(7);
+            (Ok(()), buf)
+        }
+    }
+    let dev = AsyncDevice::new(Slow);
+    let export = export_of(&dev).unwrap();
+    let (mut client, server_end) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        serve(
+            Dispatcher::new(&dev),
+            &export,
+            &[server_end],
+            &ServerOptions::default(),
+        )
+    });
+    client
+        .write_all(&Request::new(Command::Read, Cookie(1), 0, 512).encode())
+        .unwrap();
+    client
+        .write_all(&Request::new(Command::Disc, Cookie(2), 0, 0).encode())
+        .unwrap();
+    server.join().unwrap().unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut reply = [0u8; REPLY_LEN + 512];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(Reply::parse(&reply).unwrap(), Reply::ok(Cookie(1)));
+    assert_eq!(reply[REPLY_LEN..], [7; 512]);
+}
