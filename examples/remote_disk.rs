@@ -37,10 +37,12 @@ fn main() -> Result<(), Box<dyn Error>> {
                 latency = Duration::from_secs_f64(ms / 1000.0);
             }
             "--nbd" => nbd = Some(args.next().ok_or("--nbd needs a device")?.into()),
+            "--blocking" => blocking = true,
             other => {
-                return Err(
-                    format!("unknown argument {other:?} (--latency-ms MS, --nbd DEV)").into(),
+                return Err(format!(
+                    "unknown argument {other:?} (--latency-ms MS, --nbd DEV, --blocking)"
                 )
+                .into())
             }
         }
     }
