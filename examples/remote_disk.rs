@@ -18,6 +18,7 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{SigSet, Signal};
 use remote::{RemoteDisk, Storage, DEFAULT_LATENCY};
 use userblk::link::loopback::Op;
 use userblk::link::nbd::MountOptions;
@@ -45,6 +46,16 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .into())
             }
         }
+    }
+    if nbd.is_some() {
+        // Ctrl+C and SIGTERM are for the mount's signal watch, which waits for them in a thread
+        // of its own: blocked here, before the runtime's threads and the storage's start, they
+        // reach no other thread (one that left them unblocked would take them, and a SIGINT
+        // sent to a shell's background job, which ignores it, would vanish there).
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGINT);
+        set.add(Signal::SIGTERM);
+        set.thread_block()?;
     }
     let rt = tokio::runtime::Runtime::new()?;
     let storage = Storage::start(rt.handle(), SIZE, latency)?;

@@ -10,6 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
+use nix::sys::signal::{SigSet, Signal};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 use super::{AsyncBlockDevice, IoBuf};
@@ -47,14 +48,23 @@ impl fmt::Debug for AsyncServing {
     }
 }
 
-/// The multi-threaded runtime userblk starts (once, on first use, one worker per CPU) for
-/// async devices made outside any runtime. Use it to make such a device's clients:
+/// The multi-threaded runtime userblk starts (once, on first use, one worker per CPU, SIGINT
+/// and SIGTERM blocked in its threads) for async devices made outside any runtime. Use it to make such a device's clients:
 /// `userblk::async_device::runtime()?.block_on(MyDisk::connect(..))`.
 pub fn runtime() -> io::Result<Handle> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     let rt = RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .thread_name("userblk-async")
+            // SIGINT and SIGTERM are for the thread that waits for them (`unmount_on_signals`):
+            // a worker that left them unblocked would take them, and an ignored SIGINT (a
+            // background job of a shell) would then vanish.
+            .on_thread_start(|| {
+                let mut set = SigSet::empty();
+                set.add(Signal::SIGINT);
+                set.add(Signal::SIGTERM);
+                let _ = set.thread_block();
+            })
             .enable_all()
             .build()
             .map_err(|e| e.to_string())
