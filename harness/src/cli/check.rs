@@ -495,21 +495,18 @@ pub fn run(args: Args) -> ExitCode {
         for line in latency.to_string().lines() {
             println!("  {line}");
         }
-        // Large requests are legitimately 100× slower than 4 KiB ones: flag only requests that
-        // are also slow in absolute terms.
+        // Outliers against the median of their own size, and slow in absolute terms too.
         let floor = Duration::from_millis(100);
         for c in &latency.commands {
-            let limit = c
-                .p50
-                .saturating_mul(LatencyReport::OUTLIER_FACTOR)
-                .max(floor);
-            let slow = c.histogram.count_above(limit);
+            let slow = c.slower_than(LatencyReport::OUTLIER_FACTOR, floor);
             if slow > 0 {
                 println!(
-                    "  outliers: {slow} {} requests took over {} ms (the slowest {} ms): a device \
-                     that stalls now and then? Not a failure; a stall over the limit is.",
+                    "  outliers: {slow} {} requests took over {} times the median of their size \
+                     and over {} ms (the slowest {} ms): a device that stalls now and then? Not \
+                     a failure; a stall over the limit is.",
                     c.command.name(),
-                    limit.as_millis(),
+                    LatencyReport::OUTLIER_FACTOR,
+                    floor.as_millis(),
                     c.max.as_millis()
                 );
             }
