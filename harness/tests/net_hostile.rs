@@ -22,17 +22,19 @@ struct Log(Arc<Mutex<Vec<String>>>);
 impl Log {
     fn options(&self) -> NetOptions {
         let log = self.clone();
-        NetOptions::new().on_event(move |e: &NetEvent<'_>| {
-            let kind = match e {
-                NetEvent::HandshakeFailed { error, .. } => format!("handshake: {error}"),
-                NetEvent::Finished { result: Err(e), .. } => format!("transmission: {e}"),
-                NetEvent::Finished { result: Ok(()), .. } => "finished".into(),
-                NetEvent::Refused { reason, .. } => format!("refused: {reason}"),
-                NetEvent::Aborted { .. } => "aborted".into(),
-                other => format!("{other}"),
-            };
-            log.0.lock().unwrap().push(kind);
-        })
+        NetOptions::new().on_event(move |e: &NetEvent<'_>| log.record(e))
+    }
+
+    fn record(&self, e: &NetEvent<'_>) {
+        let kind = match e {
+            NetEvent::HandshakeFailed { error, .. } => format!("handshake: {error}"),
+            NetEvent::Finished { result: Err(e), .. } => format!("transmission: {e}"),
+            NetEvent::Finished { result: Ok(()), .. } => "finished".into(),
+            NetEvent::Refused { reason, .. } => format!("refused: {reason}"),
+            NetEvent::Aborted { .. } => "aborted".into(),
+            other => format!("{other}"),
+        };
+        self.0.lock().unwrap().push(kind);
     }
 
     fn lines(&self) -> Vec<String> {
@@ -317,4 +319,66 @@ fn stop_lets_clients_finish_then_flushes_and_unmounts_once() {
     assert_eq!(*flushes.lock().unwrap(), 1);
     drop(clients);
     assert_eq!(*unmounts.lock().unwrap(), 1);
+}
+
+/// A client still in the handshake when the server stops gets `NBD_REP_ERR_SHUTDOWN` for the
+/// option it has sent (the protocol's SHOULD), not a bare hang-up, and the stop is not logged as
+/// its failure. The client's bytes are in the socket before the listener's `Accepted` event
+/// stops the server, so the order is fixed: stop first, then the server reads the option.
+#[test]
+fn a_client_in_the_handshake_when_the_server_stops_gets_err_shutdown() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::{mpsc, OnceLock};
+    use userblk::link::net::wire::{OptionReplyHeader, Rep};
+    use userblk::link::net::NetHandle;
+
+    let log = Log::default();
+    let handle: Arc<OnceLock<NetHandle>> = Arc::new(OnceLock::new());
+    let (sent, sent_rx) = mpsc::channel::<()>();
+    let sent_rx = Mutex::new(sent_rx);
+    let logged = log.clone();
+    let stopper = Arc::clone(&handle);
+    let options = NetOptions::new().on_event(move |e: &NetEvent<'_>| {
+        if let NetEvent::Accepted { .. } = e {
+            let _ = sent_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(20));
+            if let Some(h) = stopper.get() {
+                h.stop();
+            }
+        }
+        logged.record(e);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listening = options
+        .spawn(MemDevice::new(1 << 20), &ListenAddr::Unix(path.clone()))
+        .unwrap();
+    handle.set(listening.handle().clone()).unwrap();
+
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = wire::FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    let go = InfoRequest {
+        name: String::new(),
+        requests: vec![],
+    };
+    hello.extend(wire::encode_option(Opt::GO, &go.encode()));
+    c.write_all(&hello).unwrap();
+    sent.send(()).unwrap();
+
+    let mut greeting = [0u8; wire::GREETING_LEN];
+    c.read_exact(&mut greeting).unwrap();
+    let mut header = [0u8; wire::OPTION_REPLY_HEADER_LEN];
+    c.read_exact(&mut header).unwrap();
+    let h = OptionReplyHeader::parse(&header).unwrap();
+    assert_eq!((h.option, h.reply), (Opt::GO, Rep::ERR_SHUTDOWN));
+    let mut message = vec![0u8; h.len as usize];
+    c.read_exact(&mut message).unwrap();
+    // Then the server closes: nothing more comes.
+    assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0);
+    listening.stop().unwrap();
+    assert_eq!(log.count_reaching("refused: the server is stopping", 1), 1);
+    assert_eq!(log.count("handshake"), 0, "{:?}", log.lines());
 }
