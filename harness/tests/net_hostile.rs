@@ -382,3 +382,34 @@ fn a_client_in_the_handshake_when_the_server_stops_gets_err_shutdown() {
     assert_eq!(log.count_reaching("refused: the server is stopping", 1), 1);
     assert_eq!(log.count("handshake"), 0, "{:?}", log.lines());
 }
+
+/// Every network client is served by a server of its own, with its own budget of memory in
+/// flight (`ServerOptions::max_in_flight_bytes` bounds one client here, not the listener): a
+/// client that pipelines 64 MiB of READs and never reads a reply fills its own 1 MiB budget and
+/// stalls only its own reader, while another client goes on being served.
+#[test]
+fn a_client_that_never_reads_replies_cannot_starve_another() {
+    let log = Log::default();
+    let server = userblk::ServerOptions {
+        max_in_flight_bytes: 1 << 20,
+        ..userblk::ServerOptions::default()
+    };
+    let (listening, uri, _dev) = start(&log, log.options().server_options(server));
+    let mut hog = connect(&uri);
+    hog.write_all(&client_handshake()).unwrap();
+    let mut reads = Vec::new();
+    for i in 0..256u64 {
+        let len = 256 << 10;
+        reads.extend(Request::new(Command::Read, Cookie(i), i % 16 * u64::from(len), len).encode());
+    }
+    hog.write_all(&reads).unwrap();
+    // Long enough for the hog's server to fill its socket and its budget.
+    std::thread::sleep(Duration::from_millis(300));
+    let good = NbdClient::connect(&uri).unwrap();
+    for round in 0..32 {
+        check_good_client(&good, round);
+    }
+    good.disconnect().unwrap();
+    drop(hog);
+    listening.stop().unwrap();
+}
