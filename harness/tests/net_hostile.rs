@@ -413,3 +413,28 @@ fn a_client_that_never_reads_replies_cannot_starve_another() {
     drop(hog);
     listening.stop().unwrap();
 }
+
+/// A silent client in the handshake does not hold a stop back: the read side shut by the stop
+/// ends its handshake at once, long before its (here ten-minute) handshake timeout.
+#[test]
+fn stop_ends_a_silent_handshake_at_once() {
+    let log = Log::default();
+    let (listening, uri, _dev) = start(
+        &log,
+        log.options().handshake_timeout(Duration::from_secs(600)),
+    );
+    let mut silent = connect(&uri);
+    let mut greeting = [0u8; wire::GREETING_LEN];
+    silent.read_exact(&mut greeting).unwrap();
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(listening.stop());
+    });
+    let result = stopped
+        .recv_timeout(Duration::from_secs(60))
+        .expect("stop waited for the silent client's handshake timeout");
+    result.unwrap();
+    // The server closed the connection.
+    assert_eq!(silent.read(&mut [0u8; 16]).unwrap(), 0);
+    assert_eq!(log.count_reaching("refused: the server is stopping", 1), 1);
+}

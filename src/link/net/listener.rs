@@ -88,7 +88,9 @@ impl NetHandle {
 
     /// Stops: no more clients; a client in the handshake gets `NBD_REP_ERR_SHUTDOWN` for the
     /// options it has already sent, then its connection ends; transmissions finish what is in
-    /// flight and end. Returns at once; [`NetOptions::listen`] returns when everything has ended.
+    /// flight and end (a handshaking client that does not read its replies holds the end back
+    /// for at most the handshake timeout; [`stop_now`](Self::stop_now) does not wait). Returns at
+    /// once; [`NetOptions::listen`] returns when everything has ended.
     pub fn stop(&self) {
         let c = &self.control;
         if c.stopping.swap(true, Ordering::SeqCst) {
