@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice, PatternDevice};
 
-use userblk::link::loopback::{KernelProfile, LatencyReport};
+use userblk::link::loopback::{KernelProfile, LatencyReport, Transport};
 
 use crate::cli::check_nbd::{self, CheckTarget};
 use crate::cli::measured::MeasuredRig;
@@ -42,8 +42,8 @@ pub struct Args {
     /// Operations per random run, over all its threads.
     #[arg(long, default_value_t = RandomConfig::default().ops)]
     pub ops: usize,
-    /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12. Default: each of
-    /// them, the conformance suite once per kernel.
+    /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12, ublk-6.12.
+    /// Default: each of them, the conformance suite once per kernel.
     #[arg(long = "profile", value_name = "NAME", value_parser = parse_profile)]
     pub profiles: Vec<KernelProfile>,
     /// Directory of traces (*.ubt) to replay. Default: the traces shipped in harness/traces.
@@ -376,10 +376,13 @@ pub fn run(args: Args) -> ExitCode {
     } else {
         args.profiles.clone()
     };
-    // The newest kernel asked for plays the fake kernel after the conformance suite.
+    // The newest NBD kernel asked for (else the first asked for) plays the fake kernel after the
+    // conformance suite.
     let newest = profiles
         .iter()
+        .filter(|p| p.transport == Transport::Nbd)
         .max_by_key(|p| KernelProfile::all().iter().position(|q| q == *p))
+        .or(profiles.first())
         .copied()
         .unwrap_or_else(KernelProfile::newest);
     let rigs: Vec<MeasuredRig> = profiles
