@@ -109,7 +109,7 @@ stop_loads() {
             ok=1
         fi
     done
-    for p in "${LOAD_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    for p in "${LOAD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     LOAD_PIDS=()
     return "$ok"
 }
@@ -140,8 +140,16 @@ kill_server() {
         SERVE_PID=
         return 1
     fi
-    wait "$SERVE_PID" 2>/dev/null
+    wait "$SERVE_PID" 2>/dev/null || true
     SERVE_PID=
+}
+
+# free_nbd: a test before may have left $NBD connected (a failure's clean-up races udev): free it.
+free_nbd() {
+    [[ $(nbd_size "$NBD") == 0 ]] && return 0
+    echo "$NBD was left connected: userblk disconnect"
+    "$USERBLK_BIN" disconnect "$NBD"
+    assert_free
 }
 
 io_errors() { dmesg | grep -cE 'I/O error|EXT4-fs error|Buffer I/O' || true; }
@@ -151,6 +159,7 @@ t_reattach() {
     local img=$WORK/reattach.img opts=(--timeout 10 --dead-conn-timeout 60)
     rm -f "$img"
     truncate -s 256M "$img"
+    free_nbd
     serve "file:$img" "${opts[@]}"
     mkfs.ext4 -q -F "$NBD"
     mount "$NBD" "$MNT"
@@ -197,6 +206,7 @@ kill_loop() {
     rm -f "$img"
     truncate -s 256M "$img"
     mkfs.ext4 -q -F "$img"
+    free_nbd
     for i in $(seq "$KILL_ITERATIONS"); do
         case $setup in
             netlink) if ((i == 1)); then opts=(); else opts=(--timeout 5 --dead-conn-timeout 15); fi ;;
