@@ -100,10 +100,11 @@ start_loads() {
 stop_loads() {
     local p ok=0
     touch "$WORK/stop_meta"
-    for p in "${LOAD_PIDS[@]}"; do kill -INT "$p" 2>/dev/null; done
+    # A workload that already ended may be reaped already: kill fails then, harmlessly.
+    for p in "${LOAD_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
     for p in "${LOAD_PIDS[@]}"; do
         wait_gone "$p" "${1:-30}" && continue
-        kill -KILL "$p" 2>/dev/null
+        kill -KILL "$p" 2>/dev/null || true
         if ! wait_gone "$p" 10; then
             echo "workload $p cannot be killed"
             ok=1
