@@ -15,9 +15,9 @@
 //! set the device up), with most signals blocked: a handled signal would abort DO_IT and tear the
 //! device down. That thread only configures the device; it never reads or writes it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -26,8 +26,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
-use super::sys::{nbd_ioctl, private_fd_table, NbdIoctl, NbdNode};
+use super::sys::{nbd_ioctl, NbdIoctl, NbdNode};
 
 /// What the ioctls tell the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,68 +98,63 @@ fn block_signals() {
     let _ = set.thread_block();
 }
 
+/// How long the kernel may block sending on a connection whose server reads nothing, when no
+/// request timeout is set (with one, the kernel uses it instead: `nbd_start_device`).
+///
+/// Without it, `kill -9` of the serving process could leave it unkillable (seen one run in five
+/// under a metadata workload): the kill interrupts DO_IT, whose clean-up
+/// (`nbd_start_device_ioctl` -> `sock_shutdown`, drivers/block/nbd.c, 6.1 and 6.12 alike) takes
+/// each connection's `tx_lock`; a task writing a request to the device may hold that lock while
+/// blocked in `sendmsg` on a full socket, and the kernel sets no send timeout without a request
+/// timeout. The socket would drain only when its server end closes, which happens when the
+/// process's descriptor table is released, which waits for every thread, the DO_IT thread
+/// included: a deadlock. With a send timeout the blocked sender gives up (EAGAIN: "Send control
+/// failed", the request requeued and then failed), the clean-up goes on and fails what is in
+/// flight with EIO (`nbd_clear_que`), and the process exits.
+///
+/// (Giving the DO_IT thread a descriptor table of its own, so that the server ends close at
+/// once, is no cure: the receive workers then see EOF and DO_IT may return normally before the
+/// kill interrupts it, skipping that clean-up; with no request timeout the requests in flight
+/// then never end. Seen in the VM suite on 6.1.)
+pub(crate) const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Configures `path` and starts DO_IT on a thread of its own. Returns once every ioctl before
 /// DO_IT succeeded (DO_IT itself may still fail at once: watch the thread) or with the first
-/// failure. The kernel ends are closed here once the kernel holds them.
-///
-/// The thread works in a file descriptor table of its own holding only the device node and, until
-/// DO_IT, the kernel ends ([`sys::private_fd_table`](super::sys::private_fd_table)). Without that,
-/// `kill -9` of the serving process could leave it unkillable (seen one run in five under
-/// fsstress): the kill interrupts DO_IT, whose clean-up (`nbd_start_device_ioctl` ->
-/// `sock_shutdown`, drivers/block/nbd.c, 6.1 and 6.12 alike) takes each connection's `tx_lock`;
-/// a task writing a request to the device may hold that lock while blocked in `sendmsg` on a
-/// full socket (no send timeout without `--timeout`). The socket drains only when its server end
-/// closes, which happens when the process's descriptor table is released, which waits for every
-/// thread sharing it to exit, this one included: a deadlock. With a table of its own, this thread
-/// does not hold the server ends, so they close as soon as the other threads are gone, the
-/// blocked sender gets EPIPE and lets go of the lock, and DO_IT ends.
+/// failure. The kernel ends are closed here once the kernel holds them; each gets the
+/// [`SEND_TIMEOUT`] first.
 pub(crate) fn start(
     path: &Path,
     config: IoctlConfig,
     kernel_ends: Vec<UnixStream>,
 ) -> Result<DoIt, SetupError> {
-    // Opened here, in the shared table, so that other threads can issue DISCONNECT, SET_TIMEOUT
-    // and fsync on it; the DO_IT thread uses its own copy of the same descriptor.
-    let node = Arc::new(open_device(path)?);
-    let node_fd = node.as_fd().as_raw_fd();
-    let socks = socket_args(&kernel_ends)?;
-    let sock_fds: Vec<RawFd> = kernel_ends.iter().map(AsRawFd::as_raw_fd).collect();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), SetupError>>();
+    for end in &kernel_ends {
+        let secs = i64::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(i64::MAX);
+        setsockopt(end, sockopt::SendTimeout, &TimeVal::new(secs, 0)).map_err(|e| SetupError {
+            ioctl: Some(NbdIoctl::SetSock),
+            source: e.into(),
+        })?;
+    }
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<NbdNode>, SetupError>>();
+    let path = path.to_path_buf();
     let thread = thread::Builder::new()
         .name("userblk-nbd-doit".into())
         .spawn(move || -> io::Result<()> {
             block_signals();
-            let mut keep = vec![node_fd];
-            keep.extend_from_slice(&sock_fds);
-            let mut owned = match private_fd_table(&keep) {
-                Ok(owned) => owned,
-                Err(source) => {
-                    let _ = ready_tx.send(Err(SetupError {
-                        ioctl: None,
-                        source,
-                    }));
+            let node = match open_device(&path) {
+                Ok(n) => Arc::new(n),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                     return Ok(());
                 }
             };
-            // This thread's copies of the kernel ends: closed once the kernel holds its own.
-            let private_socks = owned.split_off(1);
-            let node = match owned.pop().map(|fd| NbdNode::new(File::from(fd))) {
-                Some(Ok(node)) => node,
-                _ => {
-                    let _ = ready_tx.send(Err(SetupError {
-                        ioctl: None,
-                        source: io::Error::from_raw_os_error(nix::libc::ENODEV),
-                    }));
-                    return Ok(());
-                }
-            };
-            let setup = configure(&mut &node, config, &socks);
-            drop(private_socks);
+            let setup =
+                socket_args(&kernel_ends).and_then(|socks| configure(&mut &*node, config, &socks));
+            drop(kernel_ends);
             if let Err(e) = setup {
                 let _ = ready_tx.send(Err(e));
                 return Ok(());
             }
-            let _ = ready_tx.send(Ok(()));
+            let _ = ready_tx.send(Ok(Arc::clone(&node)));
             let result = nbd_ioctl(&node, NbdIoctl::DoIt, 0);
             let _ = nbd_ioctl(&node, NbdIoctl::ClearSock, 0);
             result
@@ -166,11 +163,8 @@ pub(crate) fn start(
             ioctl: None,
             source,
         })?;
-    let outcome = ready_rx.recv();
-    // The kernel holds its own references now (or none, on failure).
-    drop(kernel_ends);
-    match outcome {
-        Ok(Ok(())) => Ok(DoIt { fd: node, thread }),
+    match ready_rx.recv() {
+        Ok(Ok(fd)) => Ok(DoIt { fd, thread }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)

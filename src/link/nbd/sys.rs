@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 
 use nix::libc;
@@ -191,75 +191,3 @@ pub(crate) fn page_size() -> u64 {
     u64::try_from(size).unwrap_or(4096).max(4096)
 }
 
-/// Gives the calling thread a file descriptor table of its own (`unshare(CLONE_FILES)`) in which
-/// only `keep` (and standard input, output and error) stay open, and returns the kept ones as
-/// descriptors owned by this thread's table. The process's shared table is untouched: its
-/// descriptors stay open there, and closing them there does not close the copies here.
-///
-/// The ioctl set-up's DO_IT thread calls it so that it holds no server end of a connection:
-/// when the serving process is killed, the others close with the shared table, which is what
-/// lets a kernel sender blocked on a full socket go (see `ioctl.rs`).
-pub(crate) fn private_fd_table(keep: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES)?;
-    let open: Vec<RawFd> = std::fs::read_dir("/proc/thread-self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    for fd in open {
-        if fd > 2 && !keep.contains(&fd) {
-            // SAFETY: closes one entry of this thread's private table (unshared above); no Rust
-            // object in this thread owns it: the thread was handed descriptor numbers only, and
-            // the objects that own them belong to the shared table, whose entries stay open.
-            // The directory listing's own descriptor is among them, already closed: EBADF.
-            unsafe { libc::close(fd) };
-        }
-    }
-    Ok(keep
-        .iter()
-        .map(|&fd| {
-            // SAFETY: after the unshare, this thread's table holds its own reference to the
-            // open file at `fd` (the caller passes descriptors open when it called), and nothing
-            // else in this thread owns that number, so the OwnedFd is its only owner here.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        })
-        .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    use std::sync::mpsc;
-
-    /// The DO_IT thread's private table: what it was not told to keep is closed there, so the
-    /// process closing its own copy really closes the socket (the peer sees it); what it keeps
-    /// stays usable after the process closed its copy.
-    #[test]
-    fn a_private_table_keeps_only_what_it_is_told() {
-        let (held, dropped) = UnixStream::pair().unwrap();
-        let (kept, peer) = UnixStream::pair().unwrap();
-        let kept_fd = kept.as_raw_fd();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let owned = private_fd_table(&[kept_fd]).unwrap();
-            ready_tx.send(()).unwrap();
-            go_rx.recv().unwrap();
-            let mut mine = UnixStream::from(owned.into_iter().next().unwrap());
-            mine.write_all(b"still open").unwrap();
-        });
-        ready_rx.recv().unwrap();
-        drop(dropped);
-        assert!(
-            super::super::recovery::peer_closed(&held),
-            "the thread's table still holds the other end"
-        );
-        drop(kept);
-        go_tx.send(()).unwrap();
-        thread.join().unwrap();
-        let mut got = Vec::new();
-        let mut peer = peer;
-        peer.read_to_end(&mut got).unwrap();
-        assert_eq!(got, b"still open");
-    }
-}
