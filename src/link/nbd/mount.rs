@@ -133,10 +133,11 @@ impl MountOptions {
     }
 
     /// Instead of setting a device up, give a running one new connections: the
-    /// [`device`](Self::device) must be connected, set up by netlink, its server gone (killed,
-    /// crashed) and its dead-connection timeout not expired for the requests that wait
-    /// (netlink RECONFIGURE with the new sockets). Its requests then resume: those the dead
-    /// server had are sent again. The new server must export the same size, block size and
+    /// [`device`](Self::device) must be connected, set up by netlink, and its server gone
+    /// (killed, crashed): netlink RECONFIGURE with the new sockets. The requests that wait then
+    /// resume, those the dead server had included (sent again). Requests whose wait (the
+    /// dead-connection timeout) ran out have failed by then, but the device still takes the new
+    /// server. The new server must export the same size, block size and
     /// commands; otherwise, or when the device has no dead connection, a typed
     /// [`LinkError::Reattach`] says why. The request and dead-connection timeouts are set
     /// again when given.
