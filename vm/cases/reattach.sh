@@ -63,9 +63,10 @@ wait_gone() {
 }
 
 # meta_load DIR: creates, renames, unlinks and fsyncs small files until $WORK/stop_meta exists
-# or 20 operations failed; writes how many failed to $WORK/meta.errors.
+# or 20 operations failed; keeps how many failed in $WORK/meta.errors.
 meta_load() {
     local d=$1 i=0 errs=0 sub
+    echo 0 >"$WORK/meta.errors"
     mkdir -p "$d" || errs=1
     while [[ ! -e $WORK/stop_meta ]] && ((errs < 20)); do
         i=$((i + 1))
@@ -76,9 +77,9 @@ meta_load() {
                 mv "$sub/new$i" "$sub/f$i" &&
                 if ((i % 4 == 0)); then dd if=/dev/zero of="$sub/big$i" bs=16k count=4 conv=fsync status=none; else true; fi &&
                 if ((i > 6)); then rm -f "$d/$(((i - 6) % 8))/f$((i - 6))" "$d/$(((i - 6) % 8))/big$((i - 6))"; else true; fi
-        } 2>/dev/null || errs=$((errs + 1))
+        } 2>/dev/null || { errs=$((errs + 1)); echo "$errs" >"$WORK/meta.errors"; }
     done
-    echo "$errs" >"$WORK/meta.errors"
+    echo "meta_load: $i rounds, $errs failed" >&2
 }
 
 LOAD_PIDS=()
@@ -103,6 +104,7 @@ stop_loads() {
     for p in "${LOAD_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
     for p in "${LOAD_PIDS[@]}"; do
         wait_gone "$p" "${1:-30}" && continue
+        echo "workload $p ($(cat "/proc/$p/comm" 2>/dev/null), $(cat "/proc/$p/wchan" 2>/dev/null)) did not stop within ${1:-30} s: SIGKILL"
         kill -KILL "$p" 2>/dev/null || true
         if ! wait_gone "$p" 10; then
             echo "workload $p cannot be killed"
