@@ -118,6 +118,10 @@ impl MountOptions {
     /// wait up to the [dead-connection timeout](Self::dead_conn_timeout) for a new connection,
     /// then fail with EIO. Zero waits forever: a server that dies then leaves its requests, and
     /// the tasks waiting on them, stuck until someone runs [`disconnect`](super::disconnect).
+    ///
+    /// With [`Setup::Ioctl`] and no timeout, the kernel still gives up sending on a connection
+    /// whose server has read nothing for 30 s (a send timeout on the socket, without which a
+    /// killed server's process could hang in the kernel for good: see `ioctl.rs`).
     pub fn timeout(mut self, timeout: Duration) -> MountOptions {
         self.timeout = (!timeout.is_zero()).then_some(timeout);
         self
