@@ -53,7 +53,13 @@ fn reattach_to_a_device_that_is_not_connected_says_so() {
 #[test]
 fn reattach_by_ioctl_is_refused() {
     let o = userblk(&[
-        "serve", "ram:1M", "--nbd", "/dev/nbd15", "--reattach", "--setup", "ioctl",
+        "serve",
+        "ram:1M",
+        "--nbd",
+        "/dev/nbd15",
+        "--reattach",
+        "--setup",
+        "ioctl",
     ]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(

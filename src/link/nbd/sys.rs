@@ -190,4 +190,3 @@ pub(crate) fn page_size() -> u64 {
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size).unwrap_or(4096).max(4096)
 }
-
