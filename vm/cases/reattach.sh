@@ -44,12 +44,18 @@ no_d_state() {
     return 1
 }
 
-# gone PID: whether the process no longer runs (exited, or a zombie waiting to be reaped).
+# gone PID: whether the process no longer runs (exited, or a zombie waiting to be reaped). Every
+# thread counts: a killed process whose main thread has exited shows Z in /proc/PID/stat while
+# another thread (the ioctl set-up's DO_IT thread, blocked in the kernel) still runs.
 gone() {
-    local s
-    read -r s 2>/dev/null <"/proc/$1/stat" || return 0
-    s=${s##*) }
-    [[ ${s%% *} == Z ]]
+    local t s
+    [[ -d /proc/$1 ]] || return 0
+    for t in /proc/"$1"/task/*/stat; do
+        read -r s 2>/dev/null <"$t" || continue
+        s=${s##*) }
+        [[ ${s%% *} == Z ]] || return 1
+    done
+    return 0
 }
 
 # wait_gone PID SECONDS: waits for PID to end (status 1 if it is still running then).
