@@ -148,6 +148,17 @@ pub enum LinkError {
         /// The process that started it.
         pid: u32,
     },
+    /// A device was to be freed while a live process still serves it.
+    #[error(
+        "{device} is served by a running process (pid {pid}): stop that server (SIGTERM) to free \
+         the device, or force it (`userblk disconnect --force`), which fails its I/O"
+    )]
+    Served {
+        /// The device.
+        device: String,
+        /// The serving process.
+        pid: u32,
+    },
     /// A reattach (new connections for a running device) was refused.
     #[error("cannot reattach to {device}: {reason}")]
     Reattach {

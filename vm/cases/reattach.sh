@@ -205,6 +205,18 @@ t_reattach() {
     local errors_after
     errors_after=$(io_errors)
     ((errors_after == errors_before)) || { dmesg | grep -E 'I/O error|EXT4-fs error' | tail; echo "the kernel logged I/O errors"; return 1; }
+    # The kernel's pid attribute still names the killed server; the reattached one is known as
+    # the device's server all the same: disconnect refuses it, serve calls the device busy.
+    if "$USERBLK_BIN" disconnect "$NBD" >"$WORK/disc.out" 2>&1; then
+        cat "$WORK/disc.out"; echo "disconnect took the device from its reattached server"; return 1
+    fi
+    cat "$WORK/disc.out"
+    grep -q "served by a running process (pid $SERVE_PID)" "$WORK/disc.out"
+    if "$USERBLK_BIN" serve "file:$img" --nbd "$NBD" >"$WORK/busy.out" 2>&1; then
+        echo "a second server attached to a served device"; return 1
+    fi
+    cat "$WORK/busy.out"
+    ! grep -q "held by a server that is gone" "$WORK/busy.out"
     umount "$MNT"
     fsck.ext4 -fn "$NBD"
     stop_serve INT

@@ -11,17 +11,26 @@ use userblk::link::nbd::{self, Disconnected};
 #[command(after_help = "\
 A server killed with SIGKILL leaves its /dev/nbdN configured: its requests wait (for a reattach,
 see `userblk serve --reattach`) and then fail, and the device stays busy until this is run.
-Requests still in flight fail with EIO; a server still running sees DISC and stops. Needs root.")]
+Requests still in flight fail with EIO. A device that a running server still serves is refused
+(stop that server instead), unless --force. Needs root.")]
 pub struct Args {
     /// The NBD device node, e.g. /dev/nbd0.
     #[arg(value_name = "DEVICE")]
     pub device: PathBuf,
+    /// Disconnect even a device that a running server still serves (its I/O fails).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Runs `userblk disconnect`.
 pub fn run(args: Args) -> ExitCode {
     let name = args.device.display();
-    match nbd::disconnect(&args.device) {
+    let result = if args.force {
+        nbd::force_disconnect(&args.device)
+    } else {
+        nbd::disconnect(&args.device)
+    };
+    match result {
         Ok(Disconnected::AlreadyFree) => {
             println!("userblk: {name} was not connected: nothing to do");
             ExitCode::SUCCESS

@@ -19,6 +19,7 @@ use super::ioctl::{self, IoctlConfig, SetupError};
 use super::mount::MountOptions;
 use super::netlink::{ConnectRequest, NbdNetlink, ReconfigureRequest, RequestError};
 use super::recovery::{self, ReattachError};
+use super::served_by;
 use super::sys::{self, nbd_ioctl, NbdIoctl, NbdNode};
 use super::{
     block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
@@ -299,6 +300,8 @@ pub struct NbdLink {
     /// sees the connections end even while the server still holds its descriptors.
     server_ends: Vec<UnixStream>,
     running: Option<Running>,
+    /// Started by a reattach, and so recorded as the device's server (see `served_by`).
+    reattached: bool,
 }
 
 impl NbdLink {
@@ -309,6 +312,7 @@ impl NbdLink {
             control: Arc::new(Control::default()),
             server_ends: Vec::new(),
             running: None,
+            reattached: false,
         }
     }
 
@@ -492,7 +496,7 @@ impl NbdLink {
         }
         let view = recovery::kernel_view(index)
             .ok_or_else(|| refuse(device.clone(), ReattachError::NotConnected))?;
-        if let Some(pid) = view.pid.filter(|&p| recovery::process_alive(p)) {
+        if let Some(pid) = served_by::live_server(index) {
             return Err(refuse(device, ReattachError::StillServed { pid }));
         }
         let served = recovery::check_compatible(&view.export, export)
@@ -522,6 +526,11 @@ impl NbdLink {
             .map(UnixStream::try_clone)
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| LinkError::io("duplicating a socket", e))?;
+        // The kernel's pid attribute still names the first server: say who serves it now, so
+        // that `serve` and `disconnect` do not take the device for orphaned. Best effort (a
+        // record that cannot be written only makes those more cautious than needed).
+        let _ = served_by::record_self(index);
+        self.reattached = true;
         self.running = Some(Running::Netlink { index });
         {
             let mut st = self.control.lock();
@@ -617,6 +626,9 @@ impl NbdLink {
         };
         let result = match running {
             Running::Netlink { index } => {
+                if std::mem::take(&mut self.reattached) {
+                    served_by::forget_self(index);
+                }
                 let already = std::mem::replace(&mut self.control.lock().disconnect_sent, true);
                 let r = if already {
                     Ok(())
@@ -668,7 +680,7 @@ impl NbdLink {
 /// A device found busy: [`LinkError::Orphaned`] when the process that started it is gone,
 /// [`LinkError::Busy`] otherwise.
 fn busy_error(index: u32, cx: &Context) -> LinkError {
-    match recovery::orphaned_by(index) {
+    match served_by::orphaned_by(index) {
         Some(pid) => LinkError::Orphaned {
             device: device_path(index).display().to_string(),
             pid,

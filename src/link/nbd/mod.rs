@@ -49,12 +49,13 @@ mod link;
 mod mount;
 mod netlink;
 mod recovery;
+mod served_by;
 mod sys;
 
 pub use link::{MountHandle, NbdLink};
 pub use mount::{mount, MountOptions, Mounted, DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_TIMEOUT};
 pub use netlink::DeviceStatus;
-pub use recovery::{disconnect, Disconnected, ReattachError};
+pub use recovery::{disconnect, force_disconnect, Disconnected, ReattachError};
 
 /// How the driver is configured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -36,6 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::netlink::{NbdNetlink, RequestError};
+use super::served_by;
 use super::sys::{nbd_ioctl, NbdIoctl, NbdNode};
 use super::{device_connected, device_index, device_path, driver_loaded};
 use crate::link::{Export, LinkError};
@@ -165,26 +166,6 @@ pub(crate) fn kernel_view(index: u32) -> Option<KernelView> {
     })
 }
 
-/// Whether process `pid` exists and is not a zombie.
-pub(crate) fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-/// The pid of the gone server that still holds `/dev/nbd{index}`, if that is its state: connected,
-/// and the process that started it no longer runs. (After a reattach the attribute still names
-/// the first server, so a reattached device looks like this too.)
-pub(crate) fn orphaned_by(index: u32) -> Option<u32> {
-    let pid = sysfs(index, "pid")?.parse().ok()?;
-    (!process_alive(pid)).then_some(pid)
-}
-
 /// Checks that a new server exporting `ours` (as the kernel would be told) may take over a
 /// device the kernel holds as `kernel`: the same size and block size, every command the kernel
 /// sends supported, not read-only under a writable device. Returns the export to serve.
@@ -252,14 +233,29 @@ pub enum Disconnected {
 /// How long [`disconnect`] waits for the device to be let go.
 const FREE_WAIT: Duration = Duration::from_secs(10);
 
-/// Frees `/dev/nbdN` whatever became of its server: netlink DISCONNECT (what `nbd-client -d`
-/// sends), or, where the kernel has no NBD netlink family, the ioctls `NBD_DISCONNECT` and
-/// `NBD_CLEAR_SOCK` on the node. Requests in flight fail with EIO, as do later ones; a server
-/// still running sees DISC and its connections end. Needs CAP_SYS_ADMIN.
+/// Frees `/dev/nbdN` whose server is gone: netlink DISCONNECT (what `nbd-client -d` sends),
+/// or, where the kernel has no NBD netlink family, the ioctls `NBD_DISCONNECT` and
+/// `NBD_CLEAR_SOCK` on the node. Requests in flight fail with EIO, as do later ones. Needs
+/// CAP_SYS_ADMIN.
 ///
 /// A device whose server was killed stays configured (busy) until this is done: see the
-/// module's documentation for what the kernel does meanwhile.
+/// module's documentation for what the kernel does meanwhile. A device that a live process
+/// still serves (the one that connected it, or one that reattached to it) is refused with
+/// [`LinkError::Served`]: stop that server instead, or see [`force_disconnect`].
 pub fn disconnect(device: &Path) -> Result<Disconnected, LinkError> {
+    let index = device_index(device)?;
+    if let Some(pid) = served_by::live_server(index) {
+        return Err(LinkError::Served {
+            device: device_path(index).display().to_string(),
+            pid,
+        });
+    }
+    force_disconnect(device)
+}
+
+/// [`disconnect`], even under a server that still runs: its connections end (it sees them
+/// close) and the I/O in flight fails with EIO.
+pub fn force_disconnect(device: &Path) -> Result<Disconnected, LinkError> {
     let index = device_index(device)?;
     let name = device_path(index).display().to_string();
     if !device_connected(index) {
@@ -396,13 +392,6 @@ mod tests {
         assert_eq!(parse_debugfs_flags("garbage"), None);
         assert_eq!(parse_debugfs_flags(""), None);
         assert_eq!(parse_debugfs_flags("Hex: 0xzz"), None);
-    }
-
-    #[test]
-    fn liveness_of_processes() {
-        assert!(process_alive(std::process::id()));
-        // Beyond the kernel's PID_MAX_LIMIT (4,194,304): never a process.
-        assert!(!process_alive(4_194_305));
     }
 
     #[test]
