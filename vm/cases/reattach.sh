@@ -3,7 +3,8 @@
 #                (crc32c) on a file in it, kill -9 of the server, `serve --reattach` within the
 #                timeout: no I/O error, the verify passes, fsck is clean.
 #   kill_netlink, kill_ioctl
-#                KILL_ITERATIONS (default 10) kills of the server under a data (fio, buffered and
+#                KILL_ITERATIONS (default 3, to keep CI's time; `KILL_ITERATIONS=10 vm/run.sh
+#                --only kill_` for a longer run) kills of the server under a data (fio, buffered and
 #                direct) and metadata (creates, renames, unlinks, fsyncs in bash) workload on
 #                ext4; netlink alternates a reattach and a bounded failure (requests time out,
 #                wait for a reattach, fail; `serve` then says the device is orphaned and
@@ -16,7 +17,7 @@
 # the metadata workload is the bash loop meta_load below.
 # shellcheck disable=SC2317
 
-KILL_ITERATIONS=${KILL_ITERATIONS:-10}
+KILL_ITERATIONS=${KILL_ITERATIONS:-3}
 
 # The tasks in uninterruptible sleep (state D): "pid comm wchan" a line.
 d_tasks() {
