@@ -34,6 +34,7 @@ max_len_of() {
     case $1 in
         server) echo 16384 ;;
         trace) echo 16384 ;;
+        handshake) echo 8192 ;;
         *) echo 4096 ;;
     esac
 }
@@ -46,6 +47,10 @@ max_len_of() {
 extra_flags_of() {
     case $1 in
         server) echo -detect_leaks=0 ;;
+        # The handshake must never allocate what a client announces: option data is at most
+        # 64 KiB, so any allocation of a megabyte or more is a finding. (A panic's backtrace may
+        # itself pass the limit: its message comes first in the log.)
+        handshake) echo -malloc_limit_mb=1 ;;
         *) ;;
     esac
 }

@@ -291,7 +291,7 @@ fn cookies_are_laid_out_as_each_kernel_lays_them_out(#[case] profile: &str) {
 #[test]
 fn profiles_are_found_by_name_and_options_override_them() {
     let names: Vec<&str> = KernelProfile::all().iter().map(|p| p.name).collect();
-    assert_eq!(names, ["linux-6.1", "linux-6.12"]);
+    assert_eq!(names, ["linux-6.1", "linux-6.12", "ublk-6.12"]);
     assert!(KernelProfile::by_name("linux-4.19").is_none());
     let default = LoopbackOptions::default();
     assert_eq!(default.profile, KernelProfile::linux_6_12());

@@ -82,6 +82,7 @@ set +e
 "$USERBLK" vm "${kernels[@]}" --timeout 20m --keep-log "$results/boot" --rwdir "$results" -- \
     env USERBLK_BIN="$USERBLK" USERBLK_EXAMPLES="$CARGO_TARGET_DIR/release/examples" \
     USERBLK_KERNEL_TESTS="$kernel_tests" USERBLK_TEMPLATE_TESTS="$template_tests" USERBLK_VM_ONLY="$only" \
+    KILL_ITERATIONS="${KILL_ITERATIONS:-}" \
     RESULTS_ROOT="$results" bash "$VM_DIR/guest.sh"
 vm_status=$?
 set -e

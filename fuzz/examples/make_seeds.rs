@@ -7,11 +7,14 @@
 //!
 //! Scripts come from `harness/tests/scripts`; traces are the first ops of each shipped
 //! `harness/traces/*.ubt` (re-encoded, a few KiB each) plus a cut-off file; request streams,
-//! headers and netlink datagrams are the fixtures of the unit and malformed-input tests.
+//! headers and netlink datagrams are the fixtures of the unit and malformed-input tests; handshakes
+//! are the option sequences libnbd's tools and qemu send (as `harness/tests/net_hostile.rs` plays
+//! them).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use userblk::link::net::wire::{self, InfoRequest, MetaContextRequest, Opt};
 use userblk::proto::{encode_request, Command, CommandFlags, Cookie, Reply, Request};
 use userblk_harness::trace::{OpKind, Trace};
 
@@ -186,5 +189,68 @@ fn main() {
     ] {
         put("spec", name, s.as_bytes());
     }
+    // handshake: four set-up bytes (see the target), then what clients send: libnbd's tools
+    // (nbdinfo --map: LIST, STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO with
+    // BLOCK_SIZE), qemu's and old clients' EXPORT_NAME, TLS required then STARTTLS, and a stop
+    // in the middle of the haggling.
+    let opt = |o: u32, d: &[u8]| wire::encode_option(Opt(o), d);
+    let go = InfoRequest {
+        name: String::new(),
+        requests: vec![wire::info::BLOCK_SIZE, wire::info::NAME],
+    }
+    .encode();
+    let meta = MetaContextRequest {
+        name: String::new(),
+        queries: vec![wire::BASE_ALLOCATION.into()],
+    }
+    .encode();
+    let fixed = wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES;
+    let client = |setup: [u8; 4], flags: u32, options: &[Vec<u8>]| {
+        let mut b = setup.to_vec();
+        b.extend(flags.to_be_bytes());
+        for o in options {
+            b.extend(o);
+        }
+        b
+    };
+    let never = [0xff, 0xff];
+    let libnbd = [
+        opt(3, &[]),
+        opt(8, &[]),
+        opt(10, &meta),
+        opt(9, &meta),
+        opt(6, &go),
+        opt(7, &go),
+    ];
+    put(
+        "handshake",
+        "libnbd",
+        &client([0x0c, never[0], never[1], 0], fixed, &libnbd),
+    );
+    put(
+        "handshake",
+        "export-name",
+        &client([0x08, never[0], never[1], 0], 1, &[opt(1, b"disk")]),
+    );
+    put(
+        "handshake",
+        "tls-required",
+        &client(
+            [0x0e, never[0], never[1], 0],
+            fixed,
+            &[opt(7, &go), opt(5, &[]), opt(8, &[]), opt(7, &go)],
+        ),
+    );
+    put(
+        "handshake",
+        "stopping",
+        &client([0x04, 0, 40, 0], fixed, &[opt(3, &[]), opt(7, &go), opt(2, &[])]),
+    );
+    put(
+        "handshake",
+        "unknown-and-abort",
+        &client([0x00, never[0], never[1], 3], fixed, &[opt(42, b"xyz"), opt(2, &[])]),
+    );
+
     println!("seeds written under {}", root().join("seeds").display());
 }

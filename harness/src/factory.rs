@@ -59,10 +59,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use userblk::{BlockDevice, MemDevice};
 
@@ -246,8 +245,8 @@ where
 }
 
 /// A re-openable RAM disk of `size` bytes with 512-byte blocks: each storage is one
-/// [`MemDevice`], served again on re-open, and crashable (it has no volatile cache). Sparse:
-/// any size costs what is written, and a simulated power loss copies only what was written.
+/// [`MemDevice`], served again on re-open, and crashable (it has no volatile cache; a simulated
+/// power loss is a [`MemDevice::snapshot`]). Sparse: any size costs what is written.
 pub fn mem(size: u64) -> impl DeviceFactory {
     mem_with_block_size(size, 512)
 }
@@ -255,94 +254,8 @@ pub fn mem(size: u64) -> impl DeviceFactory {
 /// [`mem`] with another logical block size.
 pub fn mem_with_block_size(size: u64, block_size: u32) -> impl DeviceFactory {
     Reopen::new(
-        move || Ok(Arc::new(Ram::new(size, block_size))),
-        |ram: &Arc<Ram>| Ok(Arc::clone(ram)),
+        move || Ok(Arc::new(MemDevice::with_block_size(size, block_size))),
+        |ram: &Arc<MemDevice>| Ok(Arc::clone(ram)),
     )
     .crashable()
-}
-
-/// A [`MemDevice`] that remembers which of its 64 KiB pieces were ever written with data, so
-/// that a simulated power loss copies those only: [`MemDevice`] cannot list what it holds, and
-/// reading all of a 4 TiB one is out of the question.
-struct Ram {
-    mem: MemDevice,
-    /// Pieces (offset / [`RAM_PIECE`]) that may hold something other than zeroes.
-    written: Mutex<BTreeSet<u64>>,
-}
-
-/// The piece [`Ram`] tracks: MemDevice's allocation granule.
-const RAM_PIECE: u64 = 64 << 10;
-
-impl Ram {
-    fn new(size: u64, block_size: u32) -> Ram {
-        Ram {
-            mem: MemDevice::with_block_size(size, block_size),
-            written: Mutex::new(BTreeSet::new()),
-        }
-    }
-
-    fn note(&self, offset: u64, len: usize) {
-        if len == 0 {
-            return;
-        }
-        let last = (offset + len as u64 - 1) / RAM_PIECE;
-        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
-        written.extend(offset / RAM_PIECE..=last);
-    }
-}
-
-impl BlockDevice for Ram {
-    fn block_size(&self) -> u32 {
-        self.mem.block_size()
-    }
-    fn blocks(&self) -> u64 {
-        self.mem.blocks()
-    }
-    fn capabilities(&self) -> userblk::Capabilities {
-        self.mem.capabilities()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.mem.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        // Noted before the data lands, so that a power loss during the write sees the piece.
-        self.note(offset, data.len());
-        self.mem.write(offset, data)
-    }
-    fn write_fua(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.note(offset, data.len());
-        self.mem.write_fua(offset, data)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.mem.flush()
-    }
-    // Zeroing and trimming leave zeroes: nothing new to copy.
-    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.mem.trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        self.mem.write_zeroes(offset, len, may_trim)
-    }
-}
-
-/// RAM has no volatile cache: everything written survives.
-impl Crashable for Ram {
-    fn crash(&self) -> io::Result<Box<dyn BlockDevice>> {
-        let copy = MemDevice::with_block_size(self.mem.size(), self.mem.block_size());
-        let pieces: Vec<u64> = self
-            .written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect();
-        let mut buf = vec![0u8; RAM_PIECE as usize];
-        for piece in pieces {
-            let at = piece * RAM_PIECE;
-            let n = (self.mem.size() - at).min(RAM_PIECE) as usize;
-            self.mem.read(at, &mut buf[..n])?;
-            copy.write(at, &buf[..n])?;
-        }
-        Ok(Box::new(copy))
-    }
 }

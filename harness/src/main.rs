@@ -18,6 +18,8 @@ struct Cli {
 enum Cmd {
     /// Serve a built-in device (ram:SIZE, file:PATH) on a real /dev/nbdN (needs root and the nbd module).
     Serve(cli::serve::Args),
+    /// Free a /dev/nbdN whose server is gone (killed, crashed): what `nbd-client -d` does.
+    Disconnect(cli::disconnect::Args),
     /// Run the conformance suite, random tests and shipped traces against a device, and report.
     Check(cli::check::Args),
     /// Replay a recorded trace against a device and check every read.
@@ -31,6 +33,7 @@ enum Cmd {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Serve(a) => cli::serve::run(a),
+        Cmd::Disconnect(a) => cli::disconnect::run(a),
         Cmd::Check(a) => cli::check::run(a),
         Cmd::Replay(a) => cli::replay::run(a),
         Cmd::Record(a) => cli::record::run(a),

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 
-use userblk::link::loopback::LoopbackLink;
+use userblk::link::loopback::{KernelProfile, LoopbackLink};
 use userblk::proto::{Command, CommandFlags, Errno, Reply, Request, MAX_IO_LEN, REQUEST_LEN};
 use userblk::server::{export_of, validate};
 use userblk::{BlockDevice, Capabilities, FileDevice, KernelLink, LoopbackKernel, LoopbackOptions};
@@ -34,6 +34,29 @@ fn suite(factory: &dyn DeviceFactory) {
 #[test]
 fn mem_device_conforms() {
     suite(&factory::mem(SIZE));
+}
+
+/// The suite, then concurrent random runs, as each kernel the fake kernel plays (NBD on 6.1 and
+/// 6.12, ublk on 6.12): their request sizes, queue depths and commands.
+#[test]
+fn every_kernel_profile_conforms_and_passes_random_runs() {
+    let factory = factory::mem_with_block_size(SIZE, 4096);
+    let caps = factory.create().unwrap().capabilities();
+    for &profile in KernelProfile::all() {
+        let rig = LoopbackRig {
+            options: LoopbackOptions::for_profile(profile),
+        };
+        let env = Env::new(&rig, &factory, caps);
+        let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, _| {});
+        assert!(report.all_passed(), "{profile}: {report}");
+        let config = RandomConfig {
+            runs: 3,
+            ..RandomConfig::default()
+        };
+        if let Err(f) = random_test(&rig, &factory, caps, &config, &mut |_| {}) {
+            panic!("{profile}: {f}");
+        }
+    }
 }
 
 #[test]

@@ -2,7 +2,11 @@
 //! BUSE and buse-go share (READ data sent after an error reply) is caught by the conformance
 //! suite through [`ExternalRig`] with the defaults; the bug really desynchronises the stream (the
 //! next reply a plain reader takes is the junk, not the data); and the same server without the
-//! bug passes.
+//! bug passes. `out_of_range_rejected` holds such a server to what the protocol requires, not to
+//! what it recommends: qemu-nbd's answers (EINVAL for a write past the end where the protocol says
+//! SHOULD ENOSPC, success for a zero-length read, which it leaves unspecified) pass with a note,
+//! while a server that cuts a write straddling the end and acknowledges it, or one that drops the
+//! connection on a zero-length request, fails.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,8 +24,24 @@ use userblk_harness::net_rig::ExternalRig;
 
 const SIZE: u64 = 64 << 20;
 
+/// How the hand-written server answers requests it should refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    /// What the protocol asks.
+    Correct,
+    /// READ data sent after an error reply (vblk, BUSE, buse-go).
+    PayloadAfterError,
+    /// qemu-nbd's answers: EINVAL for a write past the end, success for a zero-length read.
+    QemuLike,
+    /// A write reaching past the end is cut to what fits, applied and acknowledged.
+    ClampsWrites,
+    /// A zero-length request closes the connection.
+    DropsOnZeroLength,
+}
+
 /// A one-request-at-a-time NBD server over a `Vec`, as small servers are written.
-fn serve(mut s: UnixStream, disk: &Mutex<Vec<u8>>, payload_after_error: bool) {
+fn serve(mut s: UnixStream, disk: &Mutex<Vec<u8>>, behaviour: Behaviour) {
+    let payload_after_error = behaviour == Behaviour::PayloadAfterError;
     let offer = Offer {
         name: String::new(),
         description: String::new(),
@@ -60,7 +80,13 @@ fn serve(mut s: UnixStream, disk: &Mutex<Vec<u8>>, payload_after_error: bool) {
             let _ = s.write_all(&r.encode());
             let _ = s.write_all(data);
         };
+        if req.len == 0 && behaviour == Behaviour::DropsOnZeroLength {
+            return;
+        }
         match req.command {
+            Command::Read if req.len == 0 && behaviour == Behaviour::QemuLike => {
+                reply(&mut s, None, &[]);
+            }
             Command::Read if bad => {
                 // The bug: the error reply is followed by the data the request asked for.
                 let junk = if payload_after_error {
@@ -82,8 +108,14 @@ fn serve(mut s: UnixStream, disk: &Mutex<Vec<u8>>, payload_after_error: bool) {
                 if s.read_exact(&mut data).is_err() {
                     return;
                 }
-                if bad {
-                    let errno = if invalid {
+                if bad && !invalid && behaviour == Behaviour::ClampsWrites {
+                    // The bug: what fits is written, and the write is acknowledged.
+                    let o = req.offset.min(SIZE) as usize;
+                    let fits = (SIZE as usize - o).min(data.len());
+                    disk.lock().unwrap()[o..o + fits].copy_from_slice(&data[..fits]);
+                    reply(&mut s, None, &[]);
+                } else if bad {
+                    let errno = if invalid || behaviour == Behaviour::QemuLike {
                         Errno::EINVAL
                     } else {
                         Errno::ENOSPC
@@ -111,7 +143,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(payload_after_error: bool) -> Server {
+    fn start(behaviour: Behaviour) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buggy.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -125,7 +157,7 @@ impl Server {
                 }
                 let Ok(conn) = conn else { continue };
                 let disk = Arc::clone(&disk);
-                thread::spawn(move || serve(conn, &disk, payload_after_error));
+                thread::spawn(move || serve(conn, &disk, behaviour));
             }
         });
         Server {
@@ -161,7 +193,7 @@ fn run_suite(server: &Server) -> conformance::Report {
 
 #[test]
 fn payload_after_an_error_reply_is_caught_with_the_defaults() {
-    let buggy = Server::start(true);
+    let buggy = Server::start(Behaviour::PayloadAfterError);
     let report = run_suite(&buggy);
     let case = report.case("out_of_range_rejected").unwrap();
     match &case.outcome {
@@ -172,7 +204,7 @@ fn payload_after_an_error_reply_is_caught_with_the_defaults() {
 
 #[test]
 fn the_bug_desynchronises_the_stream() {
-    let buggy = Server::start(true);
+    let buggy = Server::start(Behaviour::PayloadAfterError);
     let mut s = UnixStream::connect(&buggy.path).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
@@ -208,7 +240,7 @@ fn the_bug_desynchronises_the_stream() {
 
 #[test]
 fn the_same_server_without_the_bug_passes() {
-    let correct = Server::start(false);
+    let correct = Server::start(Behaviour::Correct);
     let report = run_suite(&correct);
     assert_eq!(
         report.case("out_of_range_rejected").unwrap().outcome,
@@ -221,5 +253,45 @@ fn the_same_server_without_the_bug_passes() {
             CaseOutcome::Pass,
             "{report}"
         );
+    }
+}
+
+#[test]
+fn qemu_nbds_answers_are_within_the_protocol_and_noted() {
+    let qemu_like = Server::start(Behaviour::QemuLike);
+    let report = run_suite(&qemu_like);
+    let case = report.case("out_of_range_rejected").unwrap();
+    assert_eq!(case.outcome, CaseOutcome::Pass, "{report}");
+    let note = case
+        .notes
+        .iter()
+        .find(|n| n.contains("not what it recommends"))
+        .unwrap_or_else(|| panic!("no note of the departures: {:?}", case.notes));
+    assert!(
+        note.contains("answered EINVAL (22), where the protocol says SHOULD ENOSPC (28)"),
+        "{note}"
+    );
+}
+
+#[test]
+fn a_write_past_the_end_cut_and_acknowledged_fails() {
+    let clamps = Server::start(Behaviour::ClampsWrites);
+    let report = run_suite(&clamps);
+    match &report.case("out_of_range_rejected").unwrap().outcome {
+        CaseOutcome::Fail(why) => assert!(
+            why.contains(&format!("WRITE at {}, 1024 bytes: succeeded", SIZE - 512)),
+            "{why}"
+        ),
+        other => panic!("the clamped write went unnoticed: {other:?}\n{report}"),
+    }
+}
+
+#[test]
+fn a_connection_dropped_on_a_zero_length_read_fails() {
+    let drops = Server::start(Behaviour::DropsOnZeroLength);
+    let report = run_suite(&drops);
+    match &report.case("out_of_range_rejected").unwrap().outcome {
+        CaseOutcome::Fail(why) => assert!(why.contains("READ at 0, 0 bytes: "), "{why}"),
+        other => panic!("the dropped connection went unnoticed: {other:?}\n{report}"),
     }
 }

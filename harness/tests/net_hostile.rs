@@ -22,17 +22,19 @@ struct Log(Arc<Mutex<Vec<String>>>);
 impl Log {
     fn options(&self) -> NetOptions {
         let log = self.clone();
-        NetOptions::new().on_event(move |e: &NetEvent<'_>| {
-            let kind = match e {
-                NetEvent::HandshakeFailed { error, .. } => format!("handshake: {error}"),
-                NetEvent::Finished { result: Err(e), .. } => format!("transmission: {e}"),
-                NetEvent::Finished { result: Ok(()), .. } => "finished".into(),
-                NetEvent::Refused { reason, .. } => format!("refused: {reason}"),
-                NetEvent::Aborted { .. } => "aborted".into(),
-                other => format!("{other}"),
-            };
-            log.0.lock().unwrap().push(kind);
-        })
+        NetOptions::new().on_event(move |e: &NetEvent<'_>| log.record(e))
+    }
+
+    fn record(&self, e: &NetEvent<'_>) {
+        let kind = match e {
+            NetEvent::HandshakeFailed { error, .. } => format!("handshake: {error}"),
+            NetEvent::Finished { result: Err(e), .. } => format!("transmission: {e}"),
+            NetEvent::Finished { result: Ok(()), .. } => "finished".into(),
+            NetEvent::Refused { reason, .. } => format!("refused: {reason}"),
+            NetEvent::Aborted { .. } => "aborted".into(),
+            other => format!("{other}"),
+        };
+        self.0.lock().unwrap().push(kind);
     }
 
     fn lines(&self) -> Vec<String> {
@@ -123,6 +125,22 @@ fn check_good_client(good: &NbdClient, round: u64) {
     assert_eq!(good.read(round * 4096 % (4 << 20), 4096).unwrap(), data);
 }
 
+/// Waits (up to 10 s) until at most `n` clients are connected: a client's slot is given back
+/// just after its socket closes, so the next cut client could otherwise find the slots of the
+/// last few still taken (and be refused) on a loaded machine.
+fn wait_active_at_most(listening: &Listening, n: usize) {
+    for _ in 0..1000 {
+        if listening.handle().stats().active <= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "{} clients still connected after 10 s",
+        listening.handle().stats().active
+    );
+}
+
 #[test]
 fn hang_up_at_every_byte_of_the_handshake() {
     let log = Log::default();
@@ -134,6 +152,7 @@ fn hang_up_at_every_byte_of_the_handshake() {
         s.write_all(&hs[..cut]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         drain(&mut s);
+        wait_active_at_most(&listening, 1);
         check_good_client(&good, cut as u64);
     }
     // Each cut client failed its handshake with a typed error, none entered transmission.
@@ -154,6 +173,7 @@ fn hang_up_at_every_byte_of_the_handshake() {
         s.write_all(&req[..cut]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         drain(&mut s);
+        wait_active_at_most(&listening, 1);
     }
     assert_eq!(
         log.count_reaching("transmission: ", 7),
@@ -317,4 +337,122 @@ fn stop_lets_clients_finish_then_flushes_and_unmounts_once() {
     assert_eq!(*flushes.lock().unwrap(), 1);
     drop(clients);
     assert_eq!(*unmounts.lock().unwrap(), 1);
+}
+
+/// A client still in the handshake when the server stops gets `NBD_REP_ERR_SHUTDOWN` for the
+/// option it has sent (the protocol's SHOULD), not a bare hang-up, and the stop is not logged as
+/// its failure. The client's bytes are in the socket before the listener's `Accepted` event
+/// stops the server, so the order is fixed: stop first, then the server reads the option.
+#[test]
+fn a_client_in_the_handshake_when_the_server_stops_gets_err_shutdown() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::{mpsc, OnceLock};
+    use userblk::link::net::wire::{OptionReplyHeader, Rep};
+    use userblk::link::net::NetHandle;
+
+    let log = Log::default();
+    let handle: Arc<OnceLock<NetHandle>> = Arc::new(OnceLock::new());
+    let (sent, sent_rx) = mpsc::channel::<()>();
+    let sent_rx = Mutex::new(sent_rx);
+    let logged = log.clone();
+    let stopper = Arc::clone(&handle);
+    let options = NetOptions::new().on_event(move |e: &NetEvent<'_>| {
+        if let NetEvent::Accepted { .. } = e {
+            let _ = sent_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(20));
+            if let Some(h) = stopper.get() {
+                h.stop();
+            }
+        }
+        logged.record(e);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listening = options
+        .spawn(MemDevice::new(1 << 20), &ListenAddr::Unix(path.clone()))
+        .unwrap();
+    handle.set(listening.handle().clone()).unwrap();
+
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = wire::FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    let go = InfoRequest {
+        name: String::new(),
+        requests: vec![],
+    };
+    hello.extend(wire::encode_option(Opt::GO, &go.encode()));
+    c.write_all(&hello).unwrap();
+    sent.send(()).unwrap();
+
+    let mut greeting = [0u8; wire::GREETING_LEN];
+    c.read_exact(&mut greeting).unwrap();
+    let mut header = [0u8; wire::OPTION_REPLY_HEADER_LEN];
+    c.read_exact(&mut header).unwrap();
+    let h = OptionReplyHeader::parse(&header).unwrap();
+    assert_eq!((h.option, h.reply), (Opt::GO, Rep::ERR_SHUTDOWN));
+    let mut message = vec![0u8; h.len as usize];
+    c.read_exact(&mut message).unwrap();
+    // Then the server closes: nothing more comes.
+    assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0);
+    listening.stop().unwrap();
+    assert_eq!(log.count_reaching("refused: the server is stopping", 1), 1);
+    assert_eq!(log.count("handshake"), 0, "{:?}", log.lines());
+}
+
+/// Every network client is served by a server of its own, with its own budget of memory in
+/// flight (`ServerOptions::max_in_flight_bytes` bounds one client here, not the listener): a
+/// client that pipelines 64 MiB of READs and never reads a reply fills its own 1 MiB budget and
+/// stalls only its own reader, while another client goes on being served.
+#[test]
+fn a_client_that_never_reads_replies_cannot_starve_another() {
+    let log = Log::default();
+    let server = userblk::ServerOptions {
+        max_in_flight_bytes: 1 << 20,
+        ..userblk::ServerOptions::default()
+    };
+    let (listening, uri, _dev) = start(&log, log.options().server_options(server));
+    let mut hog = connect(&uri);
+    hog.write_all(&client_handshake()).unwrap();
+    let mut reads = Vec::new();
+    for i in 0..256u64 {
+        let len = 256 << 10;
+        reads.extend(Request::new(Command::Read, Cookie(i), i % 16 * u64::from(len), len).encode());
+    }
+    hog.write_all(&reads).unwrap();
+    // Long enough for the hog's server to fill its socket and its budget.
+    std::thread::sleep(Duration::from_millis(300));
+    let good = NbdClient::connect(&uri).unwrap();
+    for round in 0..32 {
+        check_good_client(&good, round);
+    }
+    good.disconnect().unwrap();
+    drop(hog);
+    listening.stop().unwrap();
+}
+
+/// A silent client in the handshake does not hold a stop back: the read side shut by the stop
+/// ends its handshake at once, long before its (here ten-minute) handshake timeout.
+#[test]
+fn stop_ends_a_silent_handshake_at_once() {
+    let log = Log::default();
+    let (listening, uri, _dev) = start(
+        &log,
+        log.options().handshake_timeout(Duration::from_secs(600)),
+    );
+    let mut silent = connect(&uri);
+    let mut greeting = [0u8; wire::GREETING_LEN];
+    silent.read_exact(&mut greeting).unwrap();
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(listening.stop());
+    });
+    let result = stopped
+        .recv_timeout(Duration::from_secs(60))
+        .expect("stop waited for the silent client's handshake timeout");
+    result.unwrap();
+    // The server closed the connection.
+    assert_eq!(silent.read(&mut [0u8; 16]).unwrap(), 0);
+    assert_eq!(log.count_reaching("refused: the server is stopping", 1), 1);
 }

@@ -5,13 +5,14 @@
 use std::io;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use userblk::link::loopback::LoopbackLink;
 use userblk::proto::{Command, Errno, Reply, Request, REQUEST_LEN};
 use userblk::server::export_of;
 use userblk::{BlockDevice, Capabilities, KernelLink, LoopbackKernel, LoopbackOptions, MemDevice};
 use userblk_harness::conformance::{self, Env, Outcome};
-use userblk_harness::random::{random_run, RandomConfig};
+use userblk_harness::random::{random_run_with, Mode, RandomConfig};
 use userblk_harness::script::Script;
 use userblk_harness::target::LoopbackRig;
 
@@ -115,8 +116,16 @@ fn lost_write_is_caught_by_random_testing_and_shrunk_to_a_script_that_fails() {
     let rig = LoopbackRig::default();
     let factory = || buggy(Bug::LostEveryFifthWrite);
     let caps = factory().capabilities();
-    let cfg = RandomConfig::default();
-    let failure = random_run(&rig, &factory, caps, 7, 100, cfg.shrink_attempts)
+    // Sequential, and shrinking bounded by re-runs only (its default 4 s budget can run out
+    // first on a loaded machine, leaving a longer script).
+    let cfg = RandomConfig {
+        ops: 100,
+        mode: Mode::Sequential,
+        shrink_time: Duration::from_secs(600),
+        ..RandomConfig::default()
+    };
+    let failure = random_run_with(&rig, &factory, caps, 7, &cfg)
+        .map(|_| ())
         .expect_err("random testing missed a lost write");
     let text = failure.to_string();
     println!("{text}");

@@ -136,6 +136,38 @@ pub enum LinkError {
         /// The device, or "nbd" when none was chosen.
         device: String,
     },
+    /// The device is busy, but the process that started it is gone: a killed server left the
+    /// kernel's configuration behind.
+    #[error(
+        "{device} is held by a server that is gone (pid {pid}): run `userblk disconnect {device}` \
+         to free it, or serve it again with --reattach to resume its I/O"
+    )]
+    Orphaned {
+        /// The device.
+        device: String,
+        /// The process that started it.
+        pid: u32,
+    },
+    /// A device was to be freed while a live process still serves it.
+    #[error(
+        "{device} is served by a running process (pid {pid}): stop that server (SIGTERM) to free \
+         the device, or force it (`userblk disconnect --force`), which fails its I/O"
+    )]
+    Served {
+        /// The device.
+        device: String,
+        /// The serving process.
+        pid: u32,
+    },
+    /// A reattach (new connections for a running device) was refused.
+    #[error("cannot reattach to {device}: {reason}")]
+    Reattach {
+        /// The device, or "nbd" when none was named.
+        device: String,
+        /// Why.
+        #[source]
+        reason: nbd::ReattachError,
+    },
     /// The link was started twice.
     #[error("the link was already started")]
     AlreadyStarted,

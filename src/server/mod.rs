@@ -73,7 +73,8 @@ pub struct ServerOptions {
     /// are already buffered and writes them together; device calls on a connection then never
     /// overlap, and concurrency comes from the connections alone.
     pub workers: usize,
-    /// The memory requests in flight may hold, over all connections, in bytes: each request's
+    /// The memory requests in flight may hold, over all connections of one server (on the
+    /// network link, each client has a server of its own), in bytes: each request's
     /// data buffer (a power of two from 512 bytes) plus a little for its reply, from its header
     /// until its reply is written, and the free buffers kept for reuse. When the next request
     /// does not fit, reading stops until replies have gone out (back-pressure), so memory stays

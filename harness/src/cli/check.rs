@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use userblk::{BlockDevice, Capabilities, FileDevice, LoopbackOptions, MemDevice, PatternDevice};
 
-use userblk::link::loopback::{KernelProfile, LatencyReport};
+use userblk::link::loopback::{KernelProfile, LatencyReport, Transport};
 
 use crate::cli::check_nbd::{self, CheckTarget};
 use crate::cli::measured::MeasuredRig;
 use crate::conformance::{self, Env, Report};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::nbd_rig::NbdRig;
-use crate::random::{self, random_test, RandomConfig};
+use crate::random::{self, random_test, RandomConfig, RandomSummary};
 use crate::spec::{human, DeviceSpec};
 use crate::target::{LoopbackRig, Rig};
 use crate::trace::{replay_on, ReplayReport, Trace};
@@ -42,8 +42,8 @@ pub struct Args {
     /// Operations per random run, over all its threads.
     #[arg(long, default_value_t = RandomConfig::default().ops)]
     pub ops: usize,
-    /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12. Default: each of
-    /// them, the conformance suite once per kernel.
+    /// The kernel the fake kernel plays (repeatable): linux-6.1, linux-6.12, ublk-6.12.
+    /// Default: each of them, the conformance suite once per kernel.
     #[arg(long = "profile", value_name = "NAME", value_parser = parse_profile)]
     pub profiles: Vec<KernelProfile>,
     /// Directory of traces (*.ubt) to replay. Default: the traces shipped in harness/traces.
@@ -192,8 +192,113 @@ impl Drop for TempFile {
     }
 }
 
+/// The random tests of `userblk check` through `rig`, with one line of result (or the failure and
+/// the command that reproduces it); `detail` adds to the line what the rig did. Whether they
+/// passed.
+pub(super) fn run_random(
+    rig: &dyn Rig,
+    make: &dyn DeviceFactory,
+    caps: Capabilities,
+    args: &Args,
+    progress: &Progress,
+    detail: impl Fn(&RandomSummary) -> String,
+) -> bool {
+    let config = RandomConfig {
+        seed: args.seed,
+        runs: args.runs,
+        ops: args.ops,
+        ..RandomConfig::default()
+    };
+    let t = Instant::now();
+    let result = random_test(rig, make, caps, &config, &mut |i| {
+        progress.show(&format!(
+            "[{}/{}] random sequences (seed {})",
+            i + 1,
+            config.runs,
+            config.seed + u64::from(i)
+        ))
+    });
+    progress.clear();
+    match result {
+        Ok(s) => {
+            println!(
+                "random ({}{}): {} runs, {} operations, seeds {}..={}: ok ({} ms)",
+                config.mode,
+                detail(&s),
+                s.runs,
+                s.ops,
+                config.seed,
+                config.seed + u64::from(config.runs.saturating_sub(1)),
+                t.elapsed().as_millis()
+            );
+            true
+        }
+        Err(f) => {
+            println!("random: FAIL\n{f}");
+            println!(
+                "  reproduce: userblk check {} --seed {} --runs 1 --ops {}",
+                args.device, f.seed, args.ops
+            );
+            false
+        }
+    }
+}
+
+/// Replays the traces of `args.traces` (default: the shipped ones) that fit in `size` bytes
+/// through `replay`, one line each; a read-only `what` ("device", "export") skips them all.
+/// Whether every trace that ran passed.
+pub(super) fn run_traces(
+    args: &Args,
+    size: u64,
+    caps: Capabilities,
+    what: &str,
+    progress: &Progress,
+    replay: &mut dyn FnMut(&Trace) -> Result<ReplayReport, String>,
+) -> bool {
+    let dir = args
+        .traces
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("traces"));
+    let files = trace_files(&dir);
+    if files.is_empty() {
+        println!("traces: none found in {}", dir.display());
+    } else {
+        println!("traces ({}):", dir.display());
+    }
+    let mut passed = true;
+    for (i, path) in files.iter().enumerate() {
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        progress.show(&format!("[{}/{}] trace {name}", i + 1, files.len()));
+        let t = Instant::now();
+        let line = match Trace::read_file(path) {
+            Err(e) => {
+                passed = false;
+                format!("  FAIL  {name:<32} cannot read: {e}")
+            }
+            Ok(trace) if trace.header.size > size => format!(
+                "  skip  {name:<32} needs a device of {} bytes",
+                human(trace.header.size)
+            ),
+            Ok(_) if caps.read_only => format!("  skip  {name:<32} the {what} is read-only"),
+            Ok(trace) => match replay(&trace) {
+                Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),
+                Err(e) => {
+                    passed = false;
+                    format!("  FAIL  {name:<32} {e}")
+                }
+            },
+        };
+        progress.clear();
+        println!("{line}");
+    }
+    passed
+}
+
 /// The traces to replay: `*.ubt` files in `dir`, sorted.
-pub(super) fn trace_files(dir: &Path) -> Vec<PathBuf> {
+fn trace_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
@@ -271,10 +376,13 @@ pub fn run(args: Args) -> ExitCode {
     } else {
         args.profiles.clone()
     };
-    // The newest kernel asked for plays the fake kernel after the conformance suite.
+    // The newest NBD kernel asked for (else the first asked for) plays the fake kernel after the
+    // conformance suite.
     let newest = profiles
         .iter()
+        .filter(|p| p.transport == Transport::Nbd)
         .max_by_key(|p| KernelProfile::all().iter().position(|q| q == *p))
+        .or(profiles.first())
         .copied()
         .unwrap_or_else(KernelProfile::newest);
     let rigs: Vec<MeasuredRig> = profiles
@@ -398,92 +506,20 @@ pub fn run(args: Args) -> ExitCode {
     }
 
     // 2. Random sequences against the model.
-    let config = RandomConfig {
-        seed: args.seed,
-        runs: args.runs,
-        ops: args.ops,
-        ..RandomConfig::default()
-    };
-    let t = Instant::now();
-    match random_test(rig, &*make, caps, &config, &mut |i| {
-        progress.show(&format!(
-            "[{}/{}] random sequences (seed {})",
-            i + 1,
-            config.runs,
-            config.seed + u64::from(i)
-        ))
-    }) {
-        Ok(s) => {
-            progress.clear();
-            println!(
-                "random ({}, jittered, {} re-opened and read back): {} runs, {} operations, \
-                 seeds {}..={}: ok ({} ms)",
-                config.mode,
-                s.reopened,
-                s.runs,
-                s.ops,
-                config.seed,
-                config.seed + u64::from(config.runs.saturating_sub(1)),
-                t.elapsed().as_millis()
-            );
-        }
-        Err(f) => {
-            progress.clear();
-            failed = true;
-            println!("random: FAIL\n{f}");
-            println!(
-                "  reproduce: userblk check {} --seed {} --runs 1 --ops {}",
-                args.device, f.seed, args.ops
-            );
-        }
-    }
+    failed |= !run_random(rig, &*make, caps, &args, &progress, |s| {
+        format!(", jittered, {} re-opened and read back", s.reopened)
+    });
 
     // 3. The shipped traces.
-    let dir = args
-        .traces
-        .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("traces"));
-    let files = trace_files(&dir);
-    if files.is_empty() {
-        println!("traces: none found in {}", dir.display());
-    } else {
-        println!("traces ({}):", dir.display());
-    }
-    for (i, path) in files.iter().enumerate() {
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        progress.show(&format!("[{}/{}] trace {name}", i + 1, files.len()));
-        let t = Instant::now();
-        let line = match Trace::read_file(path) {
-            Err(e) => {
-                failed = true;
-                format!("  FAIL  {name:<32} cannot read: {e}")
-            }
-            Ok(trace) if trace.header.size > size => format!(
-                "  skip  {name:<32} needs a device of {} bytes",
-                human(trace.header.size)
-            ),
-            Ok(_) if caps.read_only => format!("  skip  {name:<32} the device is read-only"),
-            Ok(trace) => match make
-                .create()
-                .map_err(|e| e.to_string())
-                .and_then(|dev| zeroed(dev, &trace))
-                .and_then(|dev| match &nbd {
-                    Some(n) => replay_on(n, dev, &trace).map_err(|e| e.to_string()),
-                    None => replay_measured(&loopback, dev, &trace),
-                }) {
-                Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),
-                Err(e) => {
-                    failed = true;
-                    format!("  FAIL  {name:<32} {e}")
-                }
-            },
-        };
-        progress.clear();
-        println!("{line}");
-    }
+    failed |= !run_traces(&args, size, caps, "device", &progress, &mut |trace| {
+        make.create()
+            .map_err(|e| e.to_string())
+            .and_then(|dev| zeroed(dev, trace))
+            .and_then(|dev| match &nbd {
+                Some(n) => replay_on(n, dev, trace).map_err(|e| e.to_string()),
+                None => replay_measured(&loopback, dev, trace),
+            })
+    });
 
     // 4. How long requests took, through every fake kernel of the run.
     if nbd.is_none() {
@@ -495,21 +531,18 @@ pub fn run(args: Args) -> ExitCode {
         for line in latency.to_string().lines() {
             println!("  {line}");
         }
-        // Large requests are legitimately 100× slower than 4 KiB ones: flag only requests that
-        // are also slow in absolute terms.
+        // Outliers against the median of their own size, and slow in absolute terms too.
         let floor = Duration::from_millis(100);
         for c in &latency.commands {
-            let limit = c
-                .p50
-                .saturating_mul(LatencyReport::OUTLIER_FACTOR)
-                .max(floor);
-            let slow = c.histogram.count_above(limit);
+            let slow = c.slower_than(LatencyReport::OUTLIER_FACTOR, floor);
             if slow > 0 {
                 println!(
-                    "  outliers: {slow} {} requests took over {} ms (the slowest {} ms): a device \
-                     that stalls now and then? Not a failure; a stall over the limit is.",
+                    "  outliers: {slow} {} requests took over {} times the median of their size \
+                     and over {} ms (the slowest {} ms): a device that stalls now and then? Not \
+                     a failure; a stall over the limit is.",
                     c.command.name(),
-                    limit.as_millis(),
+                    LatencyReport::OUTLIER_FACTOR,
+                    floor.as_millis(),
                     c.max.as_millis()
                 );
             }

@@ -14,7 +14,6 @@
 
 use std::fmt;
 use std::io;
-use std::path::Path;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Instant;
@@ -22,14 +21,13 @@ use std::time::Instant;
 use userblk::proto::TransmissionFlags as F;
 use userblk::{BlockDevice, Capabilities};
 
-use super::check::{describe, print_report, trace_files, Args, Progress};
+use super::check::{describe, print_report, run_random, run_traces, Args, Progress};
 use crate::conformance::{self, Env};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::net_rig::{ExternalRig, NbdClient};
-use crate::random::{random_test, RandomConfig};
 use crate::spec::{human, DeviceSpec, SpecError};
 use crate::target::Rig;
-use crate::trace::{replay_on, Trace};
+use crate::trace::replay_on;
 
 /// What `userblk check` checks: a device it serves itself, or an NBD server's export.
 #[derive(Clone, Debug)]
@@ -181,93 +179,16 @@ pub fn run(uri: &str, args: &Args) -> ExitCode {
     failed |= !report.all_passed();
 
     // 2. Random sequences against the model (which takes the initial content as unknown).
-    let config = RandomConfig {
-        seed: args.seed,
-        runs: args.runs,
-        ops: args.ops,
-        ..RandomConfig::default()
-    };
-    let t = Instant::now();
-    match random_test(&rig, &make, caps, &config, &mut |i| {
-        progress.show(&format!(
-            "[{}/{}] random sequences (seed {})",
-            i + 1,
-            config.runs,
-            config.seed + u64::from(i)
-        ))
-    }) {
-        Ok(s) => {
-            progress.clear();
-            println!(
-                "random ({}): {} runs, {} operations, seeds {}..={}: ok ({} ms)",
-                config.mode,
-                s.runs,
-                s.ops,
-                config.seed,
-                config.seed + u64::from(config.runs.saturating_sub(1)),
-                t.elapsed().as_millis()
-            );
-        }
-        Err(f) => {
-            progress.clear();
-            failed = true;
-            println!("random: FAIL\n{f}");
-            println!(
-                "  reproduce: userblk check {uri} --seed {} --runs 1 --ops {}",
-                f.seed, args.ops
-            );
-        }
-    }
+    failed |= !run_random(&rig, &make, caps, args, &progress, |_| String::new());
 
     // 3. The shipped traces the export is large enough for.
-    let dir = args
-        .traces
-        .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("traces"));
-    let files = trace_files(&dir);
-    if files.is_empty() {
-        println!("traces: none found in {}", dir.display());
-    } else {
-        println!("traces ({}):", dir.display());
-    }
-    for (i, path) in files.iter().enumerate() {
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        progress.show(&format!("[{}/{}] trace {name}", i + 1, files.len()));
-        let t = Instant::now();
-        let line = match Trace::read_file(path) {
-            Err(e) => {
-                failed = true;
-                format!("  FAIL  {name:<32} cannot read: {e}")
-            }
-            Ok(trace) if trace.header.size > size => format!(
-                "  skip  {name:<32} needs a device of {} bytes",
-                human(trace.header.size)
-            ),
-            Ok(_) if caps.read_only => format!("  skip  {name:<32} the export is read-only"),
-            Ok(trace) => {
-                let ready = if trace.header.initial_zeroes {
-                    zero_export(&rig, caps, trace.header.size)
-                } else {
-                    Ok(())
-                };
-                match ready
-                    .and_then(|()| make.create().map_err(|e| e.to_string()))
-                    .and_then(|dev| replay_on(&rig, dev, &trace).map_err(|e| e.to_string()))
-                {
-                    Ok(r) => format!("  ok    {name:<32} {:>6} ms  {r}", t.elapsed().as_millis()),
-                    Err(e) => {
-                        failed = true;
-                        format!("  FAIL  {name:<32} {e}")
-                    }
-                }
-            }
-        };
-        progress.clear();
-        println!("{line}");
-    }
+    failed |= !run_traces(args, size, caps, "export", &progress, &mut |trace| {
+        if trace.header.initial_zeroes {
+            zero_export(&rig, caps, trace.header.size)?;
+        }
+        let dev = make.create().map_err(|e| e.to_string())?;
+        replay_on(&rig, dev, trace).map_err(|e| e.to_string())
+    });
 
     println!(
         "{} in {:.1} s",

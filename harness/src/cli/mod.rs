@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod check_nbd;
+pub mod disconnect;
 pub mod measured;
 pub mod record;
 pub mod replay;

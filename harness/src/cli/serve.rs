@@ -40,13 +40,16 @@ Examples:
   userblk serve ram:512M                    a 512 MiB RAM disk on the first free /dev/nbdN
   userblk serve file:disk.img --nbd /dev/nbd1
   userblk serve pattern:1G --read-only --connections 4
+  userblk serve file:disk.img --nbd /dev/nbd0 --reattach   after the first server was killed
 
   userblk serve ram:1G --listen 127.0.0.1:10809          any NBD client: nbdinfo nbd://127.0.0.1
   userblk serve file:disk.img --listen unix:/tmp/nbd.sock --export disk
   userblk serve ram:1G --listen [::1]:10809 --tls-cert server.pem --tls-key key.pem --tls require
 
 On /dev/nbdN: needs root (CAP_SYS_ADMIN) and the nbd module (`modprobe nbd`). Stop with Ctrl+C
-or SIGTERM: the device is flushed, disconnected and left free for the next user. With --listen:
+or SIGTERM: the device is flushed, disconnected and left free for the next user. If the server is
+killed instead, the device stays: its requests wait up to --timeout plus --dead-conn-timeout for
+`serve --reattach`, then fail; `userblk disconnect /dev/nbdN` frees it. With --listen:
 no root needed; Ctrl+C stops accepting, lets clients finish what is in flight, then flushes.")]
 pub struct Args {
     /// The device to serve: ram:SIZE (a RAM disk), file:PATH (a file or block device) or
@@ -68,9 +71,22 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub connections: u16,
 
-    /// Seconds before an unanswered request fails with EIO; 0 waits forever.
-    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    /// Seconds before the kernel takes back an unanswered request: it is requeued to wait for a
+    /// reattach (--dead-conn-timeout), then fails with EIO. 0 waits forever: a server that dies
+    /// then leaves its requests, and whoever waits on them, stuck until `userblk disconnect`.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub timeout: u64,
+
+    /// Seconds requests wait for a dead connection to be replaced by `serve --reattach` before
+    /// failing with EIO (netlink set-up only; 0 fails them at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub dead_conn_timeout: u64,
+
+    /// Give a running device whose server is gone (killed, crashed) new connections instead of
+    /// setting one up; needs --nbd /dev/nbdN, netlink set-up, and the same size, block size and
+    /// commands as before. Its waiting requests resume.
+    #[arg(long)]
+    pub reattach: bool,
 
     /// Logical block size the kernel sees: a power of two from 512 to the page size.
     #[arg(long, value_name = "BYTES")]
@@ -167,6 +183,8 @@ pub fn run(args: Args) -> ExitCode {
         .setup(args.setup.into())
         .connections(usize::from(args.connections))
         .timeout(Duration::from_secs(args.timeout))
+        .dead_conn_timeout(Duration::from_secs(args.dead_conn_timeout))
+        .reattach(args.reattach)
         .read_only(args.read_only)
         .mlock(args.mlock)
         .unmount_on_signals(true);
@@ -180,7 +198,8 @@ pub fn run(args: Args) -> ExitCode {
             (e.size, e.block_size, e.flags)
         });
         println!(
-            "userblk: serving {spec} on {} ({} bytes = {}, {bs}-byte blocks; {}; set up by {}, {} connection{})",
+            "userblk: {} {spec} on {} ({} bytes = {}, {bs}-byte blocks; {}; set up by {}, {} connection{})",
+            if args.reattach { "reattached, serving" } else { "serving" },
             handle.device().display(),
             size,
             human(size),

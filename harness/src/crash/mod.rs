@@ -108,40 +108,11 @@ impl<D: AsyncCrashable + 'static> Crashable for AsyncDevice<D> {
     }
 }
 
-/// Largest [`MemDevice`] whose [`Crashable::crash`] reads it all (about a second per GiB,
-/// unoptimised).
-const MEM_SCAN_LIMIT: u64 = 1 << 30;
-
-/// A [`MemDevice`] has no volatile cache: all of it survives. It cannot list what it holds, so a
-/// power loss reads it all: up to 1 GiB; a larger one fails with the way out,
-/// [`factory::mem`](crate::factory::mem), whose devices copy only what was written.
+/// A [`MemDevice`] has no volatile cache: all of it survives. The copy is a
+/// [`MemDevice::snapshot`], which costs what is allocated, whatever the disk's size.
 impl Crashable for MemDevice {
     fn crash(&self) -> io::Result<Box<dyn BlockDevice>> {
-        if self.size() > MEM_SCAN_LIMIT {
-            return Err(io::Error::other(format!(
-                "a MemDevice of {} bytes is too big to copy whole at each simulated power loss; \
-                 factory::mem(size) makes RAM devices that copy only what was written",
-                self.size()
-            )));
-        }
-        let copy = MemDevice::with_block_size(self.size(), self.block_size());
-        // Pieces of MemDevice's 64 KiB allocation granule: a piece that reads as zeroes (never
-        // written, or trimmed) is not copied, so the copy stays as sparse as the original; the
-        // cost is a read and a compare per piece, a few milliseconds for 64 MiB. Each piece is
-        // read under its chunk's lock: blocks are copied whole, as of some moment of the call.
-        let mut buf = vec![0u8; 64 << 10];
-        // Compared as slices (memcmp), fast even unoptimised.
-        let zeroes = vec![0u8; buf.len()];
-        let mut at = 0u64;
-        while at < self.size() {
-            let n = (self.size() - at).min(buf.len() as u64) as usize;
-            self.read(at, &mut buf[..n])?;
-            if buf[..n] != zeroes[..n] {
-                copy.write(at, &buf[..n])?;
-            }
-            at += n as u64;
-        }
-        Ok(Box::new(copy))
+        Ok(Box::new(self.snapshot()))
     }
 }
 

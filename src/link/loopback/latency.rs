@@ -147,16 +147,24 @@ const COMMANDS: [Command; 5] = [
     Command::WriteZeroes,
 ];
 
+/// Requests up to this many bytes are "small" in [`CommandLatency::by_size`]; larger ones
+/// "large". A 1 MiB copy legitimately takes a hundred times a 4 KiB one, so outliers are counted
+/// against the median of their own size class.
+pub const SMALL_REQUEST: u32 = 64 << 10;
+
 /// Per-command histograms, as the fake kernel keeps them.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Latencies {
     per_command: [LatencyHistogram; COMMANDS.len()],
+    by_size: [[LatencyHistogram; 2]; COMMANDS.len()],
 }
 
 impl Latencies {
-    pub(super) fn record(&mut self, command: Command, d: Duration) {
+    /// Records a `len`-byte request of `command` that took `d`.
+    pub(super) fn record(&mut self, command: Command, len: u32, d: Duration) {
         if let Some(i) = COMMANDS.iter().position(|&c| c == command) {
             self.per_command[i].record(d);
+            self.by_size[i][usize::from(len > SMALL_REQUEST)].record(d);
         }
     }
 
@@ -164,15 +172,16 @@ impl Latencies {
         LatencyReport {
             commands: COMMANDS
                 .iter()
-                .zip(&self.per_command)
-                .filter(|(_, h)| h.count() > 0)
-                .map(|(&command, h)| CommandLatency {
+                .zip(self.per_command.iter().zip(&self.by_size))
+                .filter(|(_, (h, _))| h.count() > 0)
+                .map(|(&command, (h, by_size))| CommandLatency {
                     command,
                     count: h.count(),
                     p50: h.quantile(0.5),
                     p99: h.quantile(0.99),
                     max: h.max(),
                     histogram: h.clone(),
+                    by_size: by_size.clone(),
                 })
                 .collect(),
         }
@@ -194,12 +203,24 @@ pub struct CommandLatency {
     pub max: Duration,
     /// All of them.
     pub histogram: LatencyHistogram,
+    /// The same requests by size: up to [`SMALL_REQUEST`] bytes, and larger.
+    pub by_size: [LatencyHistogram; 2],
 }
 
 impl CommandLatency {
-    /// Requests slower than `factor` times the median: the outliers worth a look.
+    /// Requests slower than `factor` times the median of their size class (see
+    /// [`by_size`](Self::by_size)): the outliers worth a look.
     pub fn slower_than_median(&self, factor: u32) -> u64 {
-        self.histogram.count_above(self.p50.saturating_mul(factor))
+        self.slower_than(factor, Duration::ZERO)
+    }
+
+    /// Requests slower than both `factor` times the median of their size class and `floor`.
+    pub fn slower_than(&self, factor: u32, floor: Duration) -> u64 {
+        self.by_size
+            .iter()
+            .filter(|h| h.count() > 0)
+            .map(|h| h.count_above(h.quantile(0.5).saturating_mul(factor).max(floor)))
+            .sum()
     }
 }
 
@@ -231,6 +252,9 @@ impl LatencyReport {
             {
                 Some(ours) => {
                     ours.histogram.merge(&theirs.histogram);
+                    for (o, t) in ours.by_size.iter_mut().zip(&theirs.by_size) {
+                        o.merge(t);
+                    }
                     ours.count = ours.histogram.count();
                     ours.p50 = ours.histogram.quantile(0.5);
                     ours.p99 = ours.histogram.quantile(0.99);
@@ -243,8 +267,8 @@ impl LatencyReport {
         self.commands.sort_by_key(order);
     }
 
-    /// Total outliers (over [`OUTLIER_FACTOR`](Self::OUTLIER_FACTOR) times their command's
-    /// median).
+    /// Total outliers (over [`OUTLIER_FACTOR`](Self::OUTLIER_FACTOR) times the median of their
+    /// command and size class).
     pub fn outliers(&self) -> u64 {
         self.commands
             .iter()
@@ -323,10 +347,10 @@ mod tests {
         let mut a = Latencies::default();
         let mut b = Latencies::default();
         for i in 1..=100 {
-            a.record(Command::Write, Duration::from_micros(i));
-            b.record(Command::Read, Duration::from_micros(10));
+            a.record(Command::Write, 4096, Duration::from_micros(i));
+            b.record(Command::Read, 4096, Duration::from_micros(10));
         }
-        b.record(Command::Write, Duration::from_secs(2));
+        b.record(Command::Write, 4096, Duration::from_secs(2));
         let mut merged = a.report();
         merged.merge(&b.report());
         let names: Vec<_> = merged.commands.iter().map(|c| c.command).collect();
@@ -359,10 +383,10 @@ mod tests {
     fn the_report_lists_commands_sent_and_flags_outliers() {
         let mut l = Latencies::default();
         for _ in 0..99 {
-            l.record(Command::Read, Duration::from_micros(20));
+            l.record(Command::Read, 4096, Duration::from_micros(20));
         }
-        l.record(Command::Read, Duration::from_millis(50));
-        l.record(Command::Flush, Duration::from_micros(5));
+        l.record(Command::Read, 4096, Duration::from_millis(50));
+        l.record(Command::Flush, 0, Duration::from_micros(5));
         let r = l.report();
         assert_eq!(r.commands.len(), 2);
         let read = r.get(Command::Read).unwrap();
@@ -374,5 +398,32 @@ mod tests {
         assert!(table.contains("READ"), "{table}");
         assert!(table.contains("50.0 ms"), "{table}");
         assert!(r.get(Command::Write).is_none());
+    }
+
+    #[test]
+    fn large_requests_are_outliers_only_against_large_ones() {
+        let mut l = Latencies::default();
+        // 4 KiB writes at 20 µs and 1 MiB writes at 5 ms: none is an outlier of its own size,
+        // though every large one is 250 times the median of all writes.
+        for _ in 0..90 {
+            l.record(Command::Write, 4096, Duration::from_micros(20));
+        }
+        for _ in 0..10 {
+            l.record(Command::Write, 1 << 20, Duration::from_millis(5));
+        }
+        let r = l.report();
+        let write = r.get(Command::Write).unwrap();
+        assert_eq!(write.histogram.count_above(write.p50 * 100), 10);
+        assert_eq!(r.outliers(), 0);
+        // A large write that stalls is one.
+        l.record(Command::Write, 1 << 20, Duration::from_secs(2));
+        assert_eq!(l.report().outliers(), 1);
+        assert_eq!(
+            l.report()
+                .get(Command::Write)
+                .unwrap()
+                .slower_than(100, Duration::from_secs(3)),
+            0
+        );
     }
 }

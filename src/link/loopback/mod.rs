@@ -45,7 +45,7 @@ mod timeouts;
 pub use error::{LoopbackError, StuckRequest, Violation};
 pub use jitter::Jitter;
 pub use kernel::LoopbackKernel;
-pub use latency::{CommandLatency, LatencyHistogram, LatencyReport};
+pub use latency::{CommandLatency, LatencyHistogram, LatencyReport, SMALL_REQUEST};
 pub use profile::{CookieOrder, KernelProfile, Transport};
 pub use raw::RawKernel;
 

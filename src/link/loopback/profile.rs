@@ -7,17 +7,21 @@
 //! changed them in between: "nbd: use the atomic queue limits API" (max_user_sectors 256
 //! becomes io_opt 128 KiB, 6.9/6.10), Eric Blake's "block nbd: use req.cookie instead of
 //! req.handle" (cookie in network byte order, 6.4), Wouter Verhelst's "nbd: implement the
-//! WRITE_ZEROES command" (6.12).
+//! WRITE_ZEROES command" (6.12). The ublk profile: `drivers/block/ublk_drv.c` of v6.12
+//! (`ublk_ctrl_start_dev`, which turns the server's SET_PARAMS into the queue limits) and what
+//! userblk's ublk transport asks for there (`link::ublk`).
 
 use std::fmt;
 
-/// The kernel driver a profile plays. Only NBD exists today; `ublk` will be another variant
-/// with its own transport, sharing the rest of the profile.
+/// The kernel driver a profile plays. The fake kernel always speaks NBD to the server; a ublk
+/// profile gives it the request shapes `ublk_drv` sends (sizes, queue depth, commands).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Transport {
     /// `drivers/block/nbd.c`: requests and replies on a socket per connection.
     Nbd,
+    /// `drivers/block/ublk_drv.c`: io_uring commands per queue on `/dev/ublkcN`.
+    Ublk,
 }
 
 /// How the kernel lays the 8 cookie bytes of a request on the wire.
@@ -142,18 +146,52 @@ impl KernelProfile {
         }
     }
 
+    /// Linux 6.12's `ublk_drv` serving a device that userblk's ublk transport set up with its
+    /// defaults (`link::ublk`: 64 tags a queue, 512 KiB requests, 1 GiB TRIM and WRITE_ZEROES).
+    /// Unlike NBD, the server chooses the limits in SET_PARAMS, and `ublk_ctrl_start_dev`
+    /// (6.12) copies them into the queue limits:
+    ///
+    /// - `max_request` 512 KiB: `.max_hw_sectors = p->max_sectors` (1024), and
+    ///   `blk_validate_limits` keeps `max_sectors` at that, below `BLK_DEF_MAX_SECTORS_CAP`.
+    /// - `queue_depth` 64: `ub->dev_info.queue_depth`, what ADD_DEV asked for.
+    /// - `max_discard`, `max_write_zeroes` 1 GiB: `lim.max_hw_discard_sectors =
+    ///   pd->max_discard_sectors` and `lim.max_write_zeroes_sectors =
+    ///   pd->max_write_zeroes_sectors` from the discard parameters; WRITE_ZEROES is sent as
+    ///   `UBLK_IO_OP_WRITE_ZEROES` (with `UBLK_IO_F_NOUNMAP` for `REQ_NOUNMAP`).
+    /// - FLUSH and FUA as NBD's 6.12 rule: a volatile cache only with `UBLK_ATTR_VOLATILE_CACHE`
+    ///   (set where the device serves FLUSH), FUA only with `UBLK_ATTR_FUA` on top of it.
+    /// - No cookie on the wire; the fake kernel's cookie is the 6.12 NBD one.
+    pub const fn ublk_6_12() -> KernelProfile {
+        KernelProfile {
+            name: "ublk-6.12",
+            transport: Transport::Ublk,
+            max_request: 1024 << 9,
+            max_hw_request: 1024 << 9,
+            queue_depth: 64,
+            max_discard: 1 << 30,
+            write_zeroes: true,
+            max_write_zeroes: 1 << 30,
+            cookie_order: CookieOrder::BigEndian,
+        }
+    }
+
     /// The newest profile: what [`LoopbackOptions::default`](super::LoopbackOptions) plays.
     pub const fn newest() -> KernelProfile {
         KernelProfile::linux_6_12()
     }
 
-    /// Every named profile, oldest first.
+    /// Every named profile: the NBD ones oldest first, then ublk.
     pub fn all() -> &'static [KernelProfile] {
-        const ALL: [KernelProfile; 2] = [KernelProfile::linux_6_1(), KernelProfile::linux_6_12()];
+        const ALL: [KernelProfile; 3] = [
+            KernelProfile::linux_6_1(),
+            KernelProfile::linux_6_12(),
+            KernelProfile::ublk_6_12(),
+        ];
         &ALL
     }
 
-    /// The profile called `name` (`linux-6.1`, `linux-6.12`; `6.1` and `6.12` too).
+    /// The profile called `name` (`linux-6.1`, `linux-6.12`, `ublk-6.12`; `6.1` and `6.12` too,
+    /// for the NBD ones).
     pub fn by_name(name: &str) -> Option<KernelProfile> {
         let name = name.trim();
         KernelProfile::all()
@@ -162,7 +200,7 @@ impl KernelProfile {
             .copied()
     }
 
-    /// The names of every profile, for error messages (`linux-6.1, linux-6.12`).
+    /// The names of every profile, for error messages (`linux-6.1, linux-6.12, ublk-6.12`).
     pub fn names() -> String {
         KernelProfile::all()
             .iter()
@@ -221,7 +259,11 @@ mod tests {
         );
         assert_eq!(KernelProfile::by_name("linux-5.15"), None);
         assert_eq!(KernelProfile::default(), KernelProfile::linux_6_12());
-        assert_eq!(KernelProfile::names(), "linux-6.1, linux-6.12");
+        assert_eq!(
+            KernelProfile::by_name("ublk-6.12"),
+            Some(KernelProfile::ublk_6_12())
+        );
+        assert_eq!(KernelProfile::names(), "linux-6.1, linux-6.12, ublk-6.12");
     }
 
     #[test]
@@ -231,6 +273,9 @@ mod tests {
         assert_eq!(p.max_request_for(4096), 1_310_720);
         assert_eq!(p.max_discard_for(512), 0xffff_fe00);
         assert_eq!(p.max_discard_for(4096), 0xffff_f000);
+        let ublk = KernelProfile::ublk_6_12();
+        assert_eq!(ublk.max_request_for(4096), 512 << 10);
+        assert_eq!(ublk.max_write_zeroes_for(4096), 1 << 30);
         let old = KernelProfile::linux_6_1();
         assert_eq!(old.max_request_for(512), 128 << 10);
         assert_eq!(old.max_discard_for(512), 0xffff_fe00);

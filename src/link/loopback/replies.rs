@@ -98,7 +98,7 @@ impl Inner {
             }
             if let Some(s) = st.conns[hwq].slots[tag].as_ref() {
                 let elapsed = s.first_sent.elapsed();
-                st.latency.record(req.command, elapsed);
+                st.latency.record(req.command, req.len, elapsed);
             }
             let wake = st.complete(hwq, tag, result);
             drop(st);

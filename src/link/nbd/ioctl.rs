@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
 use super::sys::{nbd_ioctl, NbdIoctl, NbdNode};
 
@@ -96,14 +98,42 @@ fn block_signals() {
     let _ = set.thread_block();
 }
 
+/// How long the kernel may block sending on a connection whose server reads nothing, when no
+/// request timeout is set (with one, the kernel uses it instead: `nbd_start_device`).
+///
+/// Without it, `kill -9` of the serving process could leave it unkillable (seen one run in five
+/// under a metadata workload): the kill interrupts DO_IT, whose clean-up
+/// (`nbd_start_device_ioctl` -> `sock_shutdown`, drivers/block/nbd.c, 6.1 and 6.12 alike) takes
+/// each connection's `tx_lock`; a task writing a request to the device may hold that lock while
+/// blocked in `sendmsg` on a full socket, and the kernel sets no send timeout without a request
+/// timeout. The socket would drain only when its server end closes, which happens when the
+/// process's descriptor table is released, which waits for every thread, the DO_IT thread
+/// included: a deadlock. With a send timeout the blocked sender gives up (EAGAIN: "Send control
+/// failed", the request requeued and then failed), the clean-up goes on and fails what is in
+/// flight with EIO (`nbd_clear_que`), and the process exits.
+///
+/// (Giving the DO_IT thread a descriptor table of its own, so that the server ends close at
+/// once, is no cure: the receive workers then see EOF and DO_IT may return normally before the
+/// kill interrupts it, skipping that clean-up; with no request timeout the requests in flight
+/// then never end. Seen in the VM suite on 6.1.)
+pub(crate) const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Configures `path` and starts DO_IT on a thread of its own. Returns once every ioctl before
 /// DO_IT succeeded (DO_IT itself may still fail at once: watch the thread) or with the first
-/// failure. The kernel ends are closed here once the kernel holds them.
+/// failure. The kernel ends are closed here once the kernel holds them; each gets the
+/// [`SEND_TIMEOUT`] first.
 pub(crate) fn start(
     path: &Path,
     config: IoctlConfig,
     kernel_ends: Vec<UnixStream>,
 ) -> Result<DoIt, SetupError> {
+    for end in &kernel_ends {
+        let secs = i64::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(i64::MAX);
+        setsockopt(end, sockopt::SendTimeout, &TimeVal::new(secs, 0)).map_err(|e| SetupError {
+            ioctl: Some(NbdIoctl::SetSock),
+            source: e.into(),
+        })?;
+    }
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<NbdNode>, SetupError>>();
     let path = path.to_path_buf();
     let thread = thread::Builder::new()

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use super::ioctl::{self, IoctlConfig, SetupError};
 use super::mount::MountOptions;
-use super::netlink::{ConnectRequest, NbdNetlink, RequestError};
+use super::netlink::{ConnectRequest, NbdNetlink, ReconfigureRequest, RequestError};
+use super::recovery::{self, ReattachError};
+use super::served_by;
 use super::sys::{self, nbd_ioctl, NbdIoctl, NbdNode};
 use super::{
     block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
@@ -264,7 +266,7 @@ pub(crate) fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn context(index: Option<u32>, block_size: u32) -> Context {
+pub(crate) fn context(index: Option<u32>, block_size: u32) -> Context {
     Context {
         device: index.map_or_else(|| "nbd".into(), |i| device_path(i).display().to_string()),
         block_size,
@@ -298,6 +300,8 @@ pub struct NbdLink {
     /// sees the connections end even while the server still holds its descriptors.
     server_ends: Vec<UnixStream>,
     running: Option<Running>,
+    /// Started by a reattach, and so recorded as the device's server (see `served_by`).
+    reattached: bool,
 }
 
 impl NbdLink {
@@ -308,6 +312,7 @@ impl NbdLink {
             control: Arc::new(Control::default()),
             server_ends: Vec::new(),
             running: None,
+            reattached: false,
         }
     }
 
@@ -359,6 +364,9 @@ impl NbdLink {
             mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
                 .map_err(|e| LinkError::io("mlockall", e.into()))?;
         }
+        if self.options.is_reattach() {
+            return self.start_reattach(&export);
+        }
         let wanted = match self.options.device_path() {
             Some(p) => Some(device_index(p)?),
             None => None,
@@ -382,14 +390,7 @@ impl NbdLink {
             })?),
             Setup::Ioctl => SetupWith::Ioctl,
         };
-        let mut server_ends = Vec::new();
-        let mut kernel_ends = Vec::new();
-        for _ in 0..self.options.connection_count() {
-            let (server, kernel) =
-                UnixStream::pair().map_err(|e| LinkError::io("socketpair", e))?;
-            server_ends.push(server);
-            kernel_ends.push(kernel);
-        }
+        let (server_ends, kernel_ends) = self.socket_pairs()?;
         let clones = server_ends
             .iter()
             .map(UnixStream::try_clone)
@@ -476,7 +477,86 @@ impl NbdLink {
         };
         // The kernel holds its own references to the sockets now (or none, on failure).
         drop(kernel_ends);
-        result.map_err(|e| request_error(Step::Connect, e, &cx))
+        result.map_err(|e| match (e, wanted) {
+            (RequestError::Errno(EBUSY), Some(index)) => busy_error(index, &cx),
+            (e, _) => request_error(Step::Connect, e, &cx),
+        })
+    }
+
+    /// New connections for a running device whose server is gone: netlink RECONFIGURE.
+    fn start_reattach(&mut self, export: &Export) -> Result<Started, LinkError> {
+        let refuse = |device: String, reason| LinkError::Reattach { device, reason };
+        let Some(path) = self.options.device_path() else {
+            return Err(refuse("nbd".into(), ReattachError::NoDevice));
+        };
+        let index = device_index(path)?;
+        let device = device_path(index).display().to_string();
+        if self.options.setup_method() == Setup::Ioctl {
+            return Err(refuse(device, ReattachError::NotNetlink));
+        }
+        let view = recovery::kernel_view(index)
+            .ok_or_else(|| refuse(device.clone(), ReattachError::NotConnected))?;
+        if let Some(pid) = served_by::live_server(index) {
+            return Err(refuse(device, ReattachError::StillServed { pid }));
+        }
+        let served = recovery::check_compatible(&view.export, export)
+            .map_err(|reason| refuse(device.clone(), reason))?;
+        let cx = context(Some(index), export.block_size);
+        let mut nl = NbdNetlink::open().map_err(|e| request_error(Step::Family, e, &cx))?;
+        let (server_ends, kernel_ends) = self.socket_pairs()?;
+        let req = ReconfigureRequest {
+            index,
+            timeout: self.options.timeout_value().map(whole_seconds),
+            dead_conn_timeout: self.options.dead_conn_timeout_value().map(whole_seconds),
+            fds: kernel_ends
+                .iter()
+                .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
+                .collect(),
+        };
+        let result = nl.reconfigure(&req);
+        drop(kernel_ends);
+        result.map_err(|e| recovery::reconfigure_error(index, e))?;
+        // The kernel ignores a socket for which no connection is dead, and answers success:
+        // such a socket is closed on its side by now.
+        if server_ends.iter().any(recovery::peer_closed) {
+            return Err(refuse(device, ReattachError::NoDeadConnection));
+        }
+        self.server_ends = server_ends
+            .iter()
+            .map(UnixStream::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| LinkError::io("duplicating a socket", e))?;
+        // The kernel's pid attribute still names the first server: say who serves it now, so
+        // that `serve` and `disconnect` do not take the device for orphaned. Best effort (a
+        // record that cannot be written only makes those more cautious than needed).
+        let _ = served_by::record_self(index);
+        self.reattached = true;
+        self.running = Some(Running::Netlink { index });
+        {
+            let mut st = self.control.lock();
+            st.index = Some(index);
+            st.setup = Some(Setup::Netlink);
+            st.export = Some(served);
+            st.phase = Phase::Running;
+        }
+        self.control.changed.notify_all();
+        Ok(Started {
+            export: served,
+            conns: server_ends,
+        })
+    }
+
+    /// One socketpair a connection: the server's ends and the kernel's.
+    fn socket_pairs(&self) -> Result<(Vec<UnixStream>, Vec<UnixStream>), LinkError> {
+        let mut server_ends = Vec::new();
+        let mut kernel_ends = Vec::new();
+        for _ in 0..self.options.connection_count() {
+            let (server, kernel) =
+                UnixStream::pair().map_err(|e| LinkError::io("socketpair", e))?;
+            server_ends.push(server);
+            kernel_ends.push(kernel);
+        }
+        Ok((server_ends, kernel_ends))
     }
 
     fn connect_ioctl(
@@ -513,7 +593,7 @@ impl NbdLink {
             // is only a courtesy: the set-up's first SET_SOCK is what claims the device, and it
             // fails with EBUSY rather than disturb a device another task holds.)
             if wanted.is_some() && !wait_until_free(index, deadline) {
-                return Err(classify(Step::Other("NBD_SET_SOCK"), EBUSY, &cx));
+                return Err(busy_error(index, &cx));
             }
             if wanted.is_none() && device_connected(index) {
                 last = Some(classify(Step::Other("NBD_SET_SOCK"), EBUSY, &cx));
@@ -546,6 +626,9 @@ impl NbdLink {
         };
         let result = match running {
             Running::Netlink { index } => {
+                if std::mem::take(&mut self.reattached) {
+                    served_by::forget_self(index);
+                }
                 let already = std::mem::replace(&mut self.control.lock().disconnect_sent, true);
                 let r = if already {
                     Ok(())
@@ -591,6 +674,18 @@ impl NbdLink {
         for s in self.server_ends.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// A device found busy: [`LinkError::Orphaned`] when the process that started it is gone,
+/// [`LinkError::Busy`] otherwise.
+fn busy_error(index: u32, cx: &Context) -> LinkError {
+    match served_by::orphaned_by(index) {
+        Some(pid) => LinkError::Orphaned {
+            device: device_path(index).display().to_string(),
+            pid,
+        },
+        None => classify(Step::Connect, EBUSY, cx),
     }
 }
 

@@ -10,6 +10,9 @@
 //!   thread of its own.
 //! - [`blk`]: safe wrappers of the block-device ioctls a test needs on `/dev/nbdN`.
 //!
+//! - [`MountOptions::reattach`]: new connections for a running device whose server died (kept
+//!   by the dead-connection timeout), and [`disconnect`]: free a device whose server is gone.
+//!
 //! Set-up failures are typed [`LinkError`]s that say what to do: `ModuleNotLoaded`
 //! (`modprobe nbd`), `PermissionDenied` (CAP_SYS_ADMIN), `Busy`, `InvalidBlockSize`.
 //!
@@ -45,11 +48,14 @@ mod ioctl;
 mod link;
 mod mount;
 mod netlink;
+mod recovery;
+mod served_by;
 mod sys;
 
 pub use link::{MountHandle, NbdLink};
-pub use mount::{mount, MountOptions, Mounted};
+pub use mount::{mount, MountOptions, Mounted, DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_TIMEOUT};
 pub use netlink::DeviceStatus;
+pub use recovery::{disconnect, force_disconnect, Disconnected, ReattachError};
 
 /// How the driver is configured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -13,6 +13,13 @@ use crate::link::signals::SignalWatch;
 use crate::link::LinkError;
 use crate::server::{Server, ServerError, ServerOptions};
 
+/// The default request timeout: long enough for any sane device, short enough that the requests
+/// of a dead server are taken back well before the hung-task detector's 120 s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default dead-connection timeout (netlink): how long requests wait for a reattach.
+pub const DEFAULT_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How to serve a device on `/dev/nbdN`: a builder.
 ///
 /// ```no_run
@@ -36,6 +43,7 @@ pub struct MountOptions {
     connections: usize,
     timeout: Option<Duration>,
     dead_conn_timeout: Option<Duration>,
+    reattach: bool,
     read_only: bool,
     block_size: Option<u32>,
     io_flusher: bool,
@@ -52,15 +60,22 @@ impl Default for MountOptions {
 
 impl MountOptions {
     /// The defaults: a free device chosen by the kernel, netlink set-up with ioctl fallback, one
-    /// connection, no timeout, the device's own block size and read-only flag,
+    /// connection, a request timeout of [`DEFAULT_TIMEOUT`] and a dead-connection timeout of
+    /// [`DEFAULT_DEAD_CONN_TIMEOUT`], the device's own block size and read-only flag,
     /// `PR_SET_IO_FLUSHER` where permitted, no `mlockall`, signals left alone.
+    ///
+    /// With these, a server that dies leaves no task blocked for good: requests it had are
+    /// requeued after at most the request timeout, then wait up to the dead-connection
+    /// timeout for a [`reattach`](Self::reattach)ed server, then fail with EIO. (With no
+    /// request timeout the kernel waits for them forever.)
     pub fn new() -> MountOptions {
         MountOptions {
             device: None,
             setup: Setup::Auto,
             connections: 1,
-            timeout: None,
-            dead_conn_timeout: None,
+            timeout: Some(DEFAULT_TIMEOUT),
+            dead_conn_timeout: Some(DEFAULT_DEAD_CONN_TIMEOUT),
+            reattach: false,
             read_only: false,
             block_size: None,
             io_flusher: true,
@@ -98,16 +113,52 @@ impl MountOptions {
         self
     }
 
-    /// A request that gets no answer in this time fails with EIO (whole seconds; zero, the
-    /// default, waits forever).
+    /// A request that gets no answer in this time is taken back by the kernel (whole seconds;
+    /// default [`DEFAULT_TIMEOUT`]): its connection is marked dead and the request requeued, to
+    /// wait up to the [dead-connection timeout](Self::dead_conn_timeout) for a new connection,
+    /// then fail with EIO. Zero waits forever: a server that dies then leaves its requests, and
+    /// the tasks waiting on them, stuck until someone runs [`disconnect`](super::disconnect).
+    ///
+    /// With [`Setup::Ioctl`] and no timeout, the kernel still gives up sending on a connection
+    /// whose server has read nothing for 30 s (a send timeout on the socket, without which a
+    /// killed server's process could hang in the kernel for good: see `ioctl.rs`).
     pub fn timeout(mut self, timeout: Duration) -> MountOptions {
         self.timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
 
-    /// How long requests wait for a dead connection to be replaced (netlink only).
+    /// How long requests wait for a dead connection to be replaced by a
+    /// [`reattach`](Self::reattach) before failing with EIO (netlink only; default
+    /// [`DEFAULT_DEAD_CONN_TIMEOUT`]; zero fails them at once). The wait is uninterruptible, so
+    /// keep it, with the request timeout, under the hung-task detector's 120 s.
     pub fn dead_conn_timeout(mut self, timeout: Duration) -> MountOptions {
         self.dead_conn_timeout = Some(timeout);
+        self
+    }
+
+    /// Instead of setting a device up, give a running one new connections: the
+    /// [`device`](Self::device) must be connected, set up by netlink, and its server gone
+    /// (killed, crashed): netlink RECONFIGURE with the new sockets. The requests that wait then
+    /// resume, those the dead server had included (sent again). Requests whose wait (the
+    /// dead-connection timeout) ran out have failed by then, but the device still takes the new
+    /// server. The new server must export the same size, block size and
+    /// commands; otherwise, or when the device has no dead connection, a typed
+    /// [`LinkError::Reattach`] says why. The request and dead-connection timeouts are set
+    /// again when given.
+    ///
+    /// # What a driver must guarantee for this to be safe
+    ///
+    /// - A request may be applied twice: the kernel resends what it had sent the dead server,
+    ///   which may have applied it. Writes, trims and zeroes of a range are idempotent as long
+    ///   as the device does not turn them into something else (an append log must not).
+    /// - A write the dead server acknowledged is not sent again: it must have outlived the
+    ///   process. A device that writes to a file or a block device before answering
+    ///   ([`FileDevice`](crate::FileDevice)) has it in the host's page cache, which survives the
+    ///   process (durability against power loss still needs the FLUSH it answered); one that
+    ///   keeps acknowledged writes in its own memory until FLUSH loses them with the process, and
+    ///   the file system above is corrupted. A RAM disk cannot be reattached meaningfully.
+    pub fn reattach(mut self, on: bool) -> MountOptions {
+        self.reattach = on;
         self
     }
 
@@ -165,6 +216,9 @@ impl MountOptions {
     }
     pub(crate) fn dead_conn_timeout_value(&self) -> Option<Duration> {
         self.dead_conn_timeout
+    }
+    pub(crate) fn is_reattach(&self) -> bool {
+        self.reattach
     }
     pub(crate) fn is_read_only(&self) -> bool {
         self.read_only

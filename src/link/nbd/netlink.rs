@@ -526,6 +526,39 @@ impl ConnectRequest {
     }
 }
 
+/// What RECONFIGURE tells the kernel when new connections replace dead ones: no size or block
+/// size (the kernel would resize the device), and the timeouts only when given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ReconfigureRequest {
+    pub(crate) index: u32,
+    /// Request timeout in seconds, if it is to change.
+    pub(crate) timeout: Option<u64>,
+    /// Dead-connection timeout in seconds, if it is to change.
+    pub(crate) dead_conn_timeout: Option<u64>,
+    /// The kernel's ends of the new connections.
+    pub(crate) fds: Vec<u32>,
+}
+
+impl ReconfigureRequest {
+    /// Its attributes.
+    pub(crate) fn attrs(&self) -> Vec<Attr> {
+        let mut attrs = vec![Attr::U32(attr::INDEX, self.index)];
+        if let Some(t) = self.timeout {
+            attrs.push(Attr::U64(attr::TIMEOUT, t));
+        }
+        if let Some(t) = self.dead_conn_timeout {
+            attrs.push(Attr::U64(attr::DEAD_CONN_TIMEOUT, t));
+        }
+        let socks = self
+            .fds
+            .iter()
+            .map(|&fd| Attr::Nested(attr::SOCK_ITEM, vec![Attr::U32(attr::SOCK_FD, fd)]))
+            .collect();
+        attrs.push(Attr::Nested(attr::SOCKETS, socks));
+        attrs
+    }
+}
+
 impl NbdNetlink {
     /// Opens a socket and resolves the "nbd" family (loading the module if root and it is
     /// installed: the kernel asks for `net-pf-16-proto-16-family-nbd`).
@@ -574,6 +607,12 @@ impl NbdNetlink {
             ],
         )
         .map(drop)
+    }
+
+    /// RECONFIGURE with new sockets: each replaces a dead connection (a socket for which none is
+    /// dead is ignored by the kernel, which still answers success).
+    pub(crate) fn reconfigure(&mut self, req: &ReconfigureRequest) -> Result<(), RequestError> {
+        self.call(NbdCmd::Reconfigure, &req.attrs()).map(drop)
     }
 
     /// STATUS of one device, or of all.
@@ -661,6 +700,42 @@ mod tests {
             0x0c, 0x00, 0x01, 0x00, //   NBD_SOCK_ITEM
             0x08, 0x00, 0x01, 0x00, //     NBD_SOCK_FD
             0x06, 0x00, 0x00, 0x00, //     fd 6
+        ];
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn reconfigure_request_bytes() {
+        let req = ReconfigureRequest {
+            index: 0,
+            timeout: None,
+            dead_conn_timeout: Some(60),
+            fds: vec![9],
+        };
+        let bytes = encode_request(
+            0x1a,
+            2,
+            NbdCmd::Reconfigure as u8,
+            NBD_GENL_VERSION,
+            &req.attrs(),
+        )
+        .unwrap();
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            0x38, 0x00, 0x00, 0x00, // nlmsg_len 56
+            0x1a, 0x00,             // the nbd family's id
+            0x05, 0x00,             // flags REQUEST | ACK
+            0x02, 0x00, 0x00, 0x00, // seq 2
+            0x00, 0x00, 0x00, 0x00, // pid
+            0x03, 0x01, 0x00, 0x00, // cmd RECONFIGURE, version 1, reserved
+            0x08, 0x00, 0x01, 0x00, // NBD_ATTR_INDEX
+            0x00, 0x00, 0x00, 0x00, //   0
+            0x0c, 0x00, 0x08, 0x00, // NBD_ATTR_DEAD_CONN_TIMEOUT (no SIZE_BYTES: it would resize)
+            0x3c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // 60 s
+            0x10, 0x00, 0x07, 0x00, // NBD_ATTR_SOCKETS, 16 bytes, nested:
+            0x0c, 0x00, 0x01, 0x00, //   NBD_SOCK_ITEM
+            0x08, 0x00, 0x01, 0x00, //     NBD_SOCK_FD
+            0x09, 0x00, 0x00, 0x00, //     fd 9
         ];
         assert_eq!(bytes, want);
     }

@@ -15,8 +15,14 @@
 //! `NBD_FLAG_C_FIXED_NEWSTYLE` gets `NBD_REP_ERR_INVALID` for anything but
 //! `NBD_OPT_EXPORT_NAME`, and in `require` mode every option before TLS but `NBD_OPT_STARTTLS` and
 //! `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD`.
+//!
+//! Once the server is stopping ([`Handshake::stop_flag`]), every option but `NBD_OPT_ABORT` is
+//! answered `NBD_REP_ERR_SHUTDOWN`, as the protocol asks ("SHOULD error further options received
+//! (other than an `NBD_OPT_ABORT`) with `NBD_REP_ERR_SHUTDOWN`"); the client is then expected to
+//! send `NBD_OPT_ABORT`, and the handshake goes on answering until it does or hangs up.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::proto::TransmissionFlags;
 
@@ -167,6 +173,10 @@ pub enum HandshakeError {
     /// The TLS handshake failed (a client certificate missing or not trusted, a protocol error).
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    /// `NBD_OPT_EXPORT_NAME` while the server is stopping (it cannot be answered with
+    /// `NBD_REP_ERR_SHUTDOWN`, so the connection ends).
+    #[error("client asked for the export with NBD_OPT_EXPORT_NAME while the server is stopping")]
+    ShuttingDown,
 }
 
 impl HandshakeError {
@@ -217,6 +227,8 @@ pub struct Handshake<'a> {
     /// `base:allocation` selected by the last `NBD_OPT_SET_META_CONTEXT`.
     base_allocation: bool,
     options: usize,
+    /// Set when the server is stopping: options get `NBD_REP_ERR_SHUTDOWN`.
+    stopping: Option<&'a AtomicBool>,
 }
 
 impl<'a> Handshake<'a> {
@@ -243,7 +255,19 @@ impl<'a> Handshake<'a> {
             structured: false,
             base_allocation: false,
             options: 0,
+            stopping: None,
         })
+    }
+
+    /// From now on, every option read once `stopping` is set is answered
+    /// `NBD_REP_ERR_SHUTDOWN` (`NBD_OPT_ABORT` is still acknowledged, and `NBD_OPT_EXPORT_NAME`,
+    /// which has no error reply, ends the handshake with [`HandshakeError::ShuttingDown`]).
+    pub fn stop_flag(&mut self, stopping: &'a AtomicBool) {
+        self.stopping = Some(stopping);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     /// Whether TLS is running on this connection.
@@ -314,6 +338,13 @@ impl<'a> Handshake<'a> {
         let reply = |s: &mut S, rep: Rep, data: &[u8]| {
             send(s, &encode_option_reply(option, rep, data), "option reply")
         };
+        if self.is_stopping() && option != Opt::ABORT {
+            if option == Opt::EXPORT_NAME {
+                return Err(HandshakeError::ShuttingDown);
+            }
+            reply(s, Rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+            return Ok(None);
+        }
         if self.client_flags & FLAG_C_FIXED_NEWSTYLE == 0 && option != Opt::EXPORT_NAME {
             reply(s, Rep::ERR_INVALID, b"fixed newstyle was not negotiated")?;
             return Ok(None);

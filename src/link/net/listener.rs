@@ -86,8 +86,11 @@ impl NetHandle {
         &self.control.local
     }
 
-    /// Stops: no more clients, handshakes closed, transmissions finish what is in flight and end.
-    /// Returns at once; [`NetOptions::listen`] returns when everything has ended.
+    /// Stops: no more clients; a client in the handshake gets `NBD_REP_ERR_SHUTDOWN` for the
+    /// options it has already sent, then its connection ends; transmissions finish what is in
+    /// flight and end (a handshaking client that does not read its replies holds the end back
+    /// for at most the handshake timeout; [`stop_now`](Self::stop_now) does not wait). Returns at
+    /// once; [`NetOptions::listen`] returns when everything has ended.
     pub fn stop(&self) {
         let c = &self.control;
         if c.stopping.swap(true, Ordering::SeqCst) {
@@ -95,14 +98,10 @@ impl NetHandle {
         }
         let _ = (&c.waker).write_all(&[1]);
         for entry in lock(&c.clients).values() {
-            // The server of a transmitting client sees EOF, answers what it has read and ends;
-            // a handshaking client has nothing in flight.
-            let how = if entry.transmitting {
-                Shutdown::Read
-            } else {
-                Shutdown::Both
-            };
-            let _ = entry.sock.shutdown(how);
+            // The server of a transmitting client sees EOF, answers what it has read and ends.
+            // A handshaking client's options already received are answered
+            // NBD_REP_ERR_SHUTDOWN (the write side stays open for that), then it sees EOF.
+            let _ = entry.sock.shutdown(Shutdown::Read);
         }
     }
 
@@ -460,8 +459,20 @@ fn accept_loop<'scope, D: BlockDevice + ?Sized>(
 fn serve_client<D: BlockDevice + ?Sized>(ctx: &Ctx<'_, D>, id: u64, sock: Socket) {
     let control = ctx.control;
     let options = ctx.options;
-    let result = session::handshake(sock, &ctx.offer, options);
+    let result = session::handshake(sock, &ctx.offer, options, &control.stopping);
     let (conn, negotiated) = match result {
+        Err(_) if control.stopping.load(Ordering::SeqCst) => {
+            // Cut short by the stop (EOF after the read side was shut, or EXPORT_NAME refused):
+            // not the client's failure.
+            emit(
+                options,
+                NetEvent::Refused {
+                    peer: &format!("client {id}"),
+                    reason: "the server is stopping",
+                },
+            );
+            return;
+        }
         Err(error) => {
             control
                 .counters

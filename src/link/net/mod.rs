@@ -278,7 +278,10 @@ impl NetOptions {
         self
     }
 
-    /// The transmission-phase server's tuning (per client).
+    /// The transmission-phase server's tuning, applied to each client: every client is served by
+    /// a server of its own, so [`ServerOptions::max_in_flight_bytes`] bounds one client's memory
+    /// in flight (a client that never reads its replies stalls only its own requests), and the
+    /// listener holds at most [`max_clients`](Self::max_clients) times that.
     pub fn server_options(mut self, options: ServerOptions) -> NetOptions {
         self.server = options;
         self

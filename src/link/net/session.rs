@@ -4,6 +4,7 @@
 //! another client or the device beyond the requests the server validates.
 
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use super::handshake::{Handshake, HandshakeError, Negotiated, Offer, Outcome, BASE_ALLOCATION_ID};
@@ -109,11 +110,13 @@ pub(crate) enum Handshaken {
     Aborted,
 }
 
-/// Runs the handshake on `sock`, with the options' deadline and TLS.
+/// Runs the handshake on `sock`, with the options' deadline and TLS; options read once
+/// `stopping` is set get `NBD_REP_ERR_SHUTDOWN`.
 pub(crate) fn handshake(
     mut sock: Socket,
     offer: &Offer,
     options: &NetOptions,
+    stopping: &AtomicBool,
 ) -> Result<Handshaken, HandshakeError> {
     let io = |stage| move |e| HandshakeError::Io { stage, source: e };
     sock.set_deadline(Some(Instant::now() + options.handshake_timeout))
@@ -124,6 +127,7 @@ pub(crate) fn handshake(
         super::TlsMode::Off
     };
     let mut hs = Handshake::greet(&mut sock, offer, mode)?;
+    hs.stop_flag(stopping);
     let mut tls: Option<rustls::ServerConnection> = None;
     let negotiated = loop {
         let outcome = match &mut tls {

@@ -349,3 +349,51 @@ fn non_fixed_client_may_only_name_an_export() {
         Rep::ERR_INVALID
     );
 }
+
+#[test]
+fn options_get_err_shutdown_once_the_server_is_stopping_and_abort_still_ends_cleanly() {
+    let stopping = AtomicBool::new(false);
+    let offer = offer();
+    let mut d = client(
+        FIXED,
+        &[
+            (Opt::GO, go("", vec![])),
+            (Opt::LIST, vec![]),
+            (Opt(42), vec![]),
+            (Opt::ABORT, vec![]),
+        ],
+    );
+    let mut h = Handshake::greet(&mut d, &offer, TlsMode::Off).unwrap();
+    h.stop_flag(&stopping);
+    // The flag is read per option: set after the greeting, it refuses the very first one.
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.options(&mut d).unwrap(), Outcome::Aborted);
+    let kinds: Vec<(Opt, Rep)> = replies(&d.output)
+        .iter()
+        .map(|(o, rep, _)| (*o, *rep))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (Opt::GO, Rep::ERR_SHUTDOWN),
+            (Opt::LIST, Rep::ERR_SHUTDOWN),
+            (Opt(42), Rep::ERR_SHUTDOWN),
+            (Opt::ABORT, Rep::ACK),
+        ]
+    );
+}
+
+#[test]
+fn export_name_while_stopping_ends_the_handshake_with_a_typed_error() {
+    let stopping = AtomicBool::new(true);
+    let offer = offer();
+    let mut d = client(FIXED, &[(Opt::EXPORT_NAME, b"disk".to_vec())]);
+    let mut h = Handshake::greet(&mut d, &offer, TlsMode::Off).unwrap();
+    h.stop_flag(&stopping);
+    assert!(matches!(
+        h.options(&mut d),
+        Err(HandshakeError::ShuttingDown)
+    ));
+    // Nothing after the greeting: the export reply was not sent.
+    assert_eq!(d.output.len(), wire::GREETING_LEN);
+}
