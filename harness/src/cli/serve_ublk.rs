@@ -1,0 +1,65 @@
+//! `userblk serve --transport ublk` (and `auto` where the kernel has ublk): serves a built-in
+//! device as `/dev/ublkbN` until Ctrl+C (SIGINT) or SIGTERM, then stops and deletes it.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use userblk::link::ublk::{self, UblkOptions};
+
+use super::serve::{flags_text, Args, TransportArg};
+use crate::spec::human;
+
+/// Whether these arguments ask for ublk: `--transport ublk`, or `auto` without an NBD device
+/// named and with `/dev/ublk-control` present (after trying `modprobe ublk_drv`).
+pub fn wants_ublk(args: &Args) -> bool {
+    match args.transport {
+        TransportArg::Ublk => true,
+        TransportArg::Nbd => false,
+        TransportArg::Auto => args.nbd == Path::new("auto") && ublk::available(true),
+    }
+}
+
+/// Serves `device` through ublk as `args` say.
+pub fn run(args: Args, device: Box<dyn userblk::BlockDevice>) -> ExitCode {
+    let mut options = UblkOptions::new()
+        .id(args.ublk_id)
+        .queues(args.queues)
+        .queue_depth(args.queue_depth)
+        .read_only(args.read_only)
+        .unmount_on_signals(true);
+    if let Some(bs) = args.block_size {
+        options = options.block_size(bs);
+    }
+    let spec = args.device.clone();
+    let served = options.mount(device, |handle| {
+        let (size, bs, flags) = handle
+            .export()
+            .map_or((0, 0, Default::default()), |e| (e.size, e.block_size, e.flags));
+        let (queues, depth) = handle.queues();
+        println!(
+            "userblk: serving {spec} on {} ({size} bytes = {}, {bs}-byte blocks; {}; ublk, {queues} queue{} of depth {depth})",
+            handle.device().display(),
+            human(size),
+            flags_text(flags),
+            if queues == 1 { "" } else { "s" },
+        );
+        println!("userblk: press Ctrl+C to stop");
+        handle.clone()
+    });
+    match served {
+        Ok(handle) => {
+            let why = handle
+                .signal()
+                .map_or(String::new(), |s| format!(" on {s}"));
+            println!(
+                "userblk: stopped{why}: {} removed",
+                handle.device().display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("userblk serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
