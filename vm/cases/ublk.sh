@@ -149,6 +149,58 @@ t_ublk_sigterm_under_load() {
     stop_serve INT
 }
 
+# Recovery: ext4 mounted on a recoverable device, fio writing with crc32c headers; the server is
+# killed with SIGKILL mid-write; the device stays (quiesced, requests waiting); a new server
+# takes it over with --recover; fio finishes, a verify pass finds every block it wrote, and the
+# file system checks clean.
+t_ublk_recover() {
+    truncate -s 256M "$WORK/ublk-rec.img"
+    serve_ublk "file:$WORK/ublk-rec.img" --recoverable
+    local dev=$UBLK_DEV id=${UBLK_DEV#/dev/ublkb}
+    grep -q recoverable "$WORK/serve.out"
+    mkfs.ext4 -q -F "$dev"
+    mount "$dev" "$MNT"
+    local job=(--name=rec --directory="$MNT" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k
+        --iodepth=16 --size=48M --verify=crc32c --randrepeat=1 --verify_fatal=1)
+    fio "${job[@]}" --do_verify=0 --output="$WORK/fio-write.out" &
+    local fio=$!
+    sleep 3
+    kill -KILL "$SERVE_PID"
+    wait "$SERVE_PID" 2>/dev/null || true
+    SERVE_PID=
+    sleep 1
+    [[ -b $dev ]] || { echo "$dev went away with its server although it is recoverable"; return 1; }
+    kill -0 "$fio" 2>/dev/null && echo "fio is waiting for the device, as it should"
+    "$USERBLK_BIN" serve "file:$WORK/ublk-rec.img" --recover "$id" >"$WORK/serve.out" 2>&1 &
+    SERVE_PID=$!
+    wait_ublk
+    [[ $UBLK_DEV == "$dev" ]] || { echo "recovered $UBLK_DEV, not $dev"; return 1; }
+    grep -q recovered "$WORK/serve.out"
+    wait "$fio"
+    cat "$WORK/fio-write.out"
+    grep -q 'err= 0' "$WORK/fio-write.out"
+    fio "${job[@]}" --verify_only --output="$WORK/fio-verify.out"
+    cat "$WORK/fio-verify.out"
+    grep -q 'err= 0' "$WORK/fio-verify.out"
+    umount "$MNT"
+    fsck.ext4 -fn "$dev"
+    stop_serve INT
+    assert_ublk_gone "$dev"
+}
+
+# A device that was not created recoverable cannot be taken over: the error says so.
+t_ublk_recover_refused() {
+    serve_ublk ram:16M
+    local id=${UBLK_DEV#/dev/ublkb}
+    if "$USERBLK_BIN" serve ram:16M --recover "$id" >"$WORK/rec.out" 2>&1; then
+        echo "--recover took over a device that is not recoverable"
+        return 1
+    fi
+    cat "$WORK/rec.out"
+    grep -q 'was not created recoverable' "$WORK/rec.out"
+    stop_serve INT
+}
+
 # The kernel test binary's cases (conformance suite, concurrent random tests, traces) through
 # /dev/ublkbN, as harness/tests/kernel.rs runs them with USERBLK_TEST_UBLK set.
 t_ublk_kernel_tests() {
@@ -164,7 +216,7 @@ t_ublk_kernel_tests() {
 # Each ublk case runs where the kernel has ublk; elsewhere each is reported as skipped, with the
 # reason, here (guest.sh's run_test only knows PASS and FAIL).
 _ublk_cases=(ublk_kernel_tests ublk_mkfs ublk_fio_verify ublk_fio_verify_two_queues ublk_read_only
-    ublk_media_error ublk_sigterm_under_load)
+    ublk_media_error ublk_sigterm_under_load ublk_recover ublk_recover_refused)
 if _ublk_why=$(ublk_missing) && [[ -n $_ublk_why ]]; then
     for _c in "${_ublk_cases[@]}"; do
         [[ -z ${USERBLK_VM_ONLY:-} || $_c =~ ${USERBLK_VM_ONLY} ]] && result "SKIP $_c $_ublk_why"

@@ -137,6 +137,16 @@ pub struct Args {
     /// With ublk: the device id (/dev/ublkbN); the kernel picks one when not given.
     #[arg(long, value_name = "N")]
     pub ublk_id: Option<u32>,
+
+    /// With ublk: create the device recoverable, so that if this server dies (kill -9, a crash)
+    /// /dev/ublkbN stays, its requests wait, and `--recover N` takes it over.
+    #[arg(long)]
+    pub recoverable: bool,
+
+    /// With ublk: take over recoverable device N (/dev/ublkbN) whose server died, serving the
+    /// same content; the requests in flight are re-issued and a mounted file system stays.
+    #[arg(long, value_name = "N", conflicts_with_all = ["ublk_id", "recoverable"])]
+    pub recover: Option<u32>,
 }
 
 /// Which kernel driver serves the device.

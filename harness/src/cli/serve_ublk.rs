@@ -9,9 +9,13 @@ use userblk::link::ublk::{self, UblkOptions};
 use super::serve::{flags_text, Args, TransportArg};
 use crate::spec::human;
 
-/// Whether these arguments ask for ublk: `--transport ublk`, or `auto` without an NBD device
-/// named and with `/dev/ublk-control` present (after trying `modprobe ublk_drv`).
+/// Whether these arguments ask for ublk: `--transport ublk`, `--recoverable` or `--recover`,
+/// or `auto` without an NBD device named and with `/dev/ublk-control` present (after trying
+/// `modprobe ublk_drv`).
 pub fn wants_ublk(args: &Args) -> bool {
+    if args.recover.is_some() || args.recoverable {
+        return true;
+    }
     match args.transport {
         TransportArg::Ublk => true,
         TransportArg::Nbd => false,
@@ -26,7 +30,11 @@ pub fn run(args: Args, device: Box<dyn userblk::BlockDevice>) -> ExitCode {
         .queues(args.queues)
         .queue_depth(args.queue_depth)
         .read_only(args.read_only)
+        .recoverable(args.recoverable)
         .unmount_on_signals(true);
+    if let Some(id) = args.recover {
+        options = options.recover(id);
+    }
     if let Some(bs) = args.block_size {
         options = options.block_size(bs);
     }
@@ -37,11 +45,16 @@ pub fn run(args: Args, device: Box<dyn userblk::BlockDevice>) -> ExitCode {
             .map_or((0, 0, Default::default()), |e| (e.size, e.block_size, e.flags));
         let (queues, depth) = handle.queues();
         println!(
-            "userblk: serving {spec} on {} ({size} bytes = {}, {bs}-byte blocks; {}; ublk, {queues} queue{} of depth {depth})",
+            "userblk: serving {spec} on {} ({size} bytes = {}, {bs}-byte blocks; {}; ublk, {queues} queue{} of depth {depth}{})",
             handle.device().display(),
             human(size),
             flags_text(flags),
             if queues == 1 { "" } else { "s" },
+            match (args.recover, args.recoverable) {
+                (Some(_), _) => ", recovered",
+                (None, true) => ", recoverable",
+                _ => "",
+            },
         );
         println!("userblk: press Ctrl+C to stop");
         handle.clone()

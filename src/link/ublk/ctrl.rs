@@ -1,5 +1,5 @@
 //! [`Control`]: the control commands on `/dev/ublk-control` (ADD_DEV, SET_PARAMS, START_DEV,
-//! STOP_DEV, DEL_DEV, GET_FEATURES), each waited for, each failure a typed
+//! STOP_DEV, DEL_DEV, GET_FEATURES, GET_DEV_INFO, START/END_USER_RECOVERY), each waited for, each failure a typed
 //! [`UblkError`].
 
 use std::fs::{File, OpenOptions};
@@ -139,5 +139,50 @@ impl Control {
     pub(crate) fn delete(&mut self, dev_id: u32) -> Result<(), UblkError> {
         self.command("DEL_DEV", sys::CMD_DEL_DEV, dev_id, 0, None)
             .map(drop)
+    }
+
+    /// The device's information as the kernel has it now (its queues, depth, buffer size,
+    /// flags and state).
+    pub(crate) fn dev_info(&mut self, dev_id: u32) -> Result<DevInfo, UblkError> {
+        let buf = self.command(
+            "GET_DEV_INFO",
+            sys::CMD_GET_DEV_INFO,
+            dev_id,
+            0,
+            Some(vec![0u8; size_of::<DevInfo>()]),
+        )?;
+        buf.and_then(|b| DevInfo::read_from_bytes(&b).ok())
+            .ok_or(UblkError::Command {
+                command: "GET_DEV_INFO",
+                dev_id,
+                source: io::Error::other("no device information came back"),
+            })
+    }
+
+    /// Makes a quiesced recoverable device ready for a new server's queues (EBUSY while the
+    /// old server's char device is still open or the device is not quiesced yet).
+    pub(crate) fn start_recovery(&mut self, dev_id: u32) -> Result<(), UblkError> {
+        self.command(
+            "START_USER_RECOVERY",
+            sys::CMD_START_USER_RECOVERY,
+            dev_id,
+            0,
+            None,
+        )
+        .map(drop)
+    }
+
+    /// Hands the device to this server once every queue has fetched every tag: the requests
+    /// queued meanwhile (and those re-issued) start flowing.
+    pub(crate) fn end_recovery(&mut self, dev_id: u32) -> Result<(), UblkError> {
+        let pid = u64::from(std::process::id());
+        self.command(
+            "END_USER_RECOVERY",
+            sys::CMD_END_USER_RECOVERY,
+            dev_id,
+            pid,
+            None,
+        )
+        .map(drop)
     }
 }

@@ -59,6 +59,8 @@ pub struct UblkOptions {
     block_size: Option<u32>,
     max_io_bytes: u32,
     unmount_on_signals: bool,
+    recoverable: bool,
+    recover: Option<u32>,
     server: ServerOptions,
 }
 
@@ -80,6 +82,8 @@ impl UblkOptions {
             block_size: None,
             max_io_bytes: DEFAULT_MAX_IO_BYTES,
             unmount_on_signals: false,
+            recoverable: false,
+            recover: None,
             server: ServerOptions::default(),
         }
     }
@@ -131,6 +135,23 @@ impl UblkOptions {
         self
     }
 
+    /// Create the device recoverable (`UBLK_F_USER_RECOVERY` with re-issue): if this server
+    /// dies without stopping it (kill -9, a crash), `/dev/ublkbN` stays, its requests wait, and
+    /// another server takes it over with [`recover`](Self::recover). A clean stop still
+    /// deletes it. Default: false (a server that dies takes its device with it).
+    pub fn recoverable(mut self, on: bool) -> UblkOptions {
+        self.recoverable = on;
+        self
+    }
+
+    /// Take over recoverable device `id` whose server died, instead of adding a device: the
+    /// requests that were in flight are re-issued to this server, and a file system on it stays
+    /// mounted. Serve the same content (the same file) as the server that died.
+    pub fn recover(mut self, id: u32) -> UblkOptions {
+        self.recover = Some(id);
+        self
+    }
+
     /// The server's tuning (`poison_reads` and `max_io_len` apply; ublk has no connections).
     pub fn server_options(mut self, options: ServerOptions) -> UblkOptions {
         self.server = options;
@@ -176,7 +197,13 @@ impl UblkOptions {
                 self.max_io_bytes
             )));
         }
+        let flags = if self.recoverable {
+            sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE
+        } else {
+            0
+        };
         Ok(DevInfo {
+            flags,
             nr_hw_queues: self.queues.max(1),
             queue_depth: self.depth,
             max_io_buf_bytes: self.max_io_bytes,
@@ -490,6 +517,8 @@ impl Drop for Mounted {
 struct Added {
     ctrl: Control,
     id: u32,
+    /// Deleted already, or not ours to delete (a recovery that has not taken over yet leaves
+    /// the device quiesced for another attempt).
     deleted: bool,
 }
 
@@ -504,6 +533,41 @@ impl Drop for Added {
     fn drop(&mut self) {
         if !self.deleted {
             let _ = self.ctrl.delete(self.id);
+        }
+    }
+}
+
+/// START_USER_RECOVERY on device `id`, once its dead server is gone: the kernel answers EBUSY
+/// until the old process has closed the char device and the device is quiesced, which follows
+/// the death by a moment. Returns the device's information.
+fn take_over(ctrl: &mut Control, id: u32) -> Result<DevInfo, UblkError> {
+    let info = ctrl.dev_info(id)?;
+    if info.flags & sys::F_USER_RECOVERY == 0 {
+        return Err(UblkError::InvalidOption(format!(
+            "ublk device {id} was not created recoverable: only a device served with \
+             --recoverable (UBLK_F_USER_RECOVERY) can be recovered"
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctrl.start_recovery(id) {
+            Ok(()) => return Ok(info),
+            Err(UblkError::Command { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EBUSY) && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(UblkError::Command { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EBUSY) =>
+            {
+                let state = ctrl.dev_info(id).map(|i| i.state).unwrap_or(u16::MAX);
+                return Err(UblkError::InvalidOption(format!(
+                    "ublk device {id} is not waiting for a new server (state {state}, quiesced is \
+                     {}): its server is still running, or the device is being stopped",
+                    sys::DEV_QUIESCED
+                )));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -557,11 +621,25 @@ fn serve_inner<D: BlockDevice + ?Sized>(
     let mut ctrl = Control::open().map_err(ublk)?;
     let features = ctrl.features();
     handle.update(|s| s.features = features);
-    let info = ctrl.add(&asked).map_err(ublk)?;
+    let recovering = options.recover.is_some();
+    let info = match options.recover {
+        Some(id) => take_over(&mut ctrl, id).map_err(ublk)?,
+        None => {
+            if asked.flags & sys::F_USER_RECOVERY != 0
+                && features.is_some_and(|f| f & sys::F_USER_RECOVERY == 0)
+            {
+                return Err(ublk(UblkError::Unsupported {
+                    feature: "UBLK_F_USER_RECOVERY",
+                    since: "6.1",
+                }));
+            }
+            ctrl.add(&asked).map_err(ublk)?
+        }
+    };
     let mut added = Added {
         ctrl,
         id: info.dev_id,
-        deleted: false,
+        deleted: recovering,
     };
     let id = info.dev_id;
     let buf_len = info.max_io_buf_bytes;
@@ -570,8 +648,10 @@ fn serve_inner<D: BlockDevice + ?Sized>(
         s.queues = info.nr_hw_queues;
         s.depth = info.queue_depth;
     });
-    let params = frame::params(&export, buf_len);
-    added.ctrl.set_params(id, &params).map_err(ublk)?;
+    if !recovering {
+        let params = frame::params(&export, buf_len);
+        added.ctrl.set_params(id, &params).map_err(ublk)?;
+    }
     let cdev = open_char_device(id).map_err(ublk)?;
     let dispatcher = Dispatcher::new(device).poison_reads(options.server.poison_reads);
     let max_io_len = options.server.max_io_len.min(buf_len);
@@ -626,8 +706,15 @@ fn serve_inner<D: BlockDevice + ?Sized>(
         handle.wait_until(|s| s.queues_settled == spawned);
         let ready = first_error.is_none() && handle.lock().queues_ready == queues;
         if ready && !handle.lock().stop {
-            match added.ctrl.start(id) {
+            let started = if recovering {
+                added.ctrl.end_recovery(id)
+            } else {
+                added.ctrl.start(id)
+            };
+            match started {
                 Ok(()) => {
+                    // From here the device is this server's to delete.
+                    added.deleted = false;
                     handle.update(|s| {
                         s.export = Some(export);
                         s.live = true;

@@ -30,6 +30,8 @@ const IOC_READ_WRITE: u32 = 3;
 const CTRL_CMD_SIZE: u32 = std::mem::size_of::<CtrlCmd>() as u32;
 const IO_CMD_SIZE: u32 = std::mem::size_of::<IoCmd>() as u32;
 
+/// `UBLK_U_CMD_GET_DEV_INFO`.
+pub(crate) const CMD_GET_DEV_INFO: u32 = ioc(IOC_READ, 0x02, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_ADD_DEV`.
 pub(crate) const CMD_ADD_DEV: u32 = ioc(IOC_READ_WRITE, 0x04, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_DEL_DEV`.
@@ -40,6 +42,10 @@ pub(crate) const CMD_START_DEV: u32 = ioc(IOC_READ_WRITE, 0x06, CTRL_CMD_SIZE);
 pub(crate) const CMD_STOP_DEV: u32 = ioc(IOC_READ_WRITE, 0x07, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_SET_PARAMS`.
 pub(crate) const CMD_SET_PARAMS: u32 = ioc(IOC_READ_WRITE, 0x08, CTRL_CMD_SIZE);
+/// `UBLK_U_CMD_START_USER_RECOVERY`.
+pub(crate) const CMD_START_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x10, CTRL_CMD_SIZE);
+/// `UBLK_U_CMD_END_USER_RECOVERY`.
+pub(crate) const CMD_END_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x11, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_GET_FEATURES` (Linux 6.5+).
 pub(crate) const CMD_GET_FEATURES: u32 = ioc(IOC_READ, 0x13, CTRL_CMD_SIZE);
 /// `UBLK_U_IO_FETCH_REQ`.
@@ -49,6 +55,14 @@ pub(crate) const IO_COMMIT_AND_FETCH_REQ: u32 = ioc(IOC_READ_WRITE, 0x21, IO_CMD
 
 /// `UBLK_IO_RES_ABORT`: a fetch ended because the device stopped or the queue is torn down.
 pub(crate) const IO_RES_ABORT: i32 = -nix::libc::ENODEV;
+/// `UBLK_F_USER_RECOVERY`: a server that dies leaves the device quiesced, for another to
+/// take over.
+pub(crate) const F_USER_RECOVERY: u64 = 1 << 3;
+/// `UBLK_F_USER_RECOVERY_REISSUE`: requests in flight when the server died are re-issued to
+/// the next one.
+pub(crate) const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
+/// `UBLK_S_DEV_QUIESCED`, in [`DevInfo::state`].
+pub(crate) const DEV_QUIESCED: u16 = 2;
 /// `UBLK_MAX_QUEUE_DEPTH`.
 pub(crate) const MAX_QUEUE_DEPTH: u16 = 4096;
 
@@ -551,6 +565,9 @@ mod tests {
         assert_eq!(CMD_STOP_DEV, 0xc020_7507);
         assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
+        assert_eq!(CMD_START_USER_RECOVERY, 0xc020_7510);
+        assert_eq!(CMD_END_USER_RECOVERY, 0xc020_7511);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
         // The legacy number is the low byte, which is what the driver switches on.
