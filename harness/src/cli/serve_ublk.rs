@@ -76,3 +76,60 @@ pub fn run(args: Args, device: Box<dyn userblk::BlockDevice>) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("serve").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn transport_choice() {
+        assert!(wants_ublk(
+            &parse(&["ram:1M", "--transport", "ublk"]).unwrap()
+        ));
+        assert!(!wants_ublk(
+            &parse(&["ram:1M", "--transport", "nbd"]).unwrap()
+        ));
+        // A device named with --nbd means NBD, without looking for ublk.
+        assert!(!wants_ublk(
+            &parse(&["ram:1M", "--nbd", "/dev/nbd1"]).unwrap()
+        ));
+        // Recovery is ublk's alone.
+        assert!(wants_ublk(&parse(&["ram:1M", "--recover", "3"]).unwrap()));
+        assert!(wants_ublk(
+            &parse(&["ram:1M", "--recoverable", "--transport", "nbd"]).unwrap()
+        ));
+        let a = parse(&[
+            "ram:1M",
+            "--transport",
+            "ublk",
+            "--queues",
+            "2",
+            "--queue-depth",
+            "128",
+            "--ublk-id",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!((a.queues, a.queue_depth, a.ublk_id), (2, 128, Some(5)));
+        assert_eq!(parse(&["ram:1M"]).unwrap().queue_depth, 64);
+        for bad in [
+            &["ram:1M", "--queue-depth", "0"][..],
+            &["ram:1M", "--queue-depth", "5000"],
+            &["ram:1M", "--recover", "1", "--ublk-id", "2"],
+            &["ram:1M", "--transport", "scsi"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}
