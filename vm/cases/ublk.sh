@@ -201,6 +201,16 @@ t_ublk_recover_refused() {
     stop_serve INT
 }
 
+# Without root: the error names what is missing (CAP_SYS_ADMIN, or an unprivileged device).
+t_ublk_no_permission() {
+    if setpriv --reuid=65534 --regid=65534 --clear-groups "$USERBLK_BIN" serve ram:16M --transport ublk >"$WORK/perm.out" 2>&1; then
+        echo "serve --transport ublk succeeded without CAP_SYS_ADMIN"
+        return 1
+    fi
+    cat "$WORK/perm.out"
+    grep -q 'CAP_SYS_ADMIN' "$WORK/perm.out"
+}
+
 # The kernel test binary's cases (conformance suite, concurrent random tests, traces) through
 # /dev/ublkbN, as harness/tests/kernel.rs runs them with USERBLK_TEST_UBLK set.
 t_ublk_kernel_tests() {
@@ -216,7 +226,8 @@ t_ublk_kernel_tests() {
 # Each ublk case runs where the kernel has ublk; elsewhere each is reported as skipped, with the
 # reason, here (guest.sh's run_test only knows PASS and FAIL).
 _ublk_cases=(ublk_kernel_tests ublk_mkfs ublk_fio_verify ublk_fio_verify_two_queues ublk_read_only
-    ublk_media_error ublk_sigterm_under_load ublk_recover ublk_recover_refused)
+    ublk_media_error ublk_sigterm_under_load ublk_recover ublk_recover_refused
+    ublk_no_permission)
 if _ublk_why=$(ublk_missing) && [[ -n $_ublk_why ]]; then
     for _c in "${_ublk_cases[@]}"; do
         [[ -z ${USERBLK_VM_ONLY:-} || $_c =~ ${USERBLK_VM_ONLY} ]] && result "SKIP $_c $_ublk_why"
