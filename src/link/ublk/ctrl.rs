@@ -135,10 +135,23 @@ impl Control {
             .map(drop)
     }
 
-    /// Deletes the device (its char device and id), once its server has closed it.
+    /// Deletes the device (its char device and id), once its server has closed it. Plain
+    /// DEL_DEV waits until nobody holds the block device open, which a file system still
+    /// mounted on it would make for ever: DEL_DEV_ASYNC (Linux 6.9+) removes it and lets the id
+    /// go when the last user does; older kernels get DEL_DEV.
     pub(crate) fn delete(&mut self, dev_id: u32) -> Result<(), UblkError> {
-        self.command("DEL_DEV", sys::CMD_DEL_DEV, dev_id, 0, None)
-            .map(drop)
+        match self.command("DEL_DEV", sys::CMD_DEL_DEV_ASYNC, dev_id, 0, None) {
+            Err(UblkError::Command { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(nix::libc::EOPNOTSUPP | nix::libc::EINVAL)
+                ) =>
+            {
+                self.command("DEL_DEV", sys::CMD_DEL_DEV, dev_id, 0, None)
+                    .map(drop)
+            }
+            other => other.map(drop),
+        }
     }
 
     /// The device's information as the kernel has it now (its queues, depth, buffer size,

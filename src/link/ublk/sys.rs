@@ -42,6 +42,9 @@ pub(crate) const CMD_START_DEV: u32 = ioc(IOC_READ_WRITE, 0x06, CTRL_CMD_SIZE);
 pub(crate) const CMD_STOP_DEV: u32 = ioc(IOC_READ_WRITE, 0x07, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_SET_PARAMS`.
 pub(crate) const CMD_SET_PARAMS: u32 = ioc(IOC_READ_WRITE, 0x08, CTRL_CMD_SIZE);
+/// `UBLK_U_CMD_DEL_DEV_ASYNC` (Linux 6.9+): DEL_DEV without waiting for the last user of
+/// the block device to close it.
+pub(crate) const CMD_DEL_DEV_ASYNC: u32 = ioc(IOC_READ, 0x14, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_START_USER_RECOVERY`.
 pub(crate) const CMD_START_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x10, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_END_USER_RECOVERY`.
@@ -566,6 +569,7 @@ mod tests {
         assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
+        assert_eq!(CMD_DEL_DEV_ASYNC, 0x8020_7514);
         assert_eq!(CMD_START_USER_RECOVERY, 0xc020_7510);
         assert_eq!(CMD_END_USER_RECOVERY, 0xc020_7511);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
