@@ -214,13 +214,30 @@ t_ublk_no_permission() {
 # The kernel test binary's cases (conformance suite, concurrent random tests, traces) through
 # /dev/ublkbN, as harness/tests/kernel.rs runs them with USERBLK_TEST_UBLK set.
 t_ublk_kernel_tests() {
+    local log=$RESULTS/logs/ublk-kernel-tests.log rc=0 name line
     env USERBLK_TEST_UBLK=1 RUST_BACKTRACE=1 "$USERBLK_KERNEL_TESTS" ublk --test-threads=1 \
-        --include-ignored --show-output >"$WORK/ublk-kt.log" 2>&1
-    local rc=$?
-    cat "$WORK/ublk-kt.log"
-    grep -q 'test result: ok' "$WORK/ublk-kt.log" && ((rc == 0))
-    # Something ran: a filter that matches nothing passes vacuously.
-    grep -qE '^test .*ublk.* \.\.\. ok' "$WORK/ublk-kt.log"
+        --include-ignored --show-output >"$log" 2>&1 || rc=$?
+    # Each test, and each conformance case from the suite's report, on its own line.
+    while read -r _ name _ verdict; do
+        case $verdict in
+            ok) result "PASS ${name}[ublk]" ;;
+            FAILED) result "FAIL ${name}[ublk] (see logs/ublk-kernel-tests.log)" ;;
+        esac
+    done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
+    while IFS= read -r line; do
+        [[ $line =~ ^\ \ (ok|FAIL|skip|NOT\ RUN)\ +(driver|server)\ +([a-z_0-9]+) ]] || continue
+        name=${BASH_REMATCH[3]}
+        case ${BASH_REMATCH[1]} in
+            ok) result "PASS conformance:${name}[ublk]" ;;
+            FAIL) result "FAIL conformance:${name}[ublk] (see logs/ublk-kernel-tests.log)" ;;
+            skip) result "SKIP conformance:${name}[ublk]" ;;
+            "NOT RUN") result "FAIL conformance:${name}[ublk] could not run (see logs/ublk-kernel-tests.log)" ;;
+        esac
+    done <"$log"
+    tail -n 30 "$log"
+    # Something ran (a filter that matches nothing passes vacuously), and all of it passed.
+    grep -qE '^test .*ublk.* \.\.\. ok' "$log" || { echo "no ublk kernel test ran"; return 1; }
+    ((rc == 0)) || { echo "the ublk kernel tests failed (status $rc)"; return 1; }
 }
 
 # Each ublk case runs where the kernel has ublk; elsewhere each is reported as skipped, with the
