@@ -4,8 +4,8 @@
 //! a punched hole) for write-zeroes.
 //!
 //! A write that runs past the end is refused whole (ENOSPC), a read EINVAL; the kernel itself
-//! would do the part inside the device and stop there. Device errors arrive as EIO: the block
-//! layer keeps no other errno.
+//! would do the part inside the device and stop there. Device errors arrive as EIO through NBD;
+//! through ublk the block layer keeps some errnos ([`NodeTarget::with_device_errno`]).
 
 use std::fs::File;
 use std::io;
@@ -45,6 +45,7 @@ pub struct NodeTarget {
     dsync: blk::BlockNode,
     export: Export,
     path: PathBuf,
+    device_errno: bool,
 }
 
 impl NodeTarget {
@@ -67,7 +68,17 @@ impl NodeTarget {
             dsync,
             export,
             path,
+            device_errno: false,
         })
+    }
+
+    /// Says whether device errors reach the caller with their own errno (see
+    /// [`Target::sees_device_errno`]): not through NBD, where the kernel fails every errored
+    /// request with EIO; through ublk, the block layer keeps those it has a status for
+    /// (ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP) and turns the others into EIO.
+    pub fn with_device_errno(mut self, on: bool) -> NodeTarget {
+        self.device_errno = on;
+        self
     }
 
     /// The device node.
@@ -111,7 +122,7 @@ impl Target for NodeTarget {
         self.export.flags
     }
     fn sees_device_errno(&self) -> bool {
-        false
+        self.device_errno
     }
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, OpError> {
         if offset.saturating_add(len as u64) > self.export.size {

@@ -30,7 +30,7 @@ wait_ublk() {
     local i
     UBLK_DEV=
     for i in $(seq 200); do
-        UBLK_DEV=$(grep -o '/dev/ublkb[0-9]*' "$WORK/serve.out" | head -n 1)
+        UBLK_DEV=$(grep -o '/dev/ublkb[0-9]*' "$WORK/serve.out" | head -n 1 || true)
         if [[ -n $UBLK_DEV && -b $UBLK_DEV ]]; then
             udevadm settle 2>/dev/null || true
             return 0
@@ -215,6 +215,7 @@ t_ublk_no_permission() {
 # /dev/ublkbN, as harness/tests/kernel.rs runs them with USERBLK_TEST_UBLK set.
 t_ublk_kernel_tests() {
     local log=$RESULTS/logs/ublk-kernel-tests.log rc=0 name line
+    local -A seen=()
     env USERBLK_TEST_UBLK=1 RUST_BACKTRACE=1 "$USERBLK_KERNEL_TESTS" ublk --test-threads=1 \
         --include-ignored --show-output >"$log" 2>&1 || rc=$?
     # Each test, and each conformance case from the suite's report, on its own line.
@@ -227,6 +228,10 @@ t_ublk_kernel_tests() {
     while IFS= read -r line; do
         [[ $line =~ ^\ \ (ok|FAIL|skip|NOT\ RUN)\ +(driver|server)\ +([a-z_0-9]+) ]] || continue
         name=${BASH_REMATCH[3]}
+        # Both the suite's test and the random-and-traces test print the suite's report (twice
+        # each, once more in a failure's message): one line per case, from its first report.
+        [[ -n ${seen[$name]:-} ]] && continue
+        seen[$name]=1
         case ${BASH_REMATCH[1]} in
             ok) result "PASS conformance:${name}[ublk]" ;;
             FAIL) result "FAIL conformance:${name}[ublk] (see logs/ublk-kernel-tests.log)" ;;
