@@ -154,23 +154,26 @@ t_ublk_sigterm_under_load() {
 # takes it over with --recover; fio finishes, a verify pass finds every block it wrote, and the
 # file system checks clean.
 t_ublk_recover() {
-    truncate -s 256M "$WORK/ublk-rec.img"
+    truncate -s 512M "$WORK/ublk-rec.img"
     serve_ublk "file:$WORK/ublk-rec.img" --recoverable
     local dev=$UBLK_DEV id=${UBLK_DEV#/dev/ublkb}
     grep -q recoverable "$WORK/serve.out"
     mkfs.ext4 -q -F "$dev"
     mount "$dev" "$MNT"
     local job=(--name=rec --directory="$MNT" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k
-        --iodepth=16 --size=48M --verify=crc32c --randrepeat=1 --verify_fatal=1)
+        --iodepth=16 --size=200M --verify=crc32c --randrepeat=1 --verify_fatal=1)
     fio "${job[@]}" --do_verify=0 --output="$WORK/fio-write.out" &
     local fio=$!
-    sleep 3
+    sleep 2
+    # The point is I/O in flight when the server dies: fio must still be writing.
+    kill -0 "$fio" 2>/dev/null || { echo "fio finished before the kill: nothing was in flight"; return 1; }
     kill -KILL "$SERVE_PID"
     wait "$SERVE_PID" 2>/dev/null || true
     SERVE_PID=
     sleep 1
     [[ -b $dev ]] || { echo "$dev went away with its server although it is recoverable"; return 1; }
-    kill -0 "$fio" 2>/dev/null && echo "fio is waiting for the device, as it should"
+    kill -0 "$fio" 2>/dev/null || { echo "fio ended while the device had no server"; return 1; }
+    echo "fio is waiting for the device, as it should"
     "$USERBLK_BIN" serve "file:$WORK/ublk-rec.img" --recover "$id" >"$WORK/serve.out" 2>&1 &
     SERVE_PID=$!
     wait_ublk
