@@ -27,6 +27,7 @@
 mod ctrl;
 mod error;
 mod frame;
+mod handle;
 mod mount;
 mod queue;
 mod sys;
