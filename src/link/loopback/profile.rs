@@ -282,6 +282,18 @@ mod tests {
     }
 
     #[test]
+    fn the_ublk_profile_is_what_userblk_asks_ublk_for() {
+        use crate::link::ublk;
+        let p = KernelProfile::ublk_6_12();
+        assert_eq!(p.transport, Transport::Ublk);
+        assert_eq!(p.max_request, ublk::DEFAULT_MAX_IO_BYTES);
+        assert_eq!(p.queue_depth, ublk::DEFAULT_QUEUE_DEPTH);
+        let sectors = u64::from(ublk::frame::MAX_DISCARD_SECTORS) * 512;
+        assert_eq!(u64::from(p.max_discard), sectors);
+        assert_eq!(u64::from(p.max_write_zeroes), sectors);
+    }
+
+    #[test]
     fn cookie_orders_round_trip() {
         let handle = 1u64 << 32 | 1 << 16 | 7;
         for order in [CookieOrder::LittleEndian, CookieOrder::BigEndian] {
