@@ -8,11 +8,15 @@
 //! sudo cargo run --example badsector [/dev/nbd0]
 //! sudo dd if=/dev/nbd0 of=/dev/null bs=4k skip=256 count=1 iflag=direct   # Input/output error
 //! ```
+//!
+//! With `ublk` as the argument it serves through the ublk driver instead (`modprobe ublk_drv`)
+//! and prints the `/dev/ublkbN` it got: the same device, the same error, another transport.
 
 use std::io;
 use std::process::ExitCode;
 
 use userblk::link::nbd::MountOptions;
+use userblk::link::ublk::UblkOptions;
 use userblk::{BlockDevice, Capabilities, MemDevice};
 
 /// Where the bad sector is.
@@ -50,6 +54,24 @@ fn main() -> ExitCode {
     let nbd = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "/dev/nbd0".into());
+    if nbd == "ublk" {
+        let served = UblkOptions::new().unmount_on_signals(true).mount(
+            BadSector(MemDevice::new(16 << 20)),
+            |handle| {
+                println!(
+                    "16 MiB with a bad sector at 1 MiB on {}; Ctrl+C to stop",
+                    handle.device().display()
+                );
+            },
+        );
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("badsector: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let served = MountOptions::new()
         .device(&nbd)
         .unmount_on_signals(true)

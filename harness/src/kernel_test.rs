@@ -15,7 +15,8 @@
 //! ```
 //!
 //! [`KernelTest`] changes the settings (how many random sequences, which cases may not run).
-//! The transport is picked by [`transport`]: `USERBLK_TEST_NBD=/dev/nbdN|auto` forces one (and
+//! The transport is picked by [`transport`]: `USERBLK_TEST_UBLK=1` serves through ublk
+//! (`/dev/ublkbN`); `USERBLK_TEST_NBD=/dev/nbdN|auto` forces NBD (and
 //! `USERBLK_TEST_NBD_SETUP=ioctl|netlink` the way it is configured); otherwise root with the
 //! `nbd` module loaded (as `userblk vm` does) means NBD on the first free device.
 
@@ -32,14 +33,16 @@ use crate::nbd_rig::{NbdRig, ENV_DEVICE};
 use crate::random::{random_test, RandomConfig, RandomFailure, RandomSummary};
 use crate::target::Rig;
 use crate::trace::{replay_on, Trace};
+use crate::ublk_rig::{UblkRig, ENV_UBLK};
 
 /// A real kernel path to block devices.
 #[derive(Clone, Debug)]
 pub enum Transport {
     /// The kernel's NBD driver, `/dev/nbdN`.
     Nbd(NbdRig),
-    // Ublk(...): `/dev/ublkbN` through ublk_drv, when userblk serves it. `transport` picks it
-    // when the module is loaded, and `KernelTest::run` runs the same checks through its rig.
+    /// The kernel's ublk driver, `/dev/ublkbN` (Linux 6.0+ with `ublk_drv`), when
+    /// `USERBLK_TEST_UBLK` asks for it.
+    Ublk(UblkRig),
 }
 
 impl Transport {
@@ -47,6 +50,7 @@ impl Transport {
     pub fn rig(&self) -> &dyn Rig {
         match self {
             Transport::Nbd(rig) => rig,
+            Transport::Ublk(rig) => rig,
         }
     }
 }
@@ -67,6 +71,9 @@ fn missing_transport(euid_root: bool, nbd_loaded: bool) -> Option<String> {
 
 /// The transport to test through, or why there is none (printed as "skipped: ...").
 pub fn transport() -> Result<Transport, String> {
+    if std::env::var_os(ENV_UBLK).is_some() {
+        return UblkRig::from_env().map(Transport::Ublk);
+    }
     if std::env::var_os(ENV_DEVICE).is_some() {
         return NbdRig::from_env().map(Transport::Nbd);
     }

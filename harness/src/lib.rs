@@ -10,11 +10,13 @@ pub mod jitter;
 pub mod kernel_test;
 pub mod nbd_rig;
 pub mod net_rig;
+pub mod node_target;
 pub mod random;
 pub mod script;
 pub mod spec;
 pub mod target;
 pub mod trace;
+pub mod ublk_rig;
 pub mod vm;
 
 /// The driver author's guide (`harness/README.md`); its examples run as doc tests.

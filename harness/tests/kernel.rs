@@ -294,3 +294,174 @@ fn read_only_export_refuses_writes_in_the_kernel() {
     assert!(mem.allocated() == 0, "nothing reached the device");
     Box::new(t).detach().unwrap();
 }
+
+// ---- Through the ublk driver (/dev/ublkbN): `USERBLK_TEST_UBLK=1`, set by vm/cases/ublk.sh on
+// kernels that have ublk_drv. Every name has "ublk" in it, so `kernel ublk` runs just these.
+
+use userblk::link::ublk::{self, UblkError, UblkOptions};
+use userblk_harness::kernel_test::KernelTest;
+use userblk_harness::ublk_rig::{UblkRig, UblkTarget};
+
+fn setup_ublk(test: &str) -> Option<(UblkRig, MutexGuard<'static, ()>)> {
+    match UblkRig::from_env() {
+        Ok(rig) => {
+            let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+            eprintln!("{test}: through ublk ({:?})", rig.options);
+            Some((rig, turn))
+        }
+        Err(why) => {
+            println!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// Waits until `/dev/ublkb{id}` and `/dev/ublkc{id}` are gone: stop and delete must leave
+/// nothing behind.
+fn assert_ublk_gone(id: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ublk::block_device_path(id).exists() || ublk::char_device_path(id).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "/dev/ublkb{id} or /dev/ublkc{id} still there"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_conformance_suite() {
+    let Some((rig, _turn)) = setup_ublk("ublk conformance") else {
+        return;
+    };
+    let factory = userblk_harness::factory::mem(64 << 20);
+    let caps = MemDevice::new(0).capabilities();
+    let env = Env::new(&rig, &factory, caps);
+    let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
+        eprintln!("  case {}", c.name)
+    });
+    println!("{report}");
+    assert!(report.all_passed(), "{report}");
+}
+
+/// The random sequences (concurrent included) and this kernel's traces, as a driver author's
+/// `kernel_test::run` runs them, through ublk.
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_random_tests_and_traces() {
+    let Some((rig, _turn)) = setup_ublk("ublk random and traces") else {
+        return;
+    };
+    let factory = userblk_harness::factory::mem(64 << 20);
+    let report = KernelTest::default().run_on(&rig, &factory);
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+}
+
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_block_operations_reach_the_device() {
+    let Some((rig, _turn)) = setup_ublk("ublk block operations") else {
+        return;
+    };
+    let mem = Arc::new(MemDevice::new(64 << 20));
+    let mounted = rig.options.spawn(Arc::clone(&mem)).unwrap();
+    let t = UblkTarget::open(mounted).unwrap();
+    assert_eq!(t.kernel_size().unwrap(), 64 << 20, "BLKGETSIZE64");
+    assert_eq!(t.kernel_block_size().unwrap(), 512, "BLKSSZGET");
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+    t.write(1 << 20, &data).unwrap();
+    t.flush().unwrap();
+    assert_eq!(t.read(1 << 20, data.len()).unwrap(), data);
+    let mut direct = vec![0u8; data.len()];
+    mem.read(1 << 20, &mut direct).unwrap();
+    assert_eq!(direct, data, "O_DIRECT write reached the device");
+    t.write_fua(0, &[9u8; 4096]).unwrap();
+    assert_eq!(t.read(0, 4096).unwrap(), vec![9u8; 4096]);
+    if t.flags().contains(TransmissionFlags::SEND_TRIM) {
+        t.trim(1 << 20, 65536).unwrap();
+    }
+    t.write_zeroes(2 << 20, 65536, true).unwrap();
+    t.write_zeroes(3 << 20, 65536, false).unwrap();
+    assert!(t.read(2 << 20, 65536).unwrap().iter().all(|&b| b == 0));
+    assert!(t.read(3 << 20, 65536).unwrap().iter().all(|&b| b == 0));
+    let id = t.mounted().id();
+    Box::new(t).detach().unwrap();
+    assert_ublk_gone(id);
+}
+
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_id_taken_is_reported() {
+    let Some((rig, _turn)) = setup_ublk("ublk id taken") else {
+        return;
+    };
+    let first = rig.options.spawn(MemDevice::new(1 << 20)).unwrap();
+    let id = first.id();
+    let err = rig
+        .options
+        .clone()
+        .id(Some(id))
+        .spawn(MemDevice::new(1 << 20))
+        .unwrap_err();
+    println!("second device with id {id}: {err}");
+    assert!(
+        matches!(err, ServerError::Link(LinkError::Ublk(UblkError::IdTaken { id: i })) if i == id),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "ublk device {id} already exists: pick another id (--ublk-id) or let the kernel choose"
+        )
+    );
+    first.unmount().unwrap();
+    assert_ublk_gone(id);
+}
+
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_dropping_or_panicking_removes_the_device() {
+    let Some((rig, _turn)) = setup_ublk("ublk drop") else {
+        return;
+    };
+    let mounted = rig.options.spawn(MemDevice::new(1 << 20)).unwrap();
+    let id = mounted.id();
+    assert!(ublk::block_device_path(id).exists());
+    drop(mounted);
+    assert_ublk_gone(id);
+
+    let seen = Mutex::new(None);
+    let r = panic::catch_unwind(AssertUnwindSafe(|| {
+        rig.options.mount(MemDevice::new(1 << 20), |h| {
+            *seen.lock().unwrap() = h.id();
+            panic!("the caller panics while the device is served");
+        })
+    }));
+    assert!(r.is_err(), "the panic goes on");
+    let id = seen.lock().unwrap().expect("served before the panic");
+    assert_ublk_gone(id);
+}
+
+#[test]
+#[ignore = "needs root and ublk_drv: vm/cases/ublk.sh runs it on 6.12"]
+fn ublk_read_only_and_queues() {
+    let Some((rig, _turn)) = setup_ublk("ublk read-only") else {
+        return;
+    };
+    let mem = Arc::new(MemDevice::new(1 << 20));
+    let options: UblkOptions = rig.options.clone().read_only(true).queues(2).queue_depth(8);
+    let mounted = options.spawn(Arc::clone(&mem)).unwrap();
+    let (queues, depth) = mounted.handle().queues();
+    assert_eq!(depth, 8);
+    assert!((1..=2).contains(&queues), "{queues}");
+    let t = UblkTarget::open(mounted).unwrap();
+    assert!(t.flags().contains(TransmissionFlags::READ_ONLY));
+    let err = t.write(0, &[1; 4096]).unwrap_err();
+    assert_eq!(err.errno, Some(1), "{err}");
+    assert!(mem.allocated() == 0, "nothing reached the device");
+    let id = t.mounted().id();
+    Box::new(t).detach().unwrap();
+    assert_ublk_gone(id);
+}

@@ -15,6 +15,7 @@ pub mod loopback;
 pub mod nbd;
 pub mod net;
 mod signals;
+pub mod ublk;
 
 /// An export's geometry and flags: what the server asks a link for, and what the link reports the
 /// kernel took.
@@ -139,6 +140,9 @@ pub enum LinkError {
     /// The link was started twice.
     #[error("the link was already started")]
     AlreadyStarted,
+    /// The ublk link failed: see [`ublk::UblkError`].
+    #[error(transparent)]
+    Ublk(#[from] ublk::UblkError),
     /// Any other system call failure, with the operation that failed.
     #[error("{op} failed: {source}")]
     Io {

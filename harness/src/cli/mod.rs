@@ -6,4 +6,5 @@ pub mod measured;
 pub mod record;
 pub mod replay;
 pub mod serve;
+pub mod serve_ublk;
 pub mod vm;

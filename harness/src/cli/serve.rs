@@ -117,6 +117,47 @@ pub struct Args {
     /// `allow` (TLS at the client's choice).
     #[arg(long, value_enum, value_name = "MODE", requires = "tls_cert")]
     pub tls: Option<TlsArg>,
+
+    /// The kernel driver: `nbd`, `ublk` (/dev/ublkbN, Linux 6.0+ with ublk_drv), or `auto`:
+    /// ublk where /dev/ublk-control exists (after trying `modprobe ublk_drv`), else nbd. A
+    /// device given with --nbd means nbd.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
+
+    /// With ublk: hardware queues, one serving thread each (capped at the CPUs).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+
+    /// With ublk: requests each queue may have in flight (1 to 4096).
+    #[arg(long, value_name = "N", default_value_t = userblk::link::ublk::DEFAULT_QUEUE_DEPTH,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub queue_depth: u16,
+
+    /// With ublk: the device id (/dev/ublkbN); the kernel picks one when not given.
+    #[arg(long, value_name = "N")]
+    pub ublk_id: Option<u32>,
+
+    /// With ublk: create the device recoverable, so that if this server dies (kill -9, a crash)
+    /// /dev/ublkbN stays, its requests wait, and `--recover N` takes it over.
+    #[arg(long)]
+    pub recoverable: bool,
+
+    /// With ublk: take over recoverable device N (/dev/ublkbN) whose server died, serving the
+    /// same content; the requests in flight are re-issued and a mounted file system stays.
+    #[arg(long, value_name = "N", conflicts_with_all = ["ublk_id", "recoverable"])]
+    pub recover: Option<u32>,
+}
+
+/// Which kernel driver serves the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    /// ublk where the kernel has it, else NBD.
+    Auto,
+    /// The NBD driver, /dev/nbdN.
+    Nbd,
+    /// The ublk driver, /dev/ublkbN.
+    Ublk,
 }
 
 /// Whether TLS is required or only offered.
@@ -128,7 +169,7 @@ pub enum TlsArg {
     Allow,
 }
 
-fn flags_text(flags: TransmissionFlags) -> String {
+pub(crate) fn flags_text(flags: TransmissionFlags) -> String {
     let names = [
         (TransmissionFlags::READ_ONLY, "read-only"),
         (TransmissionFlags::SEND_FLUSH, "flush"),
@@ -161,6 +202,9 @@ pub fn run(args: Args) -> ExitCode {
     };
     if let Some(addr) = args.listen.clone() {
         return run_listen(args, addr, device);
+    }
+    if super::serve_ublk::wants_ublk(&args) {
+        return super::serve_ublk::run(args, device);
     }
     let mut options = MountOptions::new()
         .device(&args.nbd)
