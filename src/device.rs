@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::libc::{ENOTSUP, EPERM};
 
+use crate::async_device::{zero_chunks, AsyncServing, ZERO_CHUNK};
 use crate::proto::TransmissionFlags;
 
 /// What a device supports. The defaults are cautious: only what every device can do correctly.
@@ -115,9 +116,6 @@ impl Extent {
     }
 }
 
-/// How big [`BlockDevice::write_zeroes`]'s default implementation writes at a time.
-const ZERO_CHUNK: usize = 64 << 10;
-
 /// A block device served to the kernel, for devices that handle requests concurrently.
 ///
 /// Offsets and lengths are in bytes and always multiples of [`block_size`](Self::block_size);
@@ -174,11 +172,8 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let _ = may_trim;
         let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write(offset + done, &zeroes[..n])?;
-            done += n as u64;
+        for (at, n) in zero_chunks(offset, len) {
+            self.write(at, &zeroes[..n])?;
         }
         Ok(())
     }
@@ -195,6 +190,14 @@ pub trait BlockDevice: Send + Sync {
 
     /// Called once when the kernel disconnects, after every request has been answered.
     fn unmount(&self) {}
+
+    /// The asynchronous device this one is, for the server to run its requests as tasks:
+    /// `Some` for an [`AsyncDevice`](crate::async_device::AsyncDevice) only (and for a wrapper
+    /// that passes its inner device's on, calls and all). Default: `None`, served by threads.
+    /// Not for implementing otherwise: [`AsyncServing`] cannot be made outside userblk.
+    fn asynchronous(&self) -> Option<AsyncServing> {
+        None
+    }
 }
 
 /// The `&mut self` twin of [`BlockDevice`], for devices that handle one request at a time.
@@ -229,11 +232,8 @@ pub trait BlockDeviceMut: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let _ = may_trim;
         let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write(offset + done, &zeroes[..n])?;
-            done += n as u64;
+        for (at, n) in zero_chunks(offset, len) {
+            self.write(at, &zeroes[..n])?;
         }
         Ok(())
     }
@@ -319,6 +319,7 @@ macro_rules! forward_block_device {
                 (**self).block_status(offset, len)
             }
             fn unmount(&self) { (**self).unmount() }
+            fn asynchronous(&self) -> Option<AsyncServing> { (**self).asynchronous() }
         }
     )*};
 }

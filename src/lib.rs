@@ -27,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod async_device;
 pub mod device;
 pub mod devices;
 pub mod link;
@@ -34,6 +35,7 @@ pub mod proto;
 pub mod server;
 mod stream;
 
+pub use async_device::{AsyncBlockDevice, AsyncDevice, IoBuf};
 pub use device::{BlockDevice, BlockDeviceMut, Capabilities, Exclusive, Extent};
 pub use devices::{FileDevice, MemDevice, PatternDevice};
 pub use link::loopback::{LoopbackError, LoopbackKernel, LoopbackOptions};

@@ -94,14 +94,18 @@ pub trait Storage: Send + Sync {
     fn open(&self) -> io::Result<Box<dyn BlockDevice>>;
 }
 
-/// Any closure returning a device (boxed or not) makes fresh devices.
+/// Any closure returning a device makes fresh devices: a [`BlockDevice`] (boxed or not), or an
+/// [`AsyncBlockDevice`](userblk::AsyncBlockDevice), which is served as an
+/// [`AsyncDevice`](userblk::AsyncDevice) (on the tokio runtime the closure runs in, or
+/// userblk's) through [`into_block_device`](userblk::AsyncBlockDevice::into_block_device).
 impl<F, D> DeviceFactory for F
 where
     F: Fn() -> D + Send + Sync,
-    D: BlockDevice + 'static,
+    // Named in full: with both device traits in scope, calls on a sync device are ambiguous.
+    D: userblk::AsyncBlockDevice + 'static,
 {
     fn create(&self) -> io::Result<Box<dyn BlockDevice>> {
-        Ok(Box::new(self()))
+        Ok(userblk::AsyncBlockDevice::into_block_device(self()))
     }
 }
 
@@ -109,7 +113,7 @@ where
 type OpenFn<S, D> = dyn Fn(&S) -> io::Result<D> + Send + Sync;
 
 /// A factory of re-openable storage, from a closure making new storage `S` and one opening a
-/// device `D` on it. (See the [module](self) example.)
+/// device `D` on it, sync or async (as for closures). (See the [module](self) example.)
 pub struct Reopen<S, D> {
     new_storage: Box<dyn Fn() -> io::Result<S> + Send + Sync>,
     open: Arc<OpenFn<S, D>>,
@@ -126,7 +130,7 @@ impl<S, D> fmt::Debug for Reopen<S, D> {
 impl<S, D> Reopen<S, D>
 where
     S: Send + Sync + 'static,
-    D: BlockDevice + 'static,
+    D: userblk::AsyncBlockDevice + 'static,
 {
     /// `new_storage` makes storage; `open` opens a device on it, as often as asked.
     pub fn new(
@@ -167,21 +171,25 @@ struct Opened<S, D> {
 impl<S, D> Storage for Opened<S, D>
 where
     S: Send + Sync,
-    D: BlockDevice + 'static,
+    D: userblk::AsyncBlockDevice + 'static,
 {
     fn open(&self) -> io::Result<Box<dyn BlockDevice>> {
-        Ok(Box::new((self.open)(&self.storage)?))
+        Ok(userblk::AsyncBlockDevice::into_block_device((self.open)(
+            &self.storage,
+        )?))
     }
 }
 
 impl<S, D> DeviceFactory for Reopen<S, D>
 where
     S: Send + Sync + 'static,
-    D: BlockDevice + 'static,
+    D: userblk::AsyncBlockDevice + 'static,
 {
     fn create(&self) -> io::Result<Box<dyn BlockDevice>> {
         let storage = (self.new_storage)()?;
-        Ok(Box::new((self.open)(&storage)?))
+        Ok(userblk::AsyncBlockDevice::into_block_device((self.open)(
+            &storage,
+        )?))
     }
 
     fn storage(&self) -> Option<io::Result<Box<dyn Storage>>> {

@@ -19,16 +19,12 @@
 //!
 //! # Where an asynchronous device plugs in
 //!
-//! Today the thread that read a request calls the device and completes the `InFlight` itself.
-//! An `AsyncBlockDevice` whose futures complete later changes only that step: the reading thread
-//! hands `(IoRequest, InFlight)` to the device (or to a per-connection executor polling its
-//! futures) and goes back to reading at once; when a future resolves, whatever thread polls it
-//! calls [`InFlight::complete`] with the result. `InFlight` is `Send + 'static` and owns
-//! everything its reply needs, so it can travel with the future. Nothing else changes: validation,
-//! the pool's byte bound (which then also bounds how many futures are pending), reply batching,
-//! and the exactly-one-reply rule (a dropped future drops its `InFlight`, which replies EIO).
-//! [`serve`] already waits for nothing but its threads; with futures it would also wait until
-//! the pool has nothing in flight before it returns.
+//! For a device whose [`asynchronous`](crate::BlockDevice::asynchronous) is `Some` (an
+//! [`AsyncDevice`](crate::AsyncDevice)), [`serve`] hands the connections to `conn_async`: one
+//! thread per connection reads and checks requests exactly as here, lends each request's buffer
+//! to a task on the device's runtime and goes back to reading; the task completes the
+//! `InFlight`. Validation, the pool's byte bound, reply batching and the exactly-one-reply rule
+//! are this file's; serving returns once every task has finished.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -37,11 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::async_device::IoBuf;
 use crate::device::BlockDevice;
 use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
 use crate::proto::Request;
 use crate::proto::{Command, Cookie, Errno};
+use crate::server::conn_async::serve_async;
 use crate::server::dispatch::{Dispatcher, IoResult};
 use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::server::reader::{Incoming, RequestReader};
@@ -79,7 +77,7 @@ impl ConnStream for TcpStream {
 
 /// How the threads of a connection serve it.
 #[derive(Clone, Copy, Debug)]
-struct ConnParams {
+pub(super) struct ConnParams {
     export: Export,
     max_io: u32,
     /// Replies are held back while the connection has more requests buffered, and written
@@ -88,7 +86,7 @@ struct ConnParams {
     hold_replies: bool,
     batch: usize,
     /// What a network client negotiated (nothing for the kernel).
-    features: Features,
+    pub(super) features: Features,
     /// A thread keeps its turn at reading while it calls the device, unless another request is
     /// already buffered for another thread to take: for a device that never blocks, handing the
     /// turn over with nothing to read costs a wake-up and gains nothing, while calls still
@@ -98,20 +96,20 @@ struct ConnParams {
 
 /// State shared by every thread (and every [`InFlight`]) of one [`serve`].
 #[derive(Debug)]
-struct Group<S> {
+pub(super) struct Group<S> {
     outboxes: Vec<Outbox<S>>,
     /// Clones of the connections, to shut them down without waiting for a writer.
     closers: Vec<S>,
-    pool: BufferPool,
+    pub(super) pool: BufferPool,
     /// Set when serving must stop early (a fatal error on any connection).
     stop: AtomicBool,
-    error: Mutex<Option<ServerError>>,
+    pub(super) error: Mutex<Option<ServerError>>,
 }
 
 impl<S: ConnStream> Group<S> {
     /// The group for `streams`, and the reading side of each.
     #[allow(clippy::type_complexity)]
-    fn new(
+    pub(super) fn new(
         streams: &[S],
         max_in_flight_bytes: usize,
     ) -> Result<(Arc<Group<S>>, Vec<Mutex<Reading<S>>>), ServerError> {
@@ -142,7 +140,7 @@ impl<S: ConnStream> Group<S> {
     }
 
     /// Records the first fatal error and closes every connection, so all readers stop.
-    fn fail(&self, err: ServerError) {
+    pub(super) fn fail(&self, err: ServerError) {
         let mut slot = lock(&self.error);
         if slot.is_none() {
             *slot = Some(err);
@@ -163,7 +161,7 @@ impl<S: ConnStream> Group<S> {
     }
 
     /// Writes the connection's pending replies (and `own` first); see [`Outbox::flush`].
-    fn flush(&self, conn: usize, own: Option<Done>) {
+    pub(super) fn flush(&self, conn: usize, own: Option<Done>) {
         if let Err(e) = self.outboxes[conn].flush(&self.pool, own) {
             if !peer_gone(&e) {
                 self.fail(ServerError::Io { conn, source: e });
@@ -173,7 +171,7 @@ impl<S: ConnStream> Group<S> {
 
     /// Queues a reply and writes what is pending unless another thread is at it. Large READ
     /// data is written by the thread that produced it, from its warm cache.
-    fn reply(&self, conn: usize, done: Done) {
+    pub(super) fn reply(&self, conn: usize, done: Done) {
         if done.is_large() {
             self.flush(conn, Some(done));
         } else {
@@ -196,8 +194,11 @@ pub(crate) struct InFlight<S: ConnStream> {
     structured: bool,
     /// The request's offset (a structured READ reply names it).
     offset: u64,
-    /// `None` once answered.
+    /// `None` once answered, or while lent to an async device.
     buf: Option<Buffer>,
+    /// The pool's charge for a buffer lent to an async device (it goes back with the reply
+    /// whether or not the buffer does).
+    lent: usize,
 }
 
 impl<S: ConnStream> InFlight<S> {
@@ -206,6 +207,43 @@ impl<S: ConnStream> InFlight<S> {
         match &mut self.buf {
             Some(b) => b.as_mut_slice(),
             None => &mut [],
+        }
+    }
+
+    /// The request's buffer, lent to an async device; its charge stays here.
+    pub(super) fn lend(&mut self) -> IoBuf {
+        let mut buf = self.buf.take().unwrap_or_else(|| Buffer::lost(0));
+        self.lent += buf.take_charge();
+        IoBuf::from_buffer(buf)
+    }
+
+    /// Completes a request whose buffer was lent: `buf` is what came back (`None`: lost with a
+    /// panicking future), whose data a successful READ replies with.
+    pub(super) fn complete_lent(mut self, result: IoResult, buf: Option<IoBuf>) {
+        if let Some(b) = buf {
+            self.buf = Some(b.into_buffer());
+        }
+        self.complete(result);
+    }
+
+    /// Completes a BLOCK_STATUS request with its descriptors for `context`, or an error.
+    pub(super) fn complete_status(self, result: Result<Vec<u8>, Errno>, context: u32) {
+        let (group, conn) = (Arc::clone(&self.group), self.conn);
+        if let Some(done) = self.into_status(result, context) {
+            group.reply(conn, done);
+        }
+    }
+
+    /// The buffer to reply with, carrying the request's whole charge; `None` once answered.
+    fn take_buffer(&mut self) -> Option<Buffer> {
+        let lent = std::mem::take(&mut self.lent);
+        match self.buf.take() {
+            Some(mut b) => {
+                b.add_charge(lent);
+                Some(b)
+            }
+            None if lent > 0 => Some(Buffer::lost(lent)),
+            None => None,
         }
     }
 
@@ -222,7 +260,7 @@ impl<S: ConnStream> InFlight<S> {
     /// only if already answered, which ownership rules out: the buffer is taken only by what
     /// consumes `self`.)
     fn into_done(mut self, result: IoResult) -> Option<Done> {
-        let buf = self.buf.take()?;
+        let buf = self.take_buffer()?;
         let structured = self.structured;
         Some(match result {
             Ok(n) if self.read && n != buf.as_slice().len() => {
@@ -237,7 +275,7 @@ impl<S: ConnStream> InFlight<S> {
 
     /// The reply to a BLOCK_STATUS request: its descriptors for `context`, or an error chunk.
     fn into_status(mut self, result: Result<Vec<u8>, Errno>, context: u32) -> Option<Done> {
-        let buf = self.buf.take()?;
+        let buf = self.take_buffer()?;
         Some(match result {
             Ok(descriptors) => Done::block_status(self.cookie, context, descriptors, buf),
             Err(errno) => Done::error_in(true, self.cookie, errno, buf),
@@ -247,7 +285,7 @@ impl<S: ConnStream> InFlight<S> {
     /// Gives the memory back without a reply, for a request whose stream broke before it was
     /// whole (a truncated WRITE payload): there is nobody left to reply to.
     fn abandon(mut self) {
-        if let Some(b) = self.buf.take() {
+        if let Some(b) = self.take_buffer() {
             self.group.pool.give(std::iter::once(b));
         }
     }
@@ -255,7 +293,7 @@ impl<S: ConnStream> InFlight<S> {
 
 impl<S: ConnStream> Drop for InFlight<S> {
     fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
+        if let Some(buf) = self.take_buffer() {
             let done = Done::error_in(self.structured, self.cookie, Errno::EIO, buf);
             self.group.reply(self.conn, done);
         }
@@ -263,7 +301,7 @@ impl<S: ConnStream> Drop for InFlight<S> {
 }
 
 /// What a thread got from its turn at reading a connection.
-enum Next<S: ConnStream> {
+pub(super) enum Next<S: ConnStream> {
     /// A valid request for the device, its buffer in the `InFlight` (a WRITE's payload in it).
     Request(InFlight<S>, IoRequest),
     /// A request answered without the device.
@@ -276,10 +314,10 @@ enum Next<S: ConnStream> {
 
 /// The reading side of one connection: one thread at a time reads the next request, then lets
 /// go, so that another reads while it calls the device.
-struct Reading<S> {
-    r: RequestReader<S>,
+pub(super) struct Reading<S> {
+    pub(super) r: RequestReader<S>,
     /// The stream has ended for every thread of this connection.
-    finished: bool,
+    pub(super) finished: bool,
 }
 
 /// Serves `streams`, the connections of one export already past any handshake, until each has
@@ -337,6 +375,17 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
     features: Features,
 ) -> Result<(), ServerError> {
     let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
+    if let Some(device) = dispatcher.device().asynchronous() {
+        let params = ConnParams {
+            export: *export,
+            max_io: options.max_io_len,
+            hold_replies: false,
+            batch: REPLIES_PER_WRITE,
+            features,
+            keep_idle_turn: false,
+        };
+        return serve_async(device, &group, &readers, params, options.poison_reads);
+    }
     let never_blocks = dispatcher.device().capabilities().never_blocks;
     let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {
         // Two threads: calls may overlap, and neither waits long for the other's turn.
@@ -451,7 +500,7 @@ fn serve_turns<D: BlockDevice + ?Sized, S: ConnStream>(
 
 /// Reads the next request of a connection (the caller holds its turn) and checks it.
 /// `before_wait` runs before waiting for memory.
-fn next<S: ConnStream>(
+pub(super) fn next<S: ConnStream>(
     group: &Arc<Group<S>>,
     conn: usize,
     r: &mut RequestReader<S>,
@@ -470,6 +519,7 @@ fn next<S: ConnStream>(
         structured,
         offset,
         buf: Some(buf),
+        lent: 0,
     };
     let mut req = match r.next_header(conn) {
         Ok(Incoming::Eof) => return Next::Stop,
@@ -632,6 +682,7 @@ mod tests {
             structured: false,
             offset: 0,
             buf: Some(group.pool.take(len, || {}).unwrap()),
+            lent: 0,
         };
         let mut read = take(1, true, 512);
         read.data().fill(9);

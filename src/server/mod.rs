@@ -8,13 +8,15 @@
 //!   command it did not advertise;
 //! - `dispatch`: [`Dispatcher`] calls the device for a validated request (FUA, errno mapping,
 //!   panics caught) and is shared by every transport (the NBD loop, a ublk queue);
+//!   `dispatch_async`: [`dispatch_async`], the same for an
+//!   [`AsyncBlockDevice`](crate::AsyncBlockDevice), awaited per request;
 //! - `unfilled`: the marker READ buffers can be poisoned with, and [`unfilled_ranges`], which
 //!   finds what a device left unwritten;
 //! - `pool`: the memory of requests in flight, bounded in bytes and recycled;
 //! - `reader` and `replies`: reading NBD requests from a stream, and writing replies in batches;
 //! - `conn`: [`serve`], the NBD transmission loop over the connections of one export, and its
-//!   per-connection completion path (how an asynchronous device will plug in is described
-//!   there).
+//!   per-connection completion path; `conn_async`: the same loop for an async device, each
+//!   request a task on its runtime.
 //!
 //! [`Server::run`] starts the link, [`serve`]s its connections, then unmounts the device and
 //! finishes the link. [`Server::handle_one`] does exactly one request, synchronously, for tests
@@ -40,7 +42,9 @@ use crate::link::{Export, KernelLink, LinkError};
 use crate::proto::{Command, Cookie, Errno, ParseError, Reply, MAX_IO_LEN};
 
 mod conn;
+mod conn_async;
 mod dispatch;
+mod dispatch_async;
 mod pool;
 mod reader;
 mod replies;
@@ -51,6 +55,8 @@ mod validate;
 pub(crate) use conn::serve_with;
 pub use conn::{serve, ConnStream};
 pub use dispatch::{Dispatcher, IoResult};
+pub use dispatch_async::{block_status_async, dispatch_async};
+pub(crate) use pool::Buffer;
 use reader::{read_header, read_payload, skip_payload, Incoming};
 use replies::send_reply;
 pub use request::{IoFlags, IoOp, IoRequest};

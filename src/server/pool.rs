@@ -35,26 +35,65 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A request's data buffer, charged to the pool until given back.
 #[derive(Debug)]
-pub(super) struct Buffer {
+pub(crate) struct Buffer {
     /// `1 << class` bytes long (empty for a request without data); only `..len` is the request's.
+    /// (A buffer an asynchronous device made itself may be any length: it is freed, not kept.)
     data: Vec<u8>,
     len: usize,
+    /// What the pool charged for it: its allocation plus the request's overhead, or 0 while the
+    /// charge is held elsewhere (an [`IoBuf`](crate::async_device::IoBuf) lent to a device).
+    charge: usize,
 }
 
 impl Buffer {
+    /// A buffer outside the pool, charged nothing: `data` whole is the request's.
+    pub(crate) fn from_vec(data: Vec<u8>) -> Buffer {
+        let len = data.len();
+        Buffer {
+            data,
+            len,
+            charge: 0,
+        }
+    }
+
+    /// The bytes and their length, for a buffer leaving the pool's accounting.
+    pub(crate) fn into_parts(self) -> (Vec<u8>, usize) {
+        (self.data, self.len)
+    }
+
+    /// Shortens the request's part to `len` bytes (no-op if longer).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Moves the pool's charge out (the buffer is being lent), or back in.
+    pub(crate) fn take_charge(&mut self) -> usize {
+        std::mem::take(&mut self.charge)
+    }
+
+    /// See [`take_charge`](Self::take_charge).
+    pub(crate) fn add_charge(&mut self, charge: usize) {
+        self.charge += charge;
+    }
+
+    /// An empty buffer carrying `charge`: what is given back for a lent buffer that never came
+    /// back (the device's future panicked or was dropped with it).
+    pub(crate) fn lost(charge: usize) -> Buffer {
+        Buffer {
+            data: Vec::new(),
+            len: 0,
+            charge,
+        }
+    }
+
     /// The request's bytes.
-    pub(super) fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         &self.data[..self.len]
     }
 
     /// The request's bytes, to fill.
-    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.data[..self.len]
-    }
-
-    /// What the buffer is charged: its whole allocation plus the request's overhead.
-    fn charge(&self) -> usize {
-        self.data.len() + REQUEST_OVERHEAD
     }
 }
 
@@ -151,11 +190,12 @@ impl BufferPool {
             return Some(Buffer {
                 data: Vec::new(),
                 len: 0,
+                charge,
             });
         };
         if let Some(data) = st.free[class].pop() {
             st.free_bytes -= size;
-            return Some(Buffer { data, len });
+            return Some(Buffer { data, len, charge });
         }
         // A new buffer: make room among the free ones first, so that the pool's total stays
         // within its limit. (Rare: only when the mix of request sizes changes.)
@@ -173,6 +213,7 @@ impl BufferPool {
         Some(Buffer {
             data: vec![0u8; size],
             len,
+            charge,
         })
     }
 
@@ -186,10 +227,11 @@ impl BufferPool {
     pub(super) fn give(&self, bufs: impl Iterator<Item = Buffer>) {
         let mut st = lock(&self.state);
         for buf in bufs {
-            st.in_use -= buf.charge();
+            st.in_use -= buf.charge;
             st.requests -= 1;
             let size = buf.data.len();
-            if size == 0 {
+            if size < 1 << MIN_CLASS || !size.is_power_of_two() || class_of(size) >= CLASSES {
+                // Empty, or a device's own buffer of another shape: not one the pool reuses.
                 continue;
             }
             // Kept for reuse while the pool stays within its limit; freed otherwise.

@@ -68,10 +68,11 @@ mod model;
 mod ops;
 mod run;
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use userblk::{BlockDevice, MemDevice};
+use userblk::{AsyncDevice, BlockDevice, MemDevice};
 
 use crate::target::OpError;
 
@@ -89,6 +90,22 @@ pub trait Crashable: BlockDevice {
     /// it must return a copy that later writes do not change, each block as it was at some
     /// moment during the call.
     fn crash(&self) -> io::Result<Box<dyn BlockDevice>>;
+}
+
+/// An async device whose power can be cut in simulation: [`Crashable`] for an
+/// [`AsyncBlockDevice`](userblk::AsyncBlockDevice). Its [`AsyncDevice`] is then [`Crashable`],
+/// so `factory::crashable(|| AsyncDevice::new(dev))` and [`Reopen::crashable`] take it.
+///
+/// [`Reopen::crashable`]: crate::factory::Reopen::crashable
+pub trait AsyncCrashable: userblk::AsyncBlockDevice {
+    /// The device as it would come back after a power loss now: see [`Crashable::crash`].
+    fn crash(&self) -> impl Future<Output = io::Result<Box<dyn BlockDevice>>> + Send;
+}
+
+impl<D: AsyncCrashable + 'static> Crashable for AsyncDevice<D> {
+    fn crash(&self) -> io::Result<Box<dyn BlockDevice>> {
+        self.block_on(AsyncCrashable::crash(self.device()))?
+    }
 }
 
 /// A [`MemDevice`] has no volatile cache: all of it survives. The copy is a

@@ -59,6 +59,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Exported<'_, D> {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.device.block_status(offset, len)
     }
+    // Served as tasks when it is async: requests are validated against this wrapper's
+    // capabilities (read-only forced) before the device sees them, and unmount is the
+    // listener's either way.
+    fn asynchronous(&self) -> Option<crate::async_device::AsyncServing> {
+        self.device.asynchronous()
+    }
     fn unmount(&self) {}
 }
 

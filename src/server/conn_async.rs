@@ -1,0 +1,165 @@
+//! The NBD loop for an asynchronous device: each connection has one thread that reads requests,
+//! checks them and takes their memory from the pool as the threaded loop does, then hands each
+//! one, with its [`InFlight`], to a task on the device's tokio runtime and goes back to reading.
+//! The task awaits the device ([`dispatch_async`](crate::server::dispatch_async)) and completes
+//! the `InFlight`, whose reply joins the connection's outbox like any other; replies go out as
+//! futures complete, batched when they complete together.
+//!
+//! What bounds the requests in flight: the kernel's queue depth, and the pool's bytes (a reader
+//! that finds the pool full waits, and the kernel with it). A task that panics answers EIO; a
+//! task the runtime drops (shut down under it) drops its `InFlight`, which answers EIO too.
+//! Serving returns once every connection has stopped and every task has finished.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+
+use tokio::runtime::Handle;
+
+use crate::async_device::{AsyncServing, DynAsync, IoBuf};
+use crate::link::net::wire::CMD_FLAG_REQ_ONE;
+use crate::server::conn::{next, ConnParams, ConnStream, Group, InFlight, Next, Reading};
+use crate::server::pool::lock;
+use crate::server::replies::encode_extents;
+use crate::server::{IoResult, ServerError};
+
+/// The tasks of one serve still running.
+#[derive(Debug, Default)]
+struct Tasks {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Tasks {
+    fn start(self: &Arc<Tasks>) -> Running {
+        *lock(&self.running) += 1;
+        Running(Arc::clone(self))
+    }
+
+    fn wait_idle(&self) {
+        let mut n = lock(&self.running);
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One running task; counted until dropped.
+struct Running(Arc<Tasks>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.running);
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A request handed to a task: its `InFlight` is answered (dropped: EIO) before the task stops
+/// counting (fields drop in order).
+struct Task<S: ConnStream> {
+    inflight: InFlight<S>,
+    _running: Running,
+}
+
+/// Serves the connections of `group` with the async device behind `device` (see the module
+/// documentation). Errors as for [`serve`](crate::server::serve).
+pub(super) fn serve_async<S: ConnStream>(
+    device: AsyncServing,
+    group: &Arc<Group<S>>,
+    readers: &[Mutex<Reading<S>>],
+    params: ConnParams,
+    poison_reads: bool,
+) -> Result<(), ServerError> {
+    let device = device.0;
+    let rt = device
+        .runtime()
+        .map_err(|source| ServerError::Io { conn: 0, source })?;
+    let tasks = Arc::new(Tasks::default());
+    thread::scope(|s| {
+        for (conn, reading) in readers.iter().enumerate() {
+            let (device, rt, tasks) = (&device, &rt, &tasks);
+            let spawned = thread::Builder::new()
+                .name(format!("userblk-conn{conn}"))
+                .spawn_scoped(s, move || {
+                    let mut turn = lock(reading);
+                    read_requests(
+                        group,
+                        &mut turn,
+                        conn,
+                        device,
+                        rt,
+                        tasks,
+                        params,
+                        poison_reads,
+                    );
+                    turn.finished = true;
+                });
+            if let Err(source) = spawned {
+                group.fail(ServerError::Io { conn, source });
+                break;
+            }
+        }
+    });
+    tasks.wait_idle();
+    let error = lock(&group.error).take();
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Reads one connection until DISC, EOF or a fatal error, spawning a task per request.
+#[allow(clippy::too_many_arguments)]
+fn read_requests<S: ConnStream>(
+    group: &Arc<Group<S>>,
+    turn: &mut Reading<S>,
+    conn: usize,
+    device: &Arc<dyn DynAsync>,
+    rt: &Handle,
+    tasks: &Arc<Tasks>,
+    params: ConnParams,
+    poison_reads: bool,
+) {
+    loop {
+        // Waiting for memory needs nothing first: tasks write their own replies.
+        match next(group, conn, &mut turn.r, &params, || {}) {
+            Next::Stop => break,
+            Next::Rejected(inflight, errno) => inflight.complete(Err(errno)),
+            Next::Request(mut inflight, io) => {
+                let buf = inflight.lend();
+                let task = Task {
+                    inflight,
+                    _running: tasks.start(),
+                };
+                let device = Arc::clone(device);
+                rt.spawn(async move {
+                    let (result, buf) = device.dispatch(io, buf, poison_reads).await;
+                    finish(task, result, buf);
+                });
+            }
+            Next::Status(inflight, req) => {
+                let task = Task {
+                    inflight,
+                    _running: tasks.start(),
+                };
+                let device = Arc::clone(device);
+                let context = params.features.block_status.unwrap_or_default();
+                rt.spawn(async move {
+                    let result = device
+                        .block_status(req.offset, u64::from(req.len))
+                        .await
+                        .map(|e| encode_extents(&e, req.len, req.flags.contains(CMD_FLAG_REQ_ONE)));
+                    let Task { inflight, _running } = task;
+                    inflight.complete_status(result, context);
+                });
+            }
+        }
+    }
+}
+
+fn finish<S: ConnStream>(task: Task<S>, result: IoResult, buf: Option<IoBuf>) {
+    let Task { inflight, _running } = task;
+    inflight.complete_lent(result, buf);
+}
