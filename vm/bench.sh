@@ -275,6 +275,8 @@ if OURS:
             if b not in status or b == a or (b == "userblk-1c" and not a.startswith("ublk")):
                 continue
             cells = [ratio(a, b, w) for w, _, _ in W]
+            if all(r is None for r in cells):
+                continue
             print(f"{a}/{b}".ljust(tw + 10) + "".join(("-" if r is None else f"{r:.2f}x").rjust(cw) for r in cells))
 
 print("\ntargets (ratios of throughput in this boot; a missed target is a finding, not a failure)")
