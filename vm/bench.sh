@@ -251,6 +251,7 @@ if T:
         print(t.ljust(tw) + "".join(cell(t, w).rjust(cw) for w, _, _ in W))
 
     print("\nmean latency (us) | server CPU (% of one vCPU) | guest CPU busy (% of all vCPUs)")
+    print("target".ljust(tw) + "".join(h.rjust(cw + 3) for _, _, h in W))
     for t in T:
         cells = []
         for w, _, _ in W:
@@ -260,7 +261,7 @@ if T:
             else:
                 srv = f"{c['server']:.0f}%" if t not in KERNEL else "-"
                 cells.append(f"{m['lat']:.0f} | {srv} | {c['guest']:.0f}%")
-        print(t.ljust(tw) + "".join(x.rjust(cw) for x in cells))
+        print(t.ljust(tw) + "".join(x.rjust(cw + 3) for x in cells))
 
 def ratio(a, b, w):
     ma, mb = M.get((a, w)), M.get((b, w))
