@@ -31,7 +31,8 @@
 # Environment: VM_MEMORY (default 2G, more for big --size), VM_CPUS (default 2), WORKLOADS (the
 # RAM disks' workloads, e.g. "randread-4k seqread-1m"; see vm/bench-guest.sh).
 # Only one VM at a time on this machine: it waits for /run/lock/userblk-vm.lock, as vm/run.sh.
-# The whole bench at --runtime 5 --ramp 1 --size 128M boots for about 10 minutes under TCG.
+# The whole bench at --runtime 4 --ramp 1 --size 128M took one 13-minute boot on 6.12 under TCG
+# (host load 1.5-6); WORKLOADS="randread-4k seqread-1m" about halves it.
 # Needs root. Exit status 1 if a target failed to come up or a fio run failed (not for a SKIP).
 set -euo pipefail
 
