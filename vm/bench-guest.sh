@@ -8,15 +8,25 @@
 #   RESULTS            output directory (shared with the host)
 #   RUNTIME RAMP       fio seconds measured per workload, and seconds of ramp before
 #   SIZE_BYTES         size of every RAM disk
-#   TARGETS            targets to run, space-separated (default: the five below, in order)
+#   TARGETS            targets to run, space-separated (default: all of the list below but the
+#                      profiling ones, in order)
+#   WORKLOADS          workloads of the RAM-backed targets (default: randread-4k randwrite-4k
+#                      seqread-1m seqwrite-1m randread-4k-qd1 randwrite-4k-qd1; randread-4k and
+#                      randwrite-4k are at QD 32, the 1 MiB ones at QD 8, NAME-qdN at QD N)
+#   REMOTE_LATENCY_MS  the remote disk's injected latency (default 1)
 #
-# Targets: userblk-1c, userblk-2c (userblk serve ram:SIZE, 1 or 2 connections), nbdkit (memory
-# plugin, nbd-client over a Unix socket), sequential (examples/sequential_server), brd (the
-# kernel's RAM disk). Extra ones, for profiling: nbdkit-2c (two connections), ramdisk-wW-cC
+# Targets: userblk-1c, userblk-2c (userblk serve ram:SIZE over NBD, 1 or 2 connections), nbdkit
+# (memory plugin, nbd-client over a Unix socket), sequential (examples/sequential_server), ublk-1q,
+# ublk-2q (userblk serve ram:SIZE --transport ublk --queues 1|2, /dev/ublkbN; SKIP where the
+# kernel has no ublk_drv), brd (the kernel's RAM disk), null_blk (memory-backed, multi-queue: the
+# kernel's other ceiling), remote-sync, remote-async (examples/remote_disk on /dev/nbd5 at
+# REMOTE_LATENCY_MS per request, behind the sync trait (--blocking) or as an async device; 4 KiB
+# randread at QD 1, 32 and 128, no prefill: its storage answers after the latency whatever it
+# holds). Extra ones, for profiling: nbdkit-2c (two connections), ramdisk-wW-cC
 # (examples/bench_ramdisk with W server workers and C connections).
 #
 # Writes to $RESULTS:
-#   targets                  one line per target: "NAME ok" or "NAME FAIL reason"
+#   targets                  one line per target: "NAME ok", "NAME FAIL reason" or "NAME SKIP reason"
 #   NAME/WORKLOAD.json       fio's JSON output
 #   NAME/WORKLOAD.cpu        key=value: wall seconds, guest CPU ticks (busy, idle), server ticks
 #   NAME/WORKLOAD.threads    the server's threads: "comm ticks" over the workload
@@ -27,18 +37,21 @@
 set -euo pipefail
 
 : "${USERBLK_BIN:?}" "${USERBLK_EXAMPLES:?}" "${RESULTS:?}" "${RUNTIME:?}" "${RAMP:?}" "${SIZE_BYTES:?}"
-TARGETS=${TARGETS:-userblk-1c userblk-2c nbdkit sequential brd}
-WORKLOADS="randread-4k randwrite-4k seqread-1m seqwrite-1m"
+TARGETS=${TARGETS:-userblk-1c userblk-2c nbdkit sequential ublk-1q ublk-2q brd null_blk remote-sync remote-async}
+WORKLOADS=${WORKLOADS:-randread-4k randwrite-4k seqread-1m seqwrite-1m randread-4k-qd1 randwrite-4k-qd1}
+REMOTE_WORKLOADS="randread-4k-qd1 randread-4k randread-4k-qd128"
+REMOTE_LATENCY_MS=${REMOTE_LATENCY_MS:-1}
 WORK=/tmp/userblk-bench
 mkdir -p "$WORK" "$RESULTS/logs"
 : >"$RESULTS/targets"
 SIZE_MIB=$((SIZE_BYTES >> 20))
 SIZE_KIB=$((SIZE_BYTES >> 10))
 
-# State of the target being run: its device, the process serving it (for CPU and memory), and
-# every background process started, which the EXIT trap kills.
+# State of the target being run: its device, the process serving it (for CPU and memory), the
+# bytes fio works on, and every background process started, which the EXIT trap kills.
 DEV=
 SERVER_PID=
+FIO_SIZE=$SIZE_BYTES
 BG_PIDS=()
 
 say() { printf 'bench-guest: %s %s\n' "$(date +%T)" "$*" >&2; }
@@ -201,6 +214,97 @@ teardown_brd() {
     rmmod brd
 }
 
+# The kernel's other RAM-backed ceiling: null_blk, multi-queue (queue_mode=2), memory-backed so
+# that it copies data as brd does, one hardware queue per vCPU. Its size is in GiB (gb=1): fio
+# works on the first SIZE_BYTES of it, like on the others.
+setup_null_blk() {
+    SERVER_PID=
+    modprobe null_blk nr_devices=1 queue_mode=2 gb=1 bs=4096 memory_backed=1 \
+        submit_queues="$(nproc)" hw_queue_depth=64 || { echo "modprobe null_blk failed"; return 1; }
+    DEV=/dev/nullb0
+    local i
+    for ((i = 0; i < 50; i++)); do
+        [[ -b $DEV ]] && break
+        sleep 0.1
+    done
+    [[ -b $DEV ]] || { echo "no $DEV after modprobe null_blk"; return 1; }
+    grep -H . /sys/module/null_blk/parameters/{queue_mode,memory_backed,submit_queues,hw_queue_depth,irqmode} || true
+}
+teardown_null_blk() {
+    local i
+    for ((i = 0; i < 50; i++)); do
+        rmmod null_blk 2>/dev/null && return 0
+        sleep 0.2
+    done
+    rmmod null_blk
+}
+
+# ublk_missing: the reason this kernel cannot serve ublk, or nothing (tries modprobe ublk_drv).
+ublk_missing() {
+    [[ -e /dev/ublk-control ]] || modprobe ublk_drv 2>/dev/null || true
+    [[ -e /dev/ublk-control ]] || echo "kernel $(uname -r) has no ublk driver (ublk_drv, CONFIG_BLK_DEV_UBLK)"
+}
+
+# userblk serve over ublk with QUEUES queues; DEV is the /dev/ublkbN it prints. Status 3: no ublk.
+setup_ublk() {
+    local queues=$1 missing i
+    missing=$(ublk_missing)
+    [[ -z $missing ]] || { echo "SKIP: $missing"; return 3; }
+    "$USERBLK_BIN" serve "ram:$SIZE_BYTES" --transport ublk --queues "$queues" >"$WORK/serve.out" 2>&1 &
+    SERVER_PID=$!
+    BG_PIDS+=("$SERVER_PID")
+    for ((i = 0; i < 300; i++)); do
+        DEV=$(grep -o '/dev/ublkb[0-9]*' "$WORK/serve.out" | head -n 1 || true)
+        if [[ -n $DEV && -b $DEV ]]; then
+            udevadm settle 2>/dev/null || true
+            cat "$WORK/serve.out"
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.out"; echo "the server exited before its ublk device appeared"; return 1; }
+        sleep 0.1
+    done
+    cat "$WORK/serve.out"
+    echo "no /dev/ublkbN within 30 s"
+    return 1
+}
+teardown_ublk() {
+    local rc=0 i dev=$DEV
+    stop_pid "$SERVER_PID" TERM || rc=1
+    cat "$WORK/serve.out" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        [[ -z $dev || (! -e $dev && ! -e ${dev/ublkb/ublkc}) ]] && return "$rc"
+        sleep 0.1
+    done
+    echo "$dev (or its char device) still exists after its server stopped"
+    return 1
+}
+
+# examples/remote_disk on /dev/nbd5: MODE is --blocking (the sync trait) or empty (async).
+setup_remote() {
+    local mode=$1
+    DEV=/dev/nbd5
+    # shellcheck disable=SC2086
+    "$USERBLK_EXAMPLES/remote_disk" --nbd "$DEV" --latency-ms "$REMOTE_LATENCY_MS" $mode \
+        >"$WORK/serve.out" 2>&1 &
+    SERVER_PID=$!
+    BG_PIDS+=("$SERVER_PID")
+    wait_connected "$DEV" "$SERVER_PID" "$WORK/serve.out" || return 1
+    cat "$WORK/serve.out"
+    # Its size is its own (256 MiB): fio stays within it.
+    local dev_size
+    dev_size=$(blockdev --getsize64 "$DEV")
+    ((dev_size < FIO_SIZE)) && FIO_SIZE=$dev_size
+    return 0
+}
+# The example unmounts on SIGINT (its mount's signal watch) and exits.
+teardown_remote() {
+    local rc=0
+    stop_pid "$SERVER_PID" INT || rc=1
+    cat "$WORK/serve.out" 2>/dev/null || true
+    nbd_release "$DEV" || rc=1
+    return "$rc"
+}
+
 # --- measurement ------------------------------------------------------------------------------
 
 # Ticks (1/CLK_TCK s) of user+system time of a process or thread, from its stat file.
@@ -233,7 +337,7 @@ fio_run() {
     shift 4
     timeout --kill-after=10 "$((RUNTIME + RAMP + 90))" \
         fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
-        --iodepth="$qd" --numjobs=1 --norandommap --randrepeat=0 "$@"
+        --iodepth="$qd" --numjobs=1 --norandommap --randrepeat=0 --size="$FIO_SIZE" "$@"
 }
 
 # run_workload NAME: one fio job, time-based, with the CPU it cost the guest and the server.
@@ -244,6 +348,8 @@ run_workload() {
         randwrite-4k) rw=randwrite bs=4k qd=32 ;;
         seqread-1m) rw=read bs=1M qd=8 ;;
         seqwrite-1m) rw=write bs=1M qd=8 ;;
+        randread-4k-qd[1-9]*) rw=randread bs=4k qd=${w#randread-4k-qd} ;;
+        randwrite-4k-qd[1-9]*) rw=randwrite bs=4k qd=${w#randwrite-4k-qd} ;;
         *) echo "unknown workload $w"; return 1 ;;
     esac
     local g0 g1 s0 s1 t0 t1 gb0 gi0 gb1 gi1
@@ -282,9 +388,10 @@ run_target() {
     TARGET=$1
     DEV=
     SERVER_PID=
+    FIO_SIZE=$SIZE_BYTES
     mkdir -p "$RESULTS/$TARGET"
     echo "== $TARGET: setup"
-    local setup teardown
+    local setup teardown workloads=$WORKLOADS prefill=1
     case $TARGET in
         userblk-1c) setup=(start_userblk /dev/nbd0 1) teardown=stop_server_on ;;
         userblk-2c) setup=(start_userblk /dev/nbd1 2) teardown=stop_server_on ;;
@@ -292,20 +399,37 @@ run_target() {
         nbdkit-2c) setup=(setup_nbdkit 2) teardown=teardown_nbdkit ;;
         sequential) setup=(setup_sequential) teardown=stop_server_on ;;
         brd) setup=(setup_brd) teardown=teardown_brd ;;
+        null_blk) setup=(setup_null_blk) teardown=teardown_null_blk ;;
+        ublk-1q) setup=(setup_ublk 1) teardown=teardown_ublk ;;
+        ublk-2q) setup=(setup_ublk 2) teardown=teardown_ublk ;;
+        remote-sync) setup=(setup_remote --blocking) teardown=teardown_remote
+            workloads=$REMOTE_WORKLOADS prefill=0 ;;
+        remote-async) setup=(setup_remote "") teardown=teardown_remote
+            workloads=$REMOTE_WORKLOADS prefill=0 ;;
         ramdisk-w*-c*)
             local spec=${TARGET#ramdisk-w}
             setup=(setup_ramdisk "${spec%-c*}" "${spec#*-c}") teardown=stop_server_on ;;
         *) echo "unknown target $TARGET"; return 2 ;;
     esac
-    "${setup[@]}" || { echo "setup failed"; "$teardown" || true; return 2; }
+    local src=0
+    "${setup[@]}" || src=$?
+    if ((src == 3)); then
+        return 3
+    elif ((src != 0)); then
+        echo "setup failed"
+        "$teardown" || true
+        return 2
+    fi
     echo "== $TARGET: $DEV ($(blockdev --getsize64 "$DEV") bytes), server pid ${SERVER_PID:-none}"
     # Everyone reads real data: write the whole device once.
-    echo "== $TARGET: prefill"
     local t0=$SECONDS rc=0 w
-    fio_run prefill write 1M 8 --size="$SIZE_BYTES" --output-format=terse --output=/dev/null || rc=1
-    echo "prefill took $((SECONDS - t0)) s"
+    if ((prefill)); then
+        echo "== $TARGET: prefill"
+        fio_run prefill write 1M 8 --output-format=terse --output=/dev/null || rc=1
+        echo "prefill took $((SECONDS - t0)) s"
+    fi
     if ((rc == 0)); then
-        for w in $WORKLOADS; do
+        for w in $workloads; do
             echo "== $TARGET: $w"
             run_workload "$w" || { rc=1; break; }
             cat "$RESULTS/$TARGET/$w.cpu" "$RESULTS/$TARGET/$w.threads"
@@ -321,15 +445,19 @@ run_target() {
 
 say "kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print $2 " kB" }' /proc/meminfo); runtime ${RUNTIME}s + ${RAMP}s ramp, size $SIZE_BYTES"
 { uname -r; nproc; fio --version; } >"$RESULTS/guest-info"
+kept=()
 if ! modprobe nbd nbds_max=16; then
     for t in $TARGETS; do
-        [[ $t == brd ]] || echo "$t FAIL modprobe nbd failed" >>"$RESULTS/targets"
+        case $t in
+            brd | null_blk | ublk-*) kept+=("$t") ;;
+            *) echo "$t FAIL modprobe nbd failed" >>"$RESULTS/targets" ;;
+        esac
     done
-    if [[ " $TARGETS " == *" brd "* ]]; then TARGETS=brd; else TARGETS=; fi
+    TARGETS="${kept[*]}"
 fi
 
 for t in $TARGETS; do
-    if [[ ! $t =~ ^(userblk-1c|userblk-2c|nbdkit|nbdkit-2c|sequential|brd|ramdisk-w[0-9]+-c[1-9][0-9]*)$ ]]; then
+    if [[ ! $t =~ ^(userblk-1c|userblk-2c|nbdkit|nbdkit-2c|sequential|ublk-1q|ublk-2q|brd|null_blk|remote-sync|remote-async|ramdisk-w[0-9]+-c[1-9][0-9]*)$ ]]; then
         echo "$t FAIL unknown target" >>"$RESULTS/targets"
         continue
     fi
@@ -340,6 +468,7 @@ for t in $TARGETS; do
     case $rc in
         0) echo "$t ok" >>"$RESULTS/targets" ;;
         2) echo "$t FAIL did not come up: $(tail -n 2 "$RESULTS/logs/$t.log" | head -n 1)" >>"$RESULTS/targets" ;;
+        3) echo "$t SKIP $(sed -n 's/^SKIP: //p' "$RESULTS/logs/$t.log" | tail -n 1)" >>"$RESULTS/targets" ;;
         *) echo "$t FAIL $(tail -n 1 "$RESULTS/logs/$t.log")" >>"$RESULTS/targets" ;;
     esac
     say "$(tail -n 1 "$RESULTS/targets")"
