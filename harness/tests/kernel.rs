@@ -60,17 +60,12 @@ fn attach(rig: &NbdRig, device: impl BlockDevice + 'static) -> NbdTarget {
     NbdTarget::open(mounted).expect("open the device node")
 }
 
-#[test]
-#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
-fn conformance_suite_on_the_real_kernel() {
-    let Some((rig, _turn)) = setup("conformance") else {
-        return;
-    };
-    // Re-openable and crashable: the durability cases disconnect /dev/nbd0 and serve the same
-    // memory again.
+/// The whole conformance suite through `rig`, on a re-openable and crashable RAM disk (the
+/// durability cases disconnect the device and serve the same memory again).
+fn conformance_suite(rig: &dyn Rig) {
     let factory = userblk_harness::factory::mem(64 << 20);
     let caps = MemDevice::new(0).capabilities();
-    let env = Env::new(&rig, &factory, caps);
+    let env = Env::new(rig, &factory, caps);
     let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
         eprintln!("  case {}", c.name)
     });
@@ -78,16 +73,9 @@ fn conformance_suite_on_the_real_kernel() {
     assert!(report.all_passed(), "{report}");
 }
 
-#[test]
-#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
-fn block_operations_reach_the_device() {
-    let Some((rig, _turn)) = setup("block operations") else {
-        return;
-    };
-    let mem = Arc::new(MemDevice::new(64 << 20));
-    let t = attach(&rig, Arc::clone(&mem));
-    assert_eq!(t.kernel_size().unwrap(), 64 << 20, "BLKGETSIZE64");
-    assert_eq!(t.kernel_block_size().unwrap(), 512, "BLKSSZGET");
+/// Each block operation through the kernel's node `t`, checked there and, for the O_DIRECT
+/// write, in the device `mem` behind it.
+fn block_operations(t: &dyn Target, mem: &MemDevice) {
     let data: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
     t.write(1 << 20, &data).unwrap();
     t.flush().unwrap();
@@ -104,6 +92,28 @@ fn block_operations_reach_the_device() {
     t.write_zeroes(3 << 20, 65536, false).unwrap();
     assert!(t.read(2 << 20, 65536).unwrap().iter().all(|&b| b == 0));
     assert!(t.read(3 << 20, 65536).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
+fn conformance_suite_on_the_real_kernel() {
+    let Some((rig, _turn)) = setup("conformance") else {
+        return;
+    };
+    conformance_suite(&rig);
+}
+
+#[test]
+#[ignore = "needs root and the nbd module: vm/run.sh runs it against /dev/nbd0"]
+fn block_operations_reach_the_device() {
+    let Some((rig, _turn)) = setup("block operations") else {
+        return;
+    };
+    let mem = Arc::new(MemDevice::new(64 << 20));
+    let t = attach(&rig, Arc::clone(&mem));
+    assert_eq!(t.kernel_size().unwrap(), 64 << 20, "BLKGETSIZE64");
+    assert_eq!(t.kernel_block_size().unwrap(), 512, "BLKSSZGET");
+    block_operations(&t, &mem);
     let index = t.mounted().index();
     Box::new(t).detach().unwrap();
     assert_freed(index);
@@ -335,14 +345,7 @@ fn ublk_conformance_suite() {
     let Some((rig, _turn)) = setup_ublk("ublk conformance") else {
         return;
     };
-    let factory = userblk_harness::factory::mem(64 << 20);
-    let caps = MemDevice::new(0).capabilities();
-    let env = Env::new(&rig, &factory, caps);
-    let report = conformance::run_cases(&env, &conformance::cases(), &mut |_, c| {
-        eprintln!("  case {}", c.name)
-    });
-    println!("{report}");
-    assert!(report.all_passed(), "{report}");
+    conformance_suite(&rig);
 }
 
 /// The random sequences (concurrent included) and this kernel's traces, as a driver author's
@@ -370,22 +373,7 @@ fn ublk_block_operations_reach_the_device() {
     let t = UblkTarget::open(mounted).unwrap();
     assert_eq!(t.kernel_size().unwrap(), 64 << 20, "BLKGETSIZE64");
     assert_eq!(t.kernel_block_size().unwrap(), 512, "BLKSSZGET");
-    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
-    t.write(1 << 20, &data).unwrap();
-    t.flush().unwrap();
-    assert_eq!(t.read(1 << 20, data.len()).unwrap(), data);
-    let mut direct = vec![0u8; data.len()];
-    mem.read(1 << 20, &mut direct).unwrap();
-    assert_eq!(direct, data, "O_DIRECT write reached the device");
-    t.write_fua(0, &[9u8; 4096]).unwrap();
-    assert_eq!(t.read(0, 4096).unwrap(), vec![9u8; 4096]);
-    if t.flags().contains(TransmissionFlags::SEND_TRIM) {
-        t.trim(1 << 20, 65536).unwrap();
-    }
-    t.write_zeroes(2 << 20, 65536, true).unwrap();
-    t.write_zeroes(3 << 20, 65536, false).unwrap();
-    assert!(t.read(2 << 20, 65536).unwrap().iter().all(|&b| b == 0));
-    assert!(t.read(3 << 20, 65536).unwrap().iter().all(|&b| b == 0));
+    block_operations(&t, &mem);
     let id = t.mounted().id();
     Box::new(t).detach().unwrap();
     assert_ublk_gone(id);
