@@ -510,18 +510,7 @@ impl ConnectRequest {
         attrs.push(Attr::U64(attr::SIZE_BYTES, self.size));
         attrs.push(Attr::U64(attr::BLOCK_SIZE_BYTES, self.block_size));
         attrs.push(Attr::U64(attr::SERVER_FLAGS, self.flags));
-        if let Some(t) = self.timeout {
-            attrs.push(Attr::U64(attr::TIMEOUT, t));
-        }
-        if let Some(t) = self.dead_conn_timeout {
-            attrs.push(Attr::U64(attr::DEAD_CONN_TIMEOUT, t));
-        }
-        let socks = self
-            .fds
-            .iter()
-            .map(|&fd| Attr::Nested(attr::SOCK_ITEM, vec![Attr::U32(attr::SOCK_FD, fd)]))
-            .collect();
-        attrs.push(Attr::Nested(attr::SOCKETS, socks));
+        push_timeouts_and_sockets(&mut attrs, self.timeout, self.dead_conn_timeout, &self.fds);
         attrs
     }
 }
@@ -543,20 +532,30 @@ impl ReconfigureRequest {
     /// Its attributes.
     pub(crate) fn attrs(&self) -> Vec<Attr> {
         let mut attrs = vec![Attr::U32(attr::INDEX, self.index)];
-        if let Some(t) = self.timeout {
-            attrs.push(Attr::U64(attr::TIMEOUT, t));
-        }
-        if let Some(t) = self.dead_conn_timeout {
-            attrs.push(Attr::U64(attr::DEAD_CONN_TIMEOUT, t));
-        }
-        let socks = self
-            .fds
-            .iter()
-            .map(|&fd| Attr::Nested(attr::SOCK_ITEM, vec![Attr::U32(attr::SOCK_FD, fd)]))
-            .collect();
-        attrs.push(Attr::Nested(attr::SOCKETS, socks));
+        push_timeouts_and_sockets(&mut attrs, self.timeout, self.dead_conn_timeout, &self.fds);
         attrs
     }
+}
+
+/// The attributes CONNECT and RECONFIGURE end with: the timeouts that are given, then one
+/// SOCK_ITEM a connection.
+fn push_timeouts_and_sockets(
+    attrs: &mut Vec<Attr>,
+    timeout: Option<u64>,
+    dead_conn_timeout: Option<u64>,
+    fds: &[u32],
+) {
+    if let Some(t) = timeout {
+        attrs.push(Attr::U64(attr::TIMEOUT, t));
+    }
+    if let Some(t) = dead_conn_timeout {
+        attrs.push(Attr::U64(attr::DEAD_CONN_TIMEOUT, t));
+    }
+    let socks = fds
+        .iter()
+        .map(|&fd| Attr::Nested(attr::SOCK_ITEM, vec![Attr::U32(attr::SOCK_FD, fd)]))
+        .collect();
+    attrs.push(Attr::Nested(attr::SOCKETS, socks));
 }
 
 impl NbdNetlink {
