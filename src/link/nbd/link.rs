@@ -1,31 +1,33 @@
-//! [`NbdLink`]: the [`KernelLink`] for `/dev/nbdN`, and [`MountHandle`], its remote control.
+//! [`NbdLink`]: the [`KernelLink`] for `/dev/nbdN`.
 //!
 //! `start` makes one socketpair per connection, hands the kernel one end of each (netlink
-//! CONNECT, or the ioctls on their own thread) and gives the server the others. `finish` leaves
-//! the device free for the next user: netlink DISCONNECT if nobody sent it yet, or the end of
-//! DO_IT and CLEAR_SOCK, and the last descriptor on the device node closed.
+//! CONNECT, or the ioctls on their own thread) and gives the server the others; a reattach
+//! hands them to a running device instead (see [`recovery`]). `finish` leaves the device free
+//! for the next user: netlink DISCONNECT if nobody sent it yet, or the end of DO_IT and
+//! CLEAR_SOCK, and the last descriptor on the device node closed. The state the link shares
+//! with its [`MountHandle`]s is in [`handle`](super::handle).
 
-use std::fs::File;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::path::Path;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::handle::{send_disconnect, Control, MountHandle, Phase};
 use super::ioctl::{self, IoctlConfig, SetupError};
 use super::mount::MountOptions;
-use super::netlink::{ConnectRequest, NbdNetlink, ReconfigureRequest, RequestError};
-use super::recovery::{self, ReattachError};
+use super::netlink::{ConnectRequest, NbdNetlink, RequestError};
+use super::recovery;
 use super::served_by;
-use super::sys::{self, nbd_ioctl, NbdIoctl, NbdNode};
+use super::sys::{self, NbdIoctl, NbdNode};
 use super::{
-    block_size_ok, classify, device_connected, device_index, device_path, driver_loaded, io_error,
-    request_error, Context, Setup, Step, EBUSY,
+    block_size_ok, classify, context, device_connected, device_index, device_path, driver_loaded,
+    io_error, request_error, sysfs_u64, wait_until_free, whole_seconds, Context, Setup, Step,
+    EBUSY,
 };
-use crate::link::signals::OnSignal;
 use crate::link::{Export, KernelLink, LinkError, Started};
 use crate::proto::TransmissionFlags;
 
@@ -35,245 +37,6 @@ use crate::proto::TransmissionFlags;
 const BUSY_GRACE: Duration = Duration::from_secs(5);
 /// How long the kernel may take to start a device after DO_IT was called.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where a link is in its life.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Phase {
-    #[default]
-    Idle,
-    Starting,
-    Running,
-    Failed,
-    Ended,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    phase: Phase,
-    index: Option<u32>,
-    setup: Option<Setup>,
-    /// What the kernel was told.
-    export: Option<Export>,
-    /// The device node, open while DO_IT runs (ioctl set-up only).
-    ioctl_fd: Option<Arc<NbdNode>>,
-    disconnect_sent: bool,
-    unmount_requested: bool,
-    io_flusher: bool,
-    signal: Option<&'static str>,
-}
-
-/// State shared by a link and its handles.
-#[derive(Debug, Default)]
-pub(crate) struct Control {
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-impl Control {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        self.lock().phase = phase;
-        self.changed.notify_all();
-    }
-}
-
-/// A handle on a served NBD device: which device it is, and a way to unmount it or change its
-/// timeout from any thread. Cloning is cheap; dropping a clone does nothing.
-///
-/// Never call [`unmount`](Self::unmount) or [`flush`](Self::flush) from inside a
-/// [`BlockDevice`](crate::BlockDevice) method: they do I/O on the device, which needs the server.
-#[derive(Clone, Debug)]
-pub struct MountHandle {
-    control: Arc<Control>,
-}
-
-impl MountHandle {
-    /// The device's index (`N` in `/dev/nbdN`), once the kernel has it.
-    pub fn index(&self) -> Option<u32> {
-        self.control.lock().index
-    }
-
-    /// The device node, e.g. `/dev/nbd0`; empty before the kernel has the device.
-    pub fn device(&self) -> PathBuf {
-        self.index().map(device_path).unwrap_or_default()
-    }
-
-    /// How the driver was configured (netlink or ioctl), once it was.
-    pub fn setup(&self) -> Option<Setup> {
-        self.control.lock().setup
-    }
-
-    /// What the kernel was told: size, block size and transmission flags.
-    pub fn export(&self) -> Option<Export> {
-        self.control.lock().export
-    }
-
-    /// Whether the device is being served.
-    pub fn is_mounted(&self) -> bool {
-        self.control.lock().phase == Phase::Running
-    }
-
-    /// Whether the serving threads run with `PR_SET_IO_FLUSHER` (false where not permitted:
-    /// without CAP_SYS_RESOURCE, or before Linux 5.6).
-    pub fn io_flusher(&self) -> bool {
-        self.control.lock().io_flusher
-    }
-
-    /// The signal that asked for the unmount, when
-    /// [`unmount_on_signals`](MountOptions::unmount_on_signals) did: `"SIGINT"` or `"SIGTERM"`.
-    pub fn signal(&self) -> Option<&'static str> {
-        self.control.lock().signal
-    }
-
-    /// Blocks until the link has started or failed to; true if it is running.
-    pub(crate) fn wait_started(&self, give_up: impl Fn() -> bool) -> bool {
-        let mut st = self.control.lock();
-        loop {
-            match st.phase {
-                Phase::Running => return true,
-                Phase::Failed | Phase::Ended => return false,
-                Phase::Idle | Phase::Starting if give_up() => return false,
-                Phase::Idle | Phase::Starting => {}
-            }
-            st = self
-                .control
-                .changed
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    /// Makes every completed write durable: fsync on the device node, which sends FLUSH when
-    /// the device advertises it. Opens the node (netlink set-up) from the calling thread.
-    pub fn flush(&self) -> Result<(), LinkError> {
-        let (index, fd) = {
-            let st = self.control.lock();
-            if st.phase != Phase::Running || st.disconnect_sent {
-                return Ok(());
-            }
-            match st.index {
-                Some(i) => (i, st.ioctl_fd.clone()),
-                None => return Ok(()),
-            }
-        };
-        let op = "flushing the device (fsync)";
-        match fd {
-            Some(fd) => nix::unistd::fsync(fd.as_fd()).map_err(|e| LinkError::io(op, e.into())),
-            None => File::open(device_path(index))
-                .and_then(|f| f.sync_all())
-                .map_err(|e| LinkError::io(op, e)),
-        }
-    }
-
-    /// Unmounts cleanly: [`flush`](Self::flush), then [`disconnect`](Self::disconnect). The
-    /// server then sees DISC, answers what is in flight, calls the device's `unmount` and
-    /// returns; the device node is free again once it has. Disconnects even when the flush
-    /// fails, and returns the flush's error then. Unmounting twice is harmless.
-    ///
-    /// # Requests still in flight
-    ///
-    /// With netlink set-up (the default), the kernel's DISCONNECT sends DISC and then shuts the
-    /// sockets down at once, failing every request still in flight with EIO: drivers/block/nbd.c,
-    /// `nbd_genl_disconnect` -> `nbd_disconnect_and_put` -> `nbd_disconnect` (DISC) then
-    /// `nbd_clear_sock` -> `sock_shutdown` and `nbd_clear_que` (each pending request completed
-    /// with `BLK_STS_IOERR`); read in mainline 5.x, and the same in the 5.15–6.17 sources this
-    /// project checked (`NBD-KERNEL.md`). The server may nevertheless already have the request
-    /// and still apply it to the device: a write the application saw fail with EIO can be on the
-    /// device after the unmount. So stop writers (unmount the file system, close the node) before
-    /// unmounting if that matters; the flush only covers writes that completed before it. The
-    /// ioctl set-up's DISCONNECT only sends DISC, and DO_IT returns once the server has answered
-    /// and closed, so nothing is failed there.
-    pub fn unmount(&self) -> Result<(), LinkError> {
-        let flushed = self.flush();
-        self.disconnect()?;
-        flushed
-    }
-
-    /// Asks the kernel to disconnect at once, without flushing: it sends DISC on every
-    /// connection (netlink DISCONNECT also shuts them down, failing requests still in flight
-    /// with EIO while the device may still apply them: see [`unmount`](Self::unmount)).
-    /// Before the link has started, the disconnect happens as soon as it has.
-    pub fn disconnect(&self) -> Result<(), LinkError> {
-        let (index, setup, fd) = {
-            let mut st = self.control.lock();
-            match st.phase {
-                Phase::Idle | Phase::Starting => {
-                    st.unmount_requested = true;
-                    return Ok(());
-                }
-                Phase::Failed | Phase::Ended => return Ok(()),
-                Phase::Running if st.disconnect_sent => return Ok(()),
-                Phase::Running => {}
-            }
-            let (Some(index), Some(setup)) = (st.index, st.setup) else {
-                return Ok(());
-            };
-            st.disconnect_sent = true;
-            (index, setup, st.ioctl_fd.clone())
-        };
-        let result = send_disconnect(index, setup, fd.as_deref());
-        if result.is_err() {
-            self.control.lock().disconnect_sent = false;
-        }
-        result
-    }
-
-    /// Changes the request timeout of the running device (0: none). The kernel counts whole
-    /// seconds; a fraction rounds up.
-    pub fn set_timeout(&self, timeout: Duration) -> Result<(), LinkError> {
-        let (index, setup, fd) = {
-            let st = self.control.lock();
-            match (st.phase, st.index, st.setup) {
-                (Phase::Running, Some(i), Some(s)) => (i, s, st.ioctl_fd.clone()),
-                _ => {
-                    return Err(LinkError::NotConnected {
-                        device: st
-                            .index
-                            .map_or("nbd".into(), |i| device_path(i).display().to_string()),
-                    })
-                }
-            }
-        };
-        let secs = whole_seconds(timeout);
-        let cx = context(Some(index), 512);
-        match (setup, fd) {
-            (Setup::Ioctl, Some(fd)) => nbd_ioctl(&fd, NbdIoctl::SetTimeout, secs)
-                .map_err(|e| io_error(Step::Other(NbdIoctl::SetTimeout.name()), e, &cx)),
-            _ => NbdNetlink::open()
-                .and_then(|mut nl| nl.set_timeout(index, secs))
-                .map_err(|e| request_error(Step::Other("netlink NBD_CMD_RECONFIGURE"), e, &cx)),
-        }
-    }
-}
-
-fn send_disconnect(index: u32, setup: Setup, fd: Option<&NbdNode>) -> Result<(), LinkError> {
-    let cx = context(Some(index), 512);
-    match (setup, fd) {
-        (Setup::Ioctl, Some(fd)) => nbd_ioctl(fd, NbdIoctl::Disconnect, 0)
-            .map_err(|e| io_error(Step::Other(NbdIoctl::Disconnect.name()), e, &cx)),
-        _ => NbdNetlink::open()
-            .and_then(|mut nl| nl.disconnect(index))
-            .map_err(|e| request_error(Step::Other("netlink NBD_CMD_DISCONNECT"), e, &cx)),
-    }
-}
-
-/// A timeout in the kernel's whole seconds, rounding a fraction up.
-pub(crate) fn whole_seconds(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-pub(crate) fn context(index: Option<u32>, block_size: u32) -> Context {
-    Context {
-        device: index.map_or_else(|| "nbd".into(), |i| device_path(i).display().to_string()),
-        block_size,
-        page_size: sys::page_size(),
-        driver_loaded: driver_loaded(),
-    }
-}
 
 /// What a started link holds until it finishes.
 #[derive(Debug)]
@@ -390,12 +153,8 @@ impl NbdLink {
             })?),
             Setup::Ioctl => SetupWith::Ioctl,
         };
-        let (server_ends, kernel_ends) = self.socket_pairs()?;
-        let clones = server_ends
-            .iter()
-            .map(UnixStream::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| LinkError::io("duplicating a socket", e))?;
+        let (server_ends, kernel_ends) = socket_pairs(self.options.connection_count())?;
+        let clones = clone_all(&server_ends)?;
         let (index, setup, running) = match setup {
             SetupWith::Netlink(mut nl) => {
                 let index = self.connect_netlink(&mut nl, wanted, &export, kernel_ends)?;
@@ -417,16 +176,7 @@ impl NbdLink {
         };
         self.server_ends = clones;
         self.running = Some(running);
-        let pending_unmount = {
-            let mut st = self.control.lock();
-            st.index = Some(index);
-            st.setup = Some(setup);
-            st.export = Some(export);
-            st.phase = Phase::Running;
-            st.unmount_requested
-        };
-        self.control.changed.notify_all();
-        if pending_unmount {
+        if self.control.set_running(index, setup, export) {
             // Asked for before the device existed: nothing can have been written yet.
             self.handle().disconnect()?;
         }
@@ -449,10 +199,7 @@ impl NbdLink {
                 block_size: export.block_size,
             });
         }
-        let fds = kernel_ends
-            .iter()
-            .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
-            .collect();
+        let fds = raw_fds(&kernel_ends);
         let req = ConnectRequest {
             index: wanted,
             size: export.size,
@@ -483,80 +230,23 @@ impl NbdLink {
         })
     }
 
-    /// New connections for a running device whose server is gone: netlink RECONFIGURE.
+    /// New connections for a running device whose server is gone: see [`recovery::reattach`].
     fn start_reattach(&mut self, export: &Export) -> Result<Started, LinkError> {
-        let refuse = |device: String, reason| LinkError::Reattach { device, reason };
-        let Some(path) = self.options.device_path() else {
-            return Err(refuse("nbd".into(), ReattachError::NoDevice));
-        };
-        let index = device_index(path)?;
-        let device = device_path(index).display().to_string();
-        if self.options.setup_method() == Setup::Ioctl {
-            return Err(refuse(device, ReattachError::NotNetlink));
-        }
-        let view = recovery::kernel_view(index)
-            .ok_or_else(|| refuse(device.clone(), ReattachError::NotConnected))?;
-        if let Some(pid) = served_by::live_server(index) {
-            return Err(refuse(device, ReattachError::StillServed { pid }));
-        }
-        let served = recovery::check_compatible(&view.export, export)
-            .map_err(|reason| refuse(device.clone(), reason))?;
-        let cx = context(Some(index), export.block_size);
-        let mut nl = NbdNetlink::open().map_err(|e| request_error(Step::Family, e, &cx))?;
-        let (server_ends, kernel_ends) = self.socket_pairs()?;
-        let req = ReconfigureRequest {
-            index,
-            timeout: self.options.timeout_value().map(whole_seconds),
-            dead_conn_timeout: self.options.dead_conn_timeout_value().map(whole_seconds),
-            fds: kernel_ends
-                .iter()
-                .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
-                .collect(),
-        };
-        let result = nl.reconfigure(&req);
-        drop(kernel_ends);
-        result.map_err(|e| recovery::reconfigure_error(index, e))?;
-        // The kernel ignores a socket for which no connection is dead, and answers success:
-        // such a socket is closed on its side by now.
-        if server_ends.iter().any(recovery::peer_closed) {
-            return Err(refuse(device, ReattachError::NoDeadConnection));
-        }
-        self.server_ends = server_ends
-            .iter()
-            .map(UnixStream::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| LinkError::io("duplicating a socket", e))?;
+        let reattached = recovery::reattach(&self.options, export)?;
+        let index = reattached.index;
+        self.server_ends = clone_all(&reattached.conns)?;
         // The kernel's pid attribute still names the first server: say who serves it now, so
         // that `serve` and `disconnect` do not take the device for orphaned. Best effort (a
         // record that cannot be written only makes those more cautious than needed).
         let _ = served_by::record_self(index);
         self.reattached = true;
         self.running = Some(Running::Netlink { index });
-        {
-            let mut st = self.control.lock();
-            st.index = Some(index);
-            st.setup = Some(Setup::Netlink);
-            st.export = Some(served);
-            st.phase = Phase::Running;
-        }
-        self.control.changed.notify_all();
+        self.control
+            .set_running(index, Setup::Netlink, reattached.export);
         Ok(Started {
-            export: served,
-            conns: server_ends,
+            export: reattached.export,
+            conns: reattached.conns,
         })
-    }
-
-    /// One socketpair a connection: the server's ends and the kernel's.
-    fn socket_pairs(&self) -> Result<(Vec<UnixStream>, Vec<UnixStream>), LinkError> {
-        let mut server_ends = Vec::new();
-        let mut kernel_ends = Vec::new();
-        for _ in 0..self.options.connection_count() {
-            let (server, kernel) =
-                UnixStream::pair().map_err(|e| LinkError::io("socketpair", e))?;
-            server_ends.push(server);
-            kernel_ends.push(kernel);
-        }
-        Ok((server_ends, kernel_ends))
     }
 
     fn connect_ioctl(
@@ -725,11 +415,7 @@ fn try_ioctl(
     kernel_ends: &[UnixStream],
     cx: &Context,
 ) -> Result<ioctl::DoIt, LinkError> {
-    let ends = kernel_ends
-        .iter()
-        .map(UnixStream::try_clone)
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| LinkError::io("duplicating a socket", e))?;
+    let ends = clone_all(kernel_ends)?;
     let doit = ioctl::start(&device_path(index), config, ends).map_err(|e| setup_error(e, cx))?;
     if wait_ready(index, export, || doit.thread.is_finished()) {
         return Ok(doit);
@@ -741,14 +427,6 @@ fn try_ioctl(
             io::Error::other("the device stopped as soon as it started"),
         ),
     })
-}
-
-fn sysfs_u64(index: u32, attr: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/sys/block/nbd{index}/{attr}"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Waits until the kernel shows the device running with the export's size and block size (it
@@ -770,16 +448,33 @@ fn wait_ready(index: u32, export: &Export, stopped: impl Fn() -> bool) -> bool {
     }
 }
 
-/// Waits until `/dev/nbd{index}` has no configuration left (no `pid` attribute); false if it
-/// still has one at `deadline`.
-fn wait_until_free(index: u32, deadline: Instant) -> bool {
-    while device_connected(index) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
+/// One socketpair a connection: the server's ends and the kernel's.
+pub(super) fn socket_pairs(count: usize) -> Result<(Vec<UnixStream>, Vec<UnixStream>), LinkError> {
+    let mut server_ends = Vec::new();
+    let mut kernel_ends = Vec::new();
+    for _ in 0..count {
+        let (server, kernel) = UnixStream::pair().map_err(|e| LinkError::io("socketpair", e))?;
+        server_ends.push(server);
+        kernel_ends.push(kernel);
     }
-    true
+    Ok((server_ends, kernel_ends))
+}
+
+/// A second descriptor for each socket.
+fn clone_all(sockets: &[UnixStream]) -> Result<Vec<UnixStream>, LinkError> {
+    sockets
+        .iter()
+        .map(UnixStream::try_clone)
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| LinkError::io("duplicating a socket", e))
+}
+
+/// The descriptors the kernel is given in a netlink request.
+pub(super) fn raw_fds(kernel_ends: &[UnixStream]) -> Vec<u32> {
+    kernel_ends
+        .iter()
+        .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
+        .collect()
 }
 
 /// Closes the device node once no handle still uses it (a flush or timeout change in flight
@@ -823,29 +518,6 @@ impl KernelLink for NbdLink {
 impl Drop for NbdLink {
     fn drop(&mut self) {
         let _ = self.release();
-    }
-}
-
-/// With [`unmount_on_signals`](MountOptions::unmount_on_signals): the first signal unmounts
-/// (flush, then DISC), a second disconnects at once. The first signal is kept.
-impl OnSignal for MountHandle {
-    fn record(&self, name: &'static str) {
-        self.control.lock().signal.get_or_insert(name);
-    }
-
-    fn stop(&self) {
-        let handle = self.clone();
-        // The flush may take a while, and the next signal must still be heard: the unmount
-        // runs on a thread of its own.
-        let _ = thread::Builder::new()
-            .name("userblk-unmount".into())
-            .spawn(move || {
-                let _ = handle.unmount();
-            });
-    }
-
-    fn stop_now(&self) {
-        let _ = self.disconnect();
     }
 }
 
@@ -906,13 +578,5 @@ mod tests {
             h.set_timeout(Duration::from_secs(1)),
             Err(LinkError::NotConnected { .. })
         ));
-    }
-
-    #[test]
-    fn timeouts_round_up_to_seconds() {
-        assert_eq!(whole_seconds(Duration::ZERO), 0);
-        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
-        assert_eq!(whole_seconds(Duration::from_millis(30_001)), 31);
     }
 }

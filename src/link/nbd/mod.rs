@@ -38,12 +38,15 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::link::LinkError;
 
 pub mod blk;
 #[doc(hidden)]
 pub mod fuzzing;
+mod handle;
 mod ioctl;
 mod link;
 mod mount;
@@ -52,7 +55,8 @@ mod recovery;
 mod served_by;
 mod sys;
 
-pub use link::{MountHandle, NbdLink};
+pub use handle::MountHandle;
+pub use link::NbdLink;
 pub use mount::{mount, MountOptions, Mounted, DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_TIMEOUT};
 pub use netlink::DeviceStatus;
 pub use recovery::{disconnect, force_disconnect, Disconnected, ReattachError};
@@ -114,16 +118,45 @@ pub fn device_connected(index: u32) -> bool {
     Path::new(&format!("/sys/block/nbd{index}/pid")).exists()
 }
 
+/// Waits until `/dev/nbd{index}` has no configuration left (no `pid` attribute); false if it
+/// still has one at `deadline`.
+pub(crate) fn wait_until_free(index: u32, deadline: Instant) -> bool {
+    while device_connected(index) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The attribute `attr` of `/sys/block/nbd{index}`, trimmed.
+pub(crate) fn sysfs(index: u32, attr: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/{attr}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The attribute `attr` of `/sys/block/nbd{index}` as a number.
+pub(crate) fn sysfs_u64(index: u32, attr: &str) -> Option<u64> {
+    sysfs(index, attr)?.parse().ok()
+}
+
+/// A timeout in the kernel's whole seconds, rounding a fraction up.
+pub(crate) fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 /// The kernel's view of NBD devices (netlink STATUS): one device, or all of them. `connected`
 /// there counts any opener; see [`DeviceStatus`]. Needs no privilege.
 pub fn status(index: Option<u32>) -> Result<Vec<DeviceStatus>, LinkError> {
     let mut nl = netlink::NbdNetlink::open()
-        .map_err(|e| request_error(Step::Family, e, &Context::unnamed()))?;
+        .map_err(|e| request_error(Step::Family, e, &context(None, 512)))?;
     nl.status(index).map_err(|e| {
         request_error(
             Step::Other(netlink::NbdCmd::Status.name()),
             e,
-            &Context::unnamed(),
+            &context(None, 512),
         )
     })
 }
@@ -164,14 +197,13 @@ pub(crate) struct Context {
     pub(crate) driver_loaded: bool,
 }
 
-impl Context {
-    fn unnamed() -> Context {
-        Context {
-            device: "nbd".into(),
-            block_size: 512,
-            page_size: sys::page_size(),
-            driver_loaded: driver_loaded(),
-        }
+/// The context of an error about `/dev/nbd{index}` (or "nbd" before one is chosen).
+pub(crate) fn context(index: Option<u32>, block_size: u32) -> Context {
+    Context {
+        device: index.map_or_else(|| "nbd".into(), |i| device_path(i).display().to_string()),
+        block_size,
+        page_size: sys::page_size(),
+        driver_loaded: driver_loaded(),
     }
 }
 
@@ -236,6 +268,14 @@ mod tests {
             page_size: 4096,
             driver_loaded: true,
         }
+    }
+
+    #[test]
+    fn timeouts_round_up_to_seconds() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
+        assert_eq!(whole_seconds(Duration::from_millis(30_001)), 31);
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::link::{MountHandle, NbdLink};
+use super::handle::MountHandle;
+use super::link::NbdLink;
 use super::Setup;
 use crate::device::BlockDevice;
 use crate::link::signals::SignalWatch;

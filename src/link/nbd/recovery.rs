@@ -32,13 +32,17 @@
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use super::netlink::{NbdNetlink, RequestError};
+use super::link::{raw_fds, socket_pairs};
+use super::mount::MountOptions;
+use super::netlink::{NbdNetlink, ReconfigureRequest, RequestError};
 use super::served_by;
 use super::sys::{nbd_ioctl, NbdIoctl, NbdNode};
-use super::{device_connected, device_index, device_path, driver_loaded};
+use super::{
+    context, device_connected, device_index, device_path, driver_loaded, io_error, request_error,
+    sysfs, sysfs_u64, wait_until_free, whole_seconds, Setup, Step,
+};
 use crate::link::{Export, LinkError};
 use crate::proto::TransmissionFlags;
 
@@ -99,24 +103,14 @@ pub enum ReattachError {
 
 /// What the kernel holds for a device, from sysfs (and debugfs for the flags where mounted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct KernelView {
-    pub(crate) export: Export,
+struct KernelView {
+    export: Export,
     /// The process that started the device (`pid`; a reattach does not change it).
-    pub(crate) pid: Option<u32>,
-}
-
-fn sysfs(index: u32, attr: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/block/nbd{index}/{attr}"))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-fn sysfs_u64(index: u32, attr: &str) -> Option<u64> {
-    sysfs(index, attr)?.parse().ok()
+    pid: Option<u32>,
 }
 
 /// The server flags from debugfs's `flags` file ("Hex: 0x%08x"), when debugfs is mounted.
-pub(crate) fn parse_debugfs_flags(text: &str) -> Option<u16> {
+fn parse_debugfs_flags(text: &str) -> Option<u16> {
     let hex = text.lines().next()?.strip_prefix("Hex: 0x")?;
     u32::from_str_radix(hex.trim(), 16)
         .ok()
@@ -146,7 +140,7 @@ fn flags_from_sysfs(index: u32) -> TransmissionFlags {
 }
 
 /// What the kernel holds for `/dev/nbd{index}`, or `None` when it is not connected.
-pub(crate) fn kernel_view(index: u32) -> Option<KernelView> {
+fn kernel_view(index: u32) -> Option<KernelView> {
     if !device_connected(index) {
         return None;
     }
@@ -169,7 +163,7 @@ pub(crate) fn kernel_view(index: u32) -> Option<KernelView> {
 /// Checks that a new server exporting `ours` (as the kernel would be told) may take over a
 /// device the kernel holds as `kernel`: the same size and block size, every command the kernel
 /// sends supported, not read-only under a writable device. Returns the export to serve.
-pub(crate) fn check_compatible(kernel: &Export, ours: &Export) -> Result<Export, ReattachError> {
+fn check_compatible(kernel: &Export, ours: &Export) -> Result<Export, ReattachError> {
     if kernel.size != ours.size {
         return Err(ReattachError::SizeDiffers {
             device: kernel.size,
@@ -206,8 +200,61 @@ pub(crate) fn check_compatible(kernel: &Export, ours: &Export) -> Result<Export,
     })
 }
 
+/// A reattach the kernel took: the device and the server's ends of its new connections.
+#[derive(Debug)]
+pub(super) struct Reattached {
+    pub(super) index: u32,
+    /// What the kernel holds, and so what to serve.
+    pub(super) export: Export,
+    pub(super) conns: Vec<UnixStream>,
+}
+
+/// New connections for the running device named in `options`, whose server is gone: checks
+/// that it is a netlink device nobody serves and that `export` (as the kernel would be told)
+/// fits what it holds, then netlink RECONFIGURE with one new socket a connection.
+pub(super) fn reattach(options: &MountOptions, export: &Export) -> Result<Reattached, LinkError> {
+    let refuse = |device: String, reason| LinkError::Reattach { device, reason };
+    let Some(path) = options.device_path() else {
+        return Err(refuse("nbd".into(), ReattachError::NoDevice));
+    };
+    let index = device_index(path)?;
+    let device = device_path(index).display().to_string();
+    if options.setup_method() == Setup::Ioctl {
+        return Err(refuse(device, ReattachError::NotNetlink));
+    }
+    let view =
+        kernel_view(index).ok_or_else(|| refuse(device.clone(), ReattachError::NotConnected))?;
+    if let Some(pid) = served_by::live_server(index) {
+        return Err(refuse(device, ReattachError::StillServed { pid }));
+    }
+    let served =
+        check_compatible(&view.export, export).map_err(|reason| refuse(device.clone(), reason))?;
+    let cx = context(Some(index), export.block_size);
+    let mut nl = NbdNetlink::open().map_err(|e| request_error(Step::Family, e, &cx))?;
+    let (server_ends, kernel_ends) = socket_pairs(options.connection_count())?;
+    let req = ReconfigureRequest {
+        index,
+        timeout: options.timeout_value().map(whole_seconds),
+        dead_conn_timeout: options.dead_conn_timeout_value().map(whole_seconds),
+        fds: raw_fds(&kernel_ends),
+    };
+    let result = nl.reconfigure(&req);
+    drop(kernel_ends);
+    result.map_err(|e| reconfigure_error(index, e))?;
+    // The kernel ignores a socket for which no connection is dead, and answers success:
+    // such a socket is closed on its side by now.
+    if server_ends.iter().any(peer_closed) {
+        return Err(refuse(device, ReattachError::NoDeadConnection));
+    }
+    Ok(Reattached {
+        index,
+        export: served,
+        conns: server_ends,
+    })
+}
+
 /// Whether the peer of `server_end` is closed: the kernel did not keep our end of it.
-pub(crate) fn peer_closed(server_end: &UnixStream) -> bool {
+fn peer_closed(server_end: &UnixStream) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(server_end.as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, PollTimeout::ZERO) {
@@ -261,49 +308,46 @@ pub fn force_disconnect(device: &Path) -> Result<Disconnected, LinkError> {
     if !device_connected(index) {
         return Ok(Disconnected::AlreadyFree);
     }
-    let cx = super::link::context(Some(index), 512);
+    let cx = context(Some(index), 512);
     match NbdNetlink::open() {
-        Ok(mut nl) => nl.disconnect(index).map_err(|e| {
-            super::request_error(super::Step::Other("netlink NBD_CMD_DISCONNECT"), e, &cx)
-        })?,
+        Ok(mut nl) => nl
+            .disconnect(index)
+            .map_err(|e| request_error(Step::Other("netlink NBD_CMD_DISCONNECT"), e, &cx))?,
         Err(RequestError::Errno(_) | RequestError::Io(_)) if driver_loaded() => {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(device_path(index))
-                .map_err(|e| super::io_error(super::Step::Open, e, &cx))?;
+                .map_err(|e| io_error(Step::Open, e, &cx))?;
             let node = NbdNode::new(file).map_err(|_| LinkError::NotNbdDevice {
                 device: name.clone(),
             })?;
             for ioctl in [NbdIoctl::Disconnect, NbdIoctl::ClearSock] {
                 nbd_ioctl(&node, ioctl, 0)
-                    .map_err(|e| super::io_error(super::Step::Other(ioctl.name()), e, &cx))?;
+                    .map_err(|e| io_error(Step::Other(ioctl.name()), e, &cx))?;
             }
         }
-        Err(e) => return Err(super::request_error(super::Step::Family, e, &cx)),
+        Err(e) => return Err(request_error(Step::Family, e, &cx)),
     }
-    let deadline = Instant::now() + FREE_WAIT;
-    while device_connected(index) {
-        if Instant::now() >= deadline {
-            return Ok(Disconnected::StillOpen);
-        }
-        thread::sleep(Duration::from_millis(20));
+    if wait_until_free(index, Instant::now() + FREE_WAIT) {
+        Ok(Disconnected::Freed)
+    } else {
+        Ok(Disconnected::StillOpen)
     }
-    Ok(Disconnected::Freed)
 }
 
 /// The error for a RECONFIGURE the kernel refused.
-pub(crate) fn reconfigure_error(index: u32, e: RequestError) -> LinkError {
+fn reconfigure_error(index: u32, e: RequestError) -> LinkError {
     let device = device_path(index).display().to_string();
     match e {
         RequestError::Errno(nix::libc::EINVAL) => LinkError::Reattach {
             device,
             reason: ReattachError::NotNetlink,
         },
-        e => super::request_error(
-            super::Step::Other("netlink NBD_CMD_RECONFIGURE"),
+        e => request_error(
+            Step::Other("netlink NBD_CMD_RECONFIGURE"),
             e,
-            &super::link::context(Some(index), 512),
+            &context(Some(index), 512),
         ),
     }
 }
