@@ -94,6 +94,14 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Why `Inner::sleep` did not sleep: the stall limit is used up.
+struct Stalled<'a> {
+    st: MutexGuard<'a, State>,
+    /// How long since the wait began.
+    waited: Duration,
+    limit: Duration,
+}
+
 /// What `Inner::send` found for a request: the tag it got, or why it got none.
 enum Claim {
     Tag { hwq: usize, tag: usize, sock: usize },
@@ -259,34 +267,28 @@ impl Inner {
             }
             let since = *waited_since.get_or_insert_with(Instant::now);
             st.submitters_waiting += 1;
-            st = match self.stall_limit {
-                None => self
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(PoisonError::into_inner),
-                Some(limit) => {
-                    let waited = since.elapsed();
-                    if waited >= limit {
-                        st.submitters_waiting -= 1;
-                        st.stats.stalls += 1;
-                        let now = Instant::now();
-                        return Err(match st.oldest() {
-                            Some((req, first)) => LoopbackError::stalled(
-                                &req,
-                                now.saturating_duration_since(first),
-                                limit,
-                            ),
-                            None => LoopbackError::stalled(
-                                &Request::new(op.command, Cookie(0), op.offset, op.len),
-                                waited,
-                                limit,
-                            ),
-                        });
-                    }
-                    self.changed
-                        .wait_timeout(st, limit - waited)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
+            st = match self.sleep(st, since) {
+                Ok(st) => st,
+                Err(Stalled {
+                    mut st,
+                    waited,
+                    limit,
+                }) => {
+                    st.submitters_waiting -= 1;
+                    st.stats.stalls += 1;
+                    let now = Instant::now();
+                    return Err(match st.oldest() {
+                        Some((req, first)) => LoopbackError::stalled(
+                            &req,
+                            now.saturating_duration_since(first),
+                            limit,
+                        ),
+                        None => LoopbackError::stalled(
+                            &Request::new(op.command, Cookie(0), op.offset, op.len),
+                            waited,
+                            limit,
+                        ),
+                    });
                 }
             };
             st.submitters_waiting -= 1;
@@ -460,33 +462,49 @@ impl Inner {
                     )))
                 }
             };
-            st = match self.stall_limit {
-                None => self
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(PoisonError::into_inner),
-                Some(limit) => {
-                    let age = first_sent.elapsed();
-                    if age >= limit {
-                        let mut req = None;
-                        if let Some(s) =
-                            st.conns[ticket.hwq].slots[usize::from(ticket.tag)].as_mut()
-                        {
-                            s.abandoned = true;
-                            s.waited = false;
-                            req = Some(s.req);
-                        }
-                        st.stats.stalls += 1;
-                        let req = req.unwrap_or(Request::new(Command::Read, ticket.cookie, 0, 0));
-                        return Err(LoopbackError::stalled(&req, age, limit));
+            st = match self.sleep(st, first_sent) {
+                Ok(st) => st,
+                Err(Stalled {
+                    mut st,
+                    waited: age,
+                    limit,
+                }) => {
+                    let mut req = None;
+                    if let Some(s) = st.conns[ticket.hwq].slots[usize::from(ticket.tag)].as_mut() {
+                        s.abandoned = true;
+                        s.waited = false;
+                        req = Some(s.req);
                     }
-                    self.changed
-                        .wait_timeout(st, limit - age)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
+                    st.stats.stalls += 1;
+                    let req = req.unwrap_or(Request::new(Command::Read, ticket.cookie, 0, 0));
+                    return Err(LoopbackError::stalled(&req, age, limit));
                 }
             };
         }
+    }
+
+    /// Sleeps until `changed` is signalled or, with a stall limit, until `since` is that old.
+    /// Returns [`Stalled`] without sleeping once it already is.
+    fn sleep<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        since: Instant,
+    ) -> Result<MutexGuard<'a, State>, Stalled<'a>> {
+        let Some(limit) = self.stall_limit else {
+            return Ok(self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner));
+        };
+        let waited = since.elapsed();
+        if waited >= limit {
+            return Err(Stalled { st, waited, limit });
+        }
+        Ok(self
+            .changed
+            .wait_timeout(st, limit - waited)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0)
     }
 
     /// Hands back a buffer for a later READ's data.
