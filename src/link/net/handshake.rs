@@ -213,6 +213,11 @@ fn send(s: &mut impl Write, bytes: &[u8], stage: &'static str) -> Result<(), Han
         .map_err(|e| HandshakeError::io(stage, e))
 }
 
+/// Answers `option` with `rep` and its data.
+fn reply(s: &mut impl Write, option: Opt, rep: Rep, data: &[u8]) -> Result<(), HandshakeError> {
+    send(s, &encode_option_reply(option, rep, data), "option reply")
+}
+
 /// The handshake flags this server offers.
 pub const SERVER_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
 
@@ -335,18 +340,20 @@ impl<'a> Handshake<'a> {
         option: Opt,
         data: &[u8],
     ) -> Result<Option<Outcome>, HandshakeError> {
-        let reply = |s: &mut S, rep: Rep, data: &[u8]| {
-            send(s, &encode_option_reply(option, rep, data), "option reply")
-        };
         if self.is_stopping() && option != Opt::ABORT {
             if option == Opt::EXPORT_NAME {
                 return Err(HandshakeError::ShuttingDown);
             }
-            reply(s, Rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+            reply(s, option, Rep::ERR_SHUTDOWN, b"the server is shutting down")?;
             return Ok(None);
         }
         if self.client_flags & FLAG_C_FIXED_NEWSTYLE == 0 && option != Opt::EXPORT_NAME {
-            reply(s, Rep::ERR_INVALID, b"fixed newstyle was not negotiated")?;
+            reply(
+                s,
+                option,
+                Rep::ERR_INVALID,
+                b"fixed newstyle was not negotiated",
+            )?;
             return Ok(None);
         }
         if self.tls == TlsMode::Require
@@ -358,6 +365,7 @@ impl<'a> Handshake<'a> {
             }
             reply(
                 s,
+                option,
                 Rep::ERR_TLS_REQD,
                 b"TLS is required: send NBD_OPT_STARTTLS",
             )?;
@@ -384,31 +392,41 @@ impl<'a> Handshake<'a> {
             }
             Opt::ABORT => {
                 // The client may hang up without reading the ACK.
-                let _ = reply(s, Rep::ACK, &[]);
+                let _ = reply(s, option, Rep::ACK, &[]);
                 Ok(Some(Outcome::Aborted))
             }
             Opt::LIST => {
                 if !data.is_empty() {
-                    reply(s, Rep::ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    reply(s, option, Rep::ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                 } else {
                     let server = encode_server_reply(&self.offer.name, &self.offer.description);
-                    reply(s, Rep::SERVER, &server)?;
-                    reply(s, Rep::ACK, &[])?;
+                    reply(s, option, Rep::SERVER, &server)?;
+                    reply(s, option, Rep::ACK, &[])?;
                 }
                 Ok(None)
             }
             Opt::STARTTLS => {
                 if !data.is_empty() {
-                    reply(s, Rep::ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                    reply(
+                        s,
+                        option,
+                        Rep::ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    )?;
                     Ok(None)
                 } else if self.tls == TlsMode::Off {
-                    reply(s, Rep::ERR_POLICY, b"TLS is not configured on this server")?;
+                    reply(
+                        s,
+                        option,
+                        Rep::ERR_POLICY,
+                        b"TLS is not configured on this server",
+                    )?;
                     Ok(None)
                 } else if self.tls_active {
-                    reply(s, Rep::ERR_INVALID, b"TLS is already running")?;
+                    reply(s, option, Rep::ERR_INVALID, b"TLS is already running")?;
                     Ok(None)
                 } else {
-                    reply(s, Rep::ACK, &[])?;
+                    reply(s, option, Rep::ACK, &[])?;
                     Ok(Some(Outcome::StartTls))
                 }
             }
@@ -417,20 +435,22 @@ impl<'a> Handshake<'a> {
                 if !data.is_empty() {
                     reply(
                         s,
+                        option,
                         Rep::ERR_INVALID,
                         b"NBD_OPT_STRUCTURED_REPLY takes no data",
                     )?;
                 } else if !self.offer.structured_replies {
-                    reply(s, Rep::ERR_UNSUP, &[])?;
+                    reply(s, option, Rep::ERR_UNSUP, &[])?;
                 } else if self.structured {
                     reply(
                         s,
+                        option,
                         Rep::ERR_INVALID,
                         b"structured replies already negotiated",
                     )?;
                 } else {
                     self.structured = true;
-                    reply(s, Rep::ACK, &[])?;
+                    reply(s, option, Rep::ACK, &[])?;
                 }
                 Ok(None)
             }
@@ -439,7 +459,7 @@ impl<'a> Handshake<'a> {
                 Ok(None)
             }
             _ => {
-                reply(s, Rep::ERR_UNSUP, &[])?;
+                reply(s, option, Rep::ERR_UNSUP, &[])?;
                 Ok(None)
             }
         }
@@ -451,25 +471,32 @@ impl<'a> Handshake<'a> {
         option: Opt,
         data: &[u8],
     ) -> Result<Option<Outcome>, HandshakeError> {
-        let reply = |s: &mut S, rep: Rep, data: &[u8]| {
-            send(s, &encode_option_reply(option, rep, data), "option reply")
-        };
         let req = match InfoRequest::parse(data) {
             Ok(r) => r,
             Err(e) => {
-                reply(s, Rep::ERR_INVALID, e.to_string().as_bytes())?;
+                reply(s, option, Rep::ERR_INVALID, e.to_string().as_bytes())?;
                 return Ok(None);
             }
         };
         if !self.offer.is(&req.name) {
-            reply(s, Rep::ERR_UNKNOWN, b"no such export")?;
+            reply(s, option, Rep::ERR_UNKNOWN, b"no such export")?;
             return Ok(None);
         }
         let offer = self.offer;
-        reply(s, Rep::INFO, &Info::Export(self.export_data()).encode())?;
+        reply(
+            s,
+            option,
+            Rep::INFO,
+            &Info::Export(self.export_data()).encode(),
+        )?;
         // Block sizes go out whether asked for or not: the server enforces its minimum, and a
         // client ignores an item it did not ask for.
-        reply(s, Rep::INFO, &Info::BlockSize(offer.block_sizes).encode())?;
+        reply(
+            s,
+            option,
+            Rep::INFO,
+            &Info::BlockSize(offer.block_sizes).encode(),
+        )?;
         let mut sent = Vec::new();
         for &item in &req.requests {
             if sent.contains(&item) {
@@ -477,9 +504,15 @@ impl<'a> Handshake<'a> {
             }
             sent.push(item);
             match item {
-                info::NAME => reply(s, Rep::INFO, &Info::Name(offer.name.clone()).encode())?,
+                info::NAME => reply(
+                    s,
+                    option,
+                    Rep::INFO,
+                    &Info::Name(offer.name.clone()).encode(),
+                )?,
                 info::DESCRIPTION if !offer.description.is_empty() => reply(
                     s,
+                    option,
                     Rep::INFO,
                     &Info::Description(offer.description.clone()).encode(),
                 )?,
@@ -487,7 +520,7 @@ impl<'a> Handshake<'a> {
                 _ => {}
             }
         }
-        reply(s, Rep::ACK, &[])?;
+        reply(s, option, Rep::ACK, &[])?;
         if option == Opt::GO {
             return Ok(Some(Outcome::Transmission(self.negotiated(false))));
         }
@@ -500,9 +533,6 @@ impl<'a> Handshake<'a> {
         option: Opt,
         data: &[u8],
     ) -> Result<(), HandshakeError> {
-        let reply = |s: &mut S, rep: Rep, data: &[u8]| {
-            send(s, &encode_option_reply(option, rep, data), "option reply")
-        };
         let set = option == Opt::SET_META_CONTEXT;
         if set {
             // Replaced by every SET, failed or not.
@@ -510,6 +540,7 @@ impl<'a> Handshake<'a> {
             if !self.structured {
                 reply(
                     s,
+                    option,
                     Rep::ERR_INVALID,
                     b"negotiate structured replies before NBD_OPT_SET_META_CONTEXT",
                 )?;
@@ -517,18 +548,18 @@ impl<'a> Handshake<'a> {
             }
         }
         if !self.offer.structured_replies {
-            reply(s, Rep::ERR_UNSUP, &[])?;
+            reply(s, option, Rep::ERR_UNSUP, &[])?;
             return Ok(());
         }
         let req = match MetaContextRequest::parse(data) {
             Ok(r) => r,
             Err(e) => {
-                reply(s, Rep::ERR_INVALID, e.to_string().as_bytes())?;
+                reply(s, option, Rep::ERR_INVALID, e.to_string().as_bytes())?;
                 return Ok(());
             }
         };
         if !self.offer.is(&req.name) {
-            reply(s, Rep::ERR_UNKNOWN, b"no such export")?;
+            reply(s, option, Rep::ERR_UNKNOWN, b"no such export")?;
             return Ok(());
         }
         let id = if set { BASE_ALLOCATION_ID } else { 0 };
@@ -542,6 +573,7 @@ impl<'a> Handshake<'a> {
         if selected {
             reply(
                 s,
+                option,
                 Rep::META_CONTEXT,
                 &encode_meta_context_reply(id, BASE_ALLOCATION),
             )?;
@@ -549,7 +581,7 @@ impl<'a> Handshake<'a> {
                 self.base_allocation = true;
             }
         }
-        reply(s, Rep::ACK, &[])
+        reply(s, option, Rep::ACK, &[])
     }
 }
 
