@@ -12,10 +12,10 @@
 use std::path::PathBuf;
 
 use userblk::link::nbd::{MountOptions, Mounted, Setup};
-use userblk::{BlockDevice, ServerError};
+use userblk::BlockDevice;
 
 pub(crate) use crate::node_target::settle_udev;
-use crate::node_target::NodeTarget;
+use crate::node_target::{running_export, server_error, NodeTarget};
 use crate::target::{Attached, OpError, Rig};
 
 /// The environment variable that names the device the real-kernel tests use (`/dev/nbd0`, or
@@ -63,13 +63,6 @@ impl NbdRig {
     }
 }
 
-fn server_error(e: ServerError) -> OpError {
-    OpError {
-        errno: None,
-        message: e.to_string(),
-    }
-}
-
 impl Rig for NbdRig {
     fn name(&self) -> String {
         match self.options.device_path() {
@@ -83,7 +76,8 @@ impl Rig for NbdRig {
     }
 }
 
-/// A device served on `/dev/nbdN`, driven through its node.
+/// A device served on `/dev/nbdN`, driven through its node: the node's own methods
+/// ([`NodeTarget::path`], [`NodeTarget::kernel_size`], ...) come through `Deref`.
 #[derive(Debug)]
 pub struct NbdTarget {
     // Declared before `mounted`: the descriptors close before the device is unmounted on drop,
@@ -95,33 +89,14 @@ pub struct NbdTarget {
 impl NbdTarget {
     /// Opens the node of a mounted device (from the calling thread).
     pub fn open(mounted: Mounted) -> Result<NbdTarget, OpError> {
-        let path = mounted.device();
-        let export = mounted.handle().export().ok_or_else(|| OpError {
-            errno: None,
-            message: "the device is not running".into(),
-        })?;
-        let node = NodeTarget::open(path, export)?;
+        let export = running_export(mounted.handle().export())?;
+        let node = NodeTarget::open(mounted.device(), export)?;
         Ok(NbdTarget { node, mounted })
-    }
-
-    /// The device node.
-    pub fn path(&self) -> &PathBuf {
-        self.node.path()
     }
 
     /// The mounted device (its handle says how it was set up).
     pub fn mounted(&self) -> &Mounted {
         &self.mounted
-    }
-
-    /// The size the kernel reports (BLKGETSIZE64).
-    pub fn kernel_size(&self) -> Result<u64, OpError> {
-        self.node.kernel_size()
-    }
-
-    /// The logical block size the kernel reports (BLKSSZGET).
-    pub fn kernel_block_size(&self) -> Result<u32, OpError> {
-        self.node.kernel_block_size()
     }
 
     fn detach_inner(self) -> Result<(), OpError> {
@@ -131,7 +106,7 @@ impl NbdTarget {
     }
 }
 
-crate::node_target::forward_target!(NbdTarget, node);
+crate::node_target::forward_to_node!(NbdTarget, node);
 
 impl Attached for NbdTarget {
     fn detach(self: Box<Self>) -> Result<(), OpError> {

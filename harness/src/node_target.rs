@@ -6,6 +6,11 @@
 //! A write that runs past the end is refused whole (ENOSPC), a read EINVAL; the kernel itself
 //! would do the part inside the device and stop there. Device errors arrive as EIO through NBD;
 //! through ublk the block layer keeps some errnos ([`NodeTarget::with_device_errno`]).
+//!
+//! The rigs' targets ([`NbdTarget`](crate::nbd_rig::NbdTarget),
+//! [`UblkTarget`](crate::ublk_rig::UblkTarget)) are a `NodeTarget` and the device that keeps
+//! it served: they dereference to it for the node's own methods (`path`, `kernel_size`, ...)
+//! and forward [`Target`] to it.
 
 use std::fs::File;
 use std::io;
@@ -14,7 +19,7 @@ use std::path::PathBuf;
 
 use userblk::link::nbd::blk;
 use userblk::proto::TransmissionFlags;
-use userblk::Export;
+use userblk::{Export, ServerError};
 
 use crate::target::{OpError, Target};
 
@@ -36,6 +41,22 @@ pub(crate) fn io_error(what: &str, e: io::Error) -> OpError {
         errno: e.raw_os_error(),
         message: format!("{what}: {e}"),
     }
+}
+
+/// A server's failure, as a target reports it.
+pub(crate) fn server_error(e: ServerError) -> OpError {
+    OpError {
+        errno: None,
+        message: e.to_string(),
+    }
+}
+
+/// The export of a served device, or an error if it does not run.
+pub(crate) fn running_export(export: Option<Export>) -> Result<Export, OpError> {
+    export.ok_or_else(|| OpError {
+        errno: None,
+        message: "the device is not running".into(),
+    })
 }
 
 /// A block device node, opened by the calling thread (never by one that serves it).
@@ -178,9 +199,17 @@ impl Target for NodeTarget {
     }
 }
 
-/// `impl Target for $ty` by forwarding every operation to its `$field: NodeTarget`.
-macro_rules! forward_target {
+/// `impl Target for $ty` by forwarding every operation to its `$field: NodeTarget`, and
+/// `Deref<Target = NodeTarget>` to it for the node's own methods.
+macro_rules! forward_to_node {
     ($ty:ty, $field:ident) => {
+        impl std::ops::Deref for $ty {
+            type Target = $crate::node_target::NodeTarget;
+            fn deref(&self) -> &$crate::node_target::NodeTarget {
+                &self.$field
+            }
+        }
+
         impl $crate::target::Target for $ty {
             fn size(&self) -> u64 {
                 self.$field.size()
@@ -220,4 +249,4 @@ macro_rules! forward_target {
         }
     };
 }
-pub(crate) use forward_target;
+pub(crate) use forward_to_node;

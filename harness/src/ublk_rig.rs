@@ -2,12 +2,10 @@
 //! `/dev/ublkbN` through [`userblk::link::ublk`] and drives the node as the NBD rig does
 //! ([`NodeTarget`]), so the conformance suite, the random tests and the traces run unchanged.
 
-use std::path::PathBuf;
-
 use userblk::link::ublk::{Mounted, UblkOptions};
-use userblk::{BlockDevice, ServerError};
+use userblk::BlockDevice;
 
-use crate::node_target::{settle_udev, NodeTarget};
+use crate::node_target::{running_export, server_error, settle_udev, NodeTarget};
 use crate::target::{Attached, OpError, Rig};
 
 /// The environment variable that turns the ublk kernel tests on (`1`, or a device id to use);
@@ -38,13 +36,6 @@ impl UblkRig {
     }
 }
 
-fn server_error(e: ServerError) -> OpError {
-    OpError {
-        errno: None,
-        message: e.to_string(),
-    }
-}
-
 impl Rig for UblkRig {
     fn name(&self) -> String {
         "/dev/ublkb (ublk)".into()
@@ -57,7 +48,8 @@ impl Rig for UblkRig {
     }
 }
 
-/// A device served as `/dev/ublkbN`, driven through its node.
+/// A device served as `/dev/ublkbN`, driven through its node: the node's own methods
+/// ([`NodeTarget::path`], [`NodeTarget::kernel_size`], ...) come through `Deref`.
 #[derive(Debug)]
 pub struct UblkTarget {
     // Declared before `mounted`: the descriptors close before the device is stopped on drop.
@@ -68,38 +60,20 @@ pub struct UblkTarget {
 impl UblkTarget {
     /// Opens the node of a served device (from the calling thread).
     pub fn open(mounted: Mounted) -> Result<UblkTarget, OpError> {
-        let export = mounted.handle().export().ok_or_else(|| OpError {
-            errno: None,
-            message: "the device is not running".into(),
-        })?;
+        let export = running_export(mounted.handle().export())?;
         // ublk commits the device's errno and the block layer keeps ENOSPC and ENOMEM (which
         // the conformance case checks) where NBD's driver fails every error with EIO.
         let node = NodeTarget::open(mounted.device(), export)?.with_device_errno(true);
         Ok(UblkTarget { node, mounted })
     }
 
-    /// The device node.
-    pub fn path(&self) -> &PathBuf {
-        self.node.path()
-    }
-
     /// The served device.
     pub fn mounted(&self) -> &Mounted {
         &self.mounted
     }
-
-    /// The size the kernel reports (BLKGETSIZE64).
-    pub fn kernel_size(&self) -> Result<u64, OpError> {
-        self.node.kernel_size()
-    }
-
-    /// The logical block size the kernel reports (BLKSSZGET).
-    pub fn kernel_block_size(&self) -> Result<u32, OpError> {
-        self.node.kernel_block_size()
-    }
 }
 
-crate::node_target::forward_target!(UblkTarget, node);
+crate::node_target::forward_to_node!(UblkTarget, node);
 
 impl Attached for UblkTarget {
     fn detach(self: Box<Self>) -> Result<(), OpError> {
