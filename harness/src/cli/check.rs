@@ -549,6 +549,11 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
 
+    verdict(failed, started)
+}
+
+/// Prints the verdict and the time the run took, and returns the exit code that goes with it.
+pub(super) fn verdict(failed: bool, started: Instant) -> ExitCode {
     println!(
         "{} in {:.1} s",
         if failed { "FAILED" } else { "all passed" },

@@ -21,7 +21,7 @@ use std::time::Instant;
 use userblk::proto::TransmissionFlags as F;
 use userblk::{BlockDevice, Capabilities};
 
-use super::check::{describe, print_report, run_random, run_traces, Args, Progress};
+use super::check::{describe, print_report, run_random, run_traces, verdict, Args, Progress};
 use crate::conformance::{self, Env};
 use crate::factory::{DeviceFactory, Reopen};
 use crate::net_rig::{ExternalRig, NbdClient};
@@ -190,14 +190,5 @@ pub fn run(uri: &str, args: &Args) -> ExitCode {
         replay_on(&rig, dev, trace).map_err(|e| e.to_string())
     });
 
-    println!(
-        "{} in {:.1} s",
-        if failed { "FAILED" } else { "all passed" },
-        started.elapsed().as_secs_f64()
-    );
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    verdict(failed, started)
 }
