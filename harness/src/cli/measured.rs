@@ -9,7 +9,7 @@ use userblk::proto::TransmissionFlags;
 use userblk::{BlockDevice, LoopbackKernel};
 
 use crate::target::{Attached, LoopbackRig, OpError, RawRequests, Rig, Target};
-use crate::trace::{replay_kernel, ReplayError, ReplayOptions, ReplayReport, Trace};
+use crate::trace::{after_detach, replay_kernel, ReplayError, ReplayOptions, ReplayReport, Trace};
 
 /// A [`LoopbackRig`] that keeps the latency of everything it served.
 #[derive(Debug, Default)]
@@ -61,13 +61,7 @@ impl MeasuredRig {
             sink: Arc::clone(&self.latency),
         };
         let result = replay_kernel(trace, &measured.kernel, &options);
-        let detached = Box::new(measured).detach();
-        let report = result?;
-        detached.map_err(|source| ReplayError::Rig {
-            what: "detaching",
-            source,
-        })?;
-        Ok(report)
+        after_detach(result, Box::new(measured).detach())
     }
 }
 

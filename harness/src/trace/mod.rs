@@ -24,6 +24,7 @@ pub use as_recorded::{replay_kernel, replay_loopback};
 pub use format::{TraceError, MAGIC, MAX_BODY, MAX_DECODED, VERSION};
 pub use model::{Expectation, Fill, VerifyReport};
 pub use recorder::Recorder;
+pub(crate) use replay::after_detach;
 pub use replay::{
     replay, replay_on, replay_with, Mismatch, ReplayError, ReplayOptions, ReplayReport,
 };

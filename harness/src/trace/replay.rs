@@ -296,7 +296,15 @@ pub fn replay_on(
         source,
     })?;
     let result = replay_with(trace, &*target, &options);
-    let detached = target.detach();
+    after_detach(result, target.detach())
+}
+
+/// A replay's outcome once its device is detached: the replay's error if it failed, else the
+/// detach's.
+pub(crate) fn after_detach(
+    result: Result<ReplayReport, ReplayError>,
+    detached: Result<(), OpError>,
+) -> Result<ReplayReport, ReplayError> {
     let report = result?;
     detached.map_err(|source| ReplayError::Rig {
         what: "detaching",
