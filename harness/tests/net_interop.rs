@@ -317,18 +317,8 @@ fn conformance_against_except(uri: &str, excused: &[&str]) -> Report {
     // The device is not used by an external server; the factory only gives the capabilities
     // the cases expect: what the server advertises.
     let probe = NbdClient::connect(rig.uri()).unwrap();
-    let flags = probe.info().flags;
+    let caps = probe.info().capabilities();
     drop(probe);
-    use userblk::proto::TransmissionFlags as F;
-    let caps = userblk::Capabilities {
-        read_only: flags.contains(F::READ_ONLY),
-        flush: flags.contains(F::SEND_FLUSH),
-        fua: flags.contains(F::SEND_FUA),
-        trim: flags.contains(F::SEND_TRIM),
-        trim_zeroes: false,
-        write_zeroes: flags.contains(F::SEND_WRITE_ZEROES),
-        ..userblk::Capabilities::default()
-    };
     let factory = || Box::new(MemDevice::new(64 << 20)) as Box<dyn BlockDevice>;
     let report = conformance::run_all(&rig, &factory, caps);
     println!("{report}");

@@ -18,7 +18,6 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Instant;
 
-use userblk::proto::TransmissionFlags as F;
 use userblk::{BlockDevice, Capabilities};
 
 use super::check::{describe, print_report, run_random, run_traces, verdict, Args, Progress};
@@ -89,20 +88,6 @@ impl BlockDevice for Placeholder {
     }
 }
 
-/// The capabilities the server advertises. TRIM is never taken to read back zeroes: the
-/// protocol does not promise it.
-fn caps_of(flags: F) -> Capabilities {
-    Capabilities {
-        read_only: flags.contains(F::READ_ONLY),
-        flush: flags.contains(F::SEND_FLUSH),
-        fua: flags.contains(F::SEND_FUA),
-        trim: flags.contains(F::SEND_TRIM),
-        trim_zeroes: false,
-        write_zeroes: flags.contains(F::SEND_WRITE_ZEROES),
-        ..Capabilities::default()
-    }
-}
-
 /// Zeroes the export over `len` bytes before a trace that assumes it starts as zeroes.
 fn zero_export(rig: &ExternalRig, caps: Capabilities, len: u64) -> Result<(), String> {
     let dev = Placeholder {
@@ -149,7 +134,7 @@ pub fn run(uri: &str, args: &Args) -> ExitCode {
         }
     };
     let size = info.size;
-    let caps = caps_of(info.flags);
+    let caps = info.capabilities();
     // The checks' devices: placeholders of the export's size, never read (see Placeholder).
     // Re-openable: the "storage" is the server's export, and re-opening it is connecting again,
     // so the durability cases check that the data survives a disconnect.

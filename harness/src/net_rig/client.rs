@@ -25,6 +25,7 @@ use userblk::link::net::wire::{
 };
 use userblk::link::net::Socket;
 use userblk::proto::{Command, CommandFlags, Cookie, Request, TransmissionFlags};
+use userblk::Capabilities;
 
 use super::replies::{close, read_replies};
 use super::uri::{NbdAddr, NbdUri};
@@ -154,6 +155,23 @@ pub struct ExportInfo {
     pub base_allocation: Option<u32>,
     /// The session runs over TLS.
     pub tls: bool,
+}
+
+impl ExportInfo {
+    /// The capabilities the server advertises: what a device served like this would say. TRIM
+    /// is never taken to read back zeroes: the protocol does not promise it.
+    pub fn capabilities(&self) -> Capabilities {
+        let f = self.flags;
+        Capabilities {
+            read_only: f.contains(TransmissionFlags::READ_ONLY),
+            flush: f.contains(TransmissionFlags::SEND_FLUSH),
+            fua: f.contains(TransmissionFlags::SEND_FUA),
+            trim: f.contains(TransmissionFlags::SEND_TRIM),
+            trim_zeroes: false,
+            write_zeroes: f.contains(TransmissionFlags::SEND_WRITE_ZEROES),
+            ..Capabilities::default()
+        }
+    }
 }
 
 /// One extent of a block-status reply: its length and `base:allocation` flags.
