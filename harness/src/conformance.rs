@@ -374,6 +374,14 @@ pub fn run_case(env: &Env<'_>, case: &Case) -> CaseReport {
     }
 }
 
+/// The cases that send the largest requests and many at once: those worth running again with
+/// whole 32 MiB requests over several connections.
+pub const LARGE_REQUEST_CASES: [&str; 3] = [
+    "request_sizes",
+    "in_flight_disjoint",
+    "in_flight_overlapping",
+];
+
 /// Runs `cases` in order; `progress` is called before each with its index.
 pub fn run_cases(env: &Env<'_>, cases: &[Case], progress: &mut dyn FnMut(usize, &Case)) -> Report {
     let mut report = Report {

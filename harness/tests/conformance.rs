@@ -89,14 +89,7 @@ fn big_requests_and_several_connections() {
     let env = Env::new(&rig, &factory, factory().capabilities());
     let cases: Vec<_> = conformance::cases()
         .into_iter()
-        .filter(|c| {
-            [
-                "request_sizes",
-                "in_flight_disjoint",
-                "in_flight_overlapping",
-            ]
-            .contains(&c.name)
-        })
+        .filter(|c| conformance::LARGE_REQUEST_CASES.contains(&c.name))
         .collect();
     let report = conformance::run_cases(&env, &cases, &mut |_, _| {});
     assert!(report.all_passed(), "{report}");

@@ -467,14 +467,7 @@ pub fn run(args: Args) -> ExitCode {
         let subset: Vec<_> = cases
             .iter()
             .copied()
-            .filter(|c| {
-                [
-                    "request_sizes",
-                    "in_flight_disjoint",
-                    "in_flight_overlapping",
-                ]
-                .contains(&c.name)
-            })
+            .filter(|c| conformance::LARGE_REQUEST_CASES.contains(&c.name))
             .collect();
         let mut report = conformance::run_cases(&env, &subset, &mut |i, c| {
             progress.show(&format!(
