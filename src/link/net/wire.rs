@@ -249,6 +249,17 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+fn expect_magic(what: &'static str, found: u64, expected: u64) -> Result<(), WireError> {
+    if found != expected {
+        return Err(WireError::BadMagic {
+            what,
+            found,
+            expected,
+        });
+    }
+    Ok(())
+}
+
 fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), WireError> {
     if b.len() < need {
         return Err(WireError::Short {
@@ -264,14 +275,7 @@ fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), WireError> {
 pub fn parse_greeting(b: &[u8]) -> Result<u16, WireError> {
     need("greeting", b, GREETING_LEN)?;
     for (at, expected, what) in [(0, NBD_MAGIC, "NBDMAGIC"), (8, IHAVEOPT, "IHAVEOPT")] {
-        let found = be64(b, at);
-        if found != expected {
-            return Err(WireError::BadMagic {
-                what,
-                found,
-                expected,
-            });
-        }
+        expect_magic(what, be64(b, at), expected)?;
     }
     Ok(be16(b, 16))
 }
@@ -289,14 +293,7 @@ impl OptionHeader {
     /// Parses the 16-byte header.
     pub fn parse(b: &[u8]) -> Result<OptionHeader, WireError> {
         need("option header", b, OPTION_HEADER_LEN)?;
-        let magic = be64(b, 0);
-        if magic != IHAVEOPT {
-            return Err(WireError::BadMagic {
-                what: "option",
-                found: magic,
-                expected: IHAVEOPT,
-            });
-        }
+        expect_magic("option", be64(b, 0), IHAVEOPT)?;
         Ok(OptionHeader {
             option: Opt(be32(b, 8)),
             len: be32(b, 12),
@@ -336,14 +333,7 @@ impl OptionReplyHeader {
     /// Parses the 20-byte header.
     pub fn parse(b: &[u8]) -> Result<OptionReplyHeader, WireError> {
         need("option reply header", b, OPTION_REPLY_HEADER_LEN)?;
-        let magic = be64(b, 0);
-        if magic != REPLY_MAGIC {
-            return Err(WireError::BadMagic {
-                what: "option reply",
-                found: magic,
-                expected: REPLY_MAGIC,
-            });
-        }
+        expect_magic("option reply", be64(b, 0), REPLY_MAGIC)?;
         Ok(OptionReplyHeader {
             option: Opt(be32(b, 8)),
             reply: Rep(be32(b, 12)),
@@ -671,14 +661,11 @@ impl ChunkHeader {
     /// first 4 bytes first: simple and structured replies start alike).
     pub fn parse(b: &[u8]) -> Result<ChunkHeader, WireError> {
         need("structured reply chunk", b, CHUNK_HEADER_LEN)?;
-        let magic = be32(b, 0);
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(WireError::BadMagic {
-                what: "structured reply",
-                found: u64::from(magic),
-                expected: u64::from(STRUCTURED_REPLY_MAGIC),
-            });
-        }
+        expect_magic(
+            "structured reply",
+            u64::from(be32(b, 0)),
+            u64::from(STRUCTURED_REPLY_MAGIC),
+        )?;
         Ok(ChunkHeader {
             flags: be16(b, 4),
             kind: be16(b, 6),
