@@ -32,7 +32,7 @@ use crate::factory::DeviceFactory;
 use crate::nbd_rig::{NbdRig, ENV_DEVICE};
 use crate::random::{random_test, RandomConfig, RandomFailure, RandomSummary};
 use crate::target::Rig;
-use crate::trace::{replay_on, Trace};
+use crate::trace::{replay_on, trace_files, Trace};
 use crate::ublk_rig::{UblkRig, ENV_UBLK};
 
 /// A real kernel path to block devices.
@@ -311,19 +311,6 @@ impl KernelTest {
             may_not_run: self.may_not_run.clone(),
         }
     }
-}
-
-/// The `*.ubt` files in `dir`, sorted.
-fn trace_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "ubt"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 fn replay(

@@ -20,7 +20,7 @@ use crate::nbd_rig::NbdRig;
 use crate::random::{self, random_test, RandomConfig, RandomSummary};
 use crate::spec::{human, DeviceSpec};
 use crate::target::{LoopbackRig, Rig};
-use crate::trace::{replay_on, ReplayReport, Trace};
+use crate::trace::{replay_on, trace_files, ReplayReport, Trace};
 
 /// Arguments of `userblk check`.
 #[derive(Debug, clap::Args)]
@@ -295,19 +295,6 @@ pub(super) fn run_traces(
         println!("{line}");
     }
     passed
-}
-
-/// The traces to replay: `*.ubt` files in `dir`, sorted.
-fn trace_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "ubt"))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
 }
 
 /// The device, zeroed over the trace's range when the trace assumes it starts as zeroes (a file

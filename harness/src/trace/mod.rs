@@ -29,7 +29,22 @@ pub use replay::{
     replay, replay_on, replay_with, Mismatch, ReplayError, ReplayOptions, ReplayReport,
 };
 
+use std::path::{Path, PathBuf};
+
 use userblk::proto::TransmissionFlags;
+
+/// The traces in `dir`: its `*.ubt` files, sorted (none if it cannot be read).
+pub(crate) fn trace_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "ubt"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
 
 /// Write data is stored in pieces cut at multiples of this many bytes of the device offset, so
 /// that equal 4 KiB blocks (the page size, and what file systems write) are stored once.
