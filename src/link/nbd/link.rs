@@ -241,8 +241,14 @@ impl NbdLink {
         let _ = served_by::record_self(index);
         self.reattached = true;
         self.running = Some(Running::Netlink { index });
-        self.control
-            .set_running(index, Setup::Netlink, reattached.export);
+        if self
+            .control
+            .set_running(index, Setup::Netlink, reattached.export)
+        {
+            // Asked for while the reattach was starting: the device is served again, so the
+            // kernel's DISCONNECT ends it the usual way (in-flight requests answered first).
+            self.handle().disconnect()?;
+        }
         Ok(Started {
             export: reattached.export,
             conns: reattached.conns,
