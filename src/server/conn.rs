@@ -98,6 +98,9 @@ pub(super) struct ConnParams {
 #[derive(Debug)]
 pub(super) struct Group<S> {
     outboxes: Vec<Outbox<S>>,
+    /// Each connection's replies are written by a writer thread of its own (an async device:
+    /// whoever completes a request only queues its reply); otherwise by whoever has one.
+    writer_threads: bool,
     /// Clones of the connections, to shut them down without waiting for a writer.
     closers: Vec<S>,
     pub(super) pool: BufferPool,
@@ -107,11 +110,13 @@ pub(super) struct Group<S> {
 }
 
 impl<S: ConnStream> Group<S> {
-    /// The group for `streams`, and the reading side of each.
+    /// The group for `streams`, and the reading side of each; with `writer_threads`, replies
+    /// are only queued for each connection's writer thread (see [`Outbox`]).
     #[allow(clippy::type_complexity)]
     pub(super) fn new(
         streams: &[S],
         max_in_flight_bytes: usize,
+        writer_threads: bool,
     ) -> Result<(Arc<Group<S>>, Vec<Mutex<Reading<S>>>), ServerError> {
         let n = streams.len();
         let mut readers = Vec::with_capacity(n);
@@ -131,6 +136,7 @@ impl<S: ConnStream> Group<S> {
         }
         let group = Group {
             outboxes,
+            writer_threads,
             closers,
             pool: BufferPool::new(max_in_flight_bytes),
             stop: AtomicBool::new(false),
@@ -162,6 +168,7 @@ impl<S: ConnStream> Group<S> {
 
     /// Writes the connection's pending replies (and `own` first); see [`Outbox::flush`].
     pub(super) fn flush(&self, conn: usize, own: Option<Done>) {
+        debug_assert!(!self.writer_threads, "only the writer thread writes");
         if let Err(e) = self.outboxes[conn].flush(&self.pool, own) {
             if !peer_gone(&e) {
                 self.fail(ServerError::Io { conn, source: e });
@@ -169,10 +176,32 @@ impl<S: ConnStream> Group<S> {
         }
     }
 
+    /// A connection's writer thread (with writer threads): writes its replies until
+    /// [`close_writers`](Self::close_writers) and none is left. A write error other than the
+    /// client's going away ends every connection, as on the threaded path.
+    pub(super) fn write_replies(&self, conn: usize) {
+        self.outboxes[conn].write_until_closed(&self.pool, |e| {
+            if !peer_gone(&e) {
+                self.fail(ServerError::Io { conn, source: e });
+            }
+        });
+    }
+
+    /// Tells every writer thread that no more replies will come: each ends once it has written
+    /// what is queued.
+    pub(super) fn close_writers(&self) {
+        for outbox in &self.outboxes {
+            outbox.close();
+        }
+    }
+
     /// Queues a reply and writes what is pending unless another thread is at it. Large READ
-    /// data is written by the thread that produced it, from its warm cache.
+    /// data is written by the thread that produced it, from its warm cache. With writer
+    /// threads, only queues it for the connection's writer: this never waits for a socket.
     pub(super) fn reply(&self, conn: usize, done: Done) {
-        if done.is_large() {
+        if self.writer_threads {
+            self.outboxes[conn].queue(done);
+        } else if done.is_large() {
             self.flush(conn, Some(done));
         } else {
             self.outboxes[conn].defer(done);
@@ -374,8 +403,10 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
     options: &ServerOptions,
     features: Features,
 ) -> Result<(), ServerError> {
-    let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
-    if let Some(device) = dispatcher.device().asynchronous() {
+    let asynchronous = dispatcher.device().asynchronous();
+    let (group, readers) =
+        Group::new(streams, options.max_in_flight_bytes, asynchronous.is_some())?;
+    if let Some(device) = asynchronous {
         let params = ConnParams {
             export: *export,
             max_io: options.max_io_len,
@@ -673,7 +704,7 @@ mod tests {
         use std::io::Read;
 
         let (mut kernel, server) = UnixStream::pair().unwrap();
-        let (group, _readers) = Group::new(&[server], 1 << 20).unwrap();
+        let (group, _readers) = Group::new(&[server], 1 << 20, false).unwrap();
         let take = |cookie: u64, read: bool, len: usize| InFlight {
             group: Arc::clone(&group),
             conn: 0,

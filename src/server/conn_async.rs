@@ -1,14 +1,19 @@
 //! The NBD loop for an asynchronous device: each connection has one thread that reads requests,
 //! checks them and takes their memory from the pool as the threaded loop does, then hands each
-//! one, with its [`InFlight`], to a task on the device's tokio runtime and goes back to reading.
-//! The task awaits the device ([`dispatch_async`](crate::server::dispatch_async)) and completes
-//! the `InFlight`, whose reply joins the connection's outbox like any other; replies go out as
-//! futures complete, batched when they complete together.
+//! one, with its [`InFlight`], to a task on the device's tokio runtime and goes back to reading;
+//! and one thread that writes its replies. The task awaits the device
+//! ([`dispatch_async`](crate::server::dispatch_async)) and completes the `InFlight`, which only
+//! queues the reply and wakes the writer thread: a tokio worker never waits on a socket, so a
+//! client that stops reading its replies stalls its own writer thread and nothing else on the
+//! runtime. The writer writes everything queued in one `writev`, so replies that complete
+//! together leave together.
 //!
 //! What bounds the requests in flight: the kernel's queue depth, and the pool's bytes (a reader
-//! that finds the pool full waits, and the kernel with it). A task that panics answers EIO; a
-//! task the runtime drops (shut down under it) drops its `InFlight`, which answers EIO too.
-//! Serving returns once every connection has stopped and every task has finished.
+//! that finds the pool full waits, and the kernel with it; a reply's memory goes back once it is
+//! written, so a client that does not read stops its own reader). A task that panics answers
+//! EIO; a task the runtime drops (shut down under it) drops its `InFlight`, which answers EIO
+//! too. Serving returns once every connection has stopped, every task has finished and every
+//! reply has been written (or its connection has failed).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -78,8 +83,16 @@ pub(super) fn serve_async<S: ConnStream>(
         .map_err(|source| ServerError::Io { conn: 0, source })?;
     let tasks = Arc::new(Tasks::default());
     thread::scope(|s| {
+        let mut reading_threads = Vec::with_capacity(readers.len());
         for (conn, reading) in readers.iter().enumerate() {
             let (device, rt, tasks) = (&device, &rt, &tasks);
+            let writer = thread::Builder::new()
+                .name(format!("userblk-reply{conn}"))
+                .spawn_scoped(s, move || group.write_replies(conn));
+            if let Err(source) = writer {
+                group.fail(ServerError::Io { conn, source });
+                break;
+            }
             let spawned = thread::Builder::new()
                 .name(format!("userblk-conn{conn}"))
                 .spawn_scoped(s, move || {
@@ -96,13 +109,22 @@ pub(super) fn serve_async<S: ConnStream>(
                     );
                     turn.finished = true;
                 });
-            if let Err(source) = spawned {
-                group.fail(ServerError::Io { conn, source });
-                break;
+            match spawned {
+                Ok(t) => reading_threads.push(t),
+                Err(source) => {
+                    group.fail(ServerError::Io { conn, source });
+                    break;
+                }
             }
         }
+        for t in reading_threads {
+            let _ = t.join();
+        }
+        // Every reply is queued once every task has finished (a task's `InFlight` is answered
+        // before it stops counting): the writers write what is left and end.
+        tasks.wait_idle();
+        group.close_writers();
     });
-    tasks.wait_idle();
     let error = lock(&group.error).take();
     match error {
         Some(e) => Err(e),
@@ -123,7 +145,7 @@ fn read_requests<S: ConnStream>(
     poison_reads: bool,
 ) {
     loop {
-        // Waiting for memory needs nothing first: tasks write their own replies.
+        // Waiting for memory needs nothing first: the writer thread writes what is queued.
         match next(group, conn, &mut turn.r, &params, || {}) {
             Next::Stop => break,
             Next::Rejected(inflight, errno) => inflight.complete(Err(errno)),
