@@ -125,6 +125,11 @@ pub(super) fn serve_async<S: ConnStream>(
         tasks.wait_idle();
         group.close_writers();
     });
+    debug_assert_eq!(
+        group.pool.in_flight(),
+        0,
+        "a request's memory never came back"
+    );
     let error = lock(&group.error).take();
     match error {
         Some(e) => Err(e),
@@ -185,3 +190,6 @@ fn finish<S: ConnStream>(task: Task<S>, result: IoResult, buf: Option<IoBuf>) {
     let Task { inflight, _running } = task;
     inflight.complete_lent(result, buf);
 }
+
+#[cfg(test)]
+mod tests;
