@@ -72,12 +72,18 @@ impl AsyncBlockDevice for Ram {
     }
 }
 
-/// The same RAM behind the sync trait.
-struct SyncRam(Ram);
+/// The same RAM behind the sync trait, saying whether it never blocks.
+struct SyncRam(Ram, bool);
 
 impl BlockDevice for SyncRam {
     fn blocks(&self) -> u64 {
         SIZE as u64 / 512
+    }
+    fn capabilities(&self) -> userblk::Capabilities {
+        userblk::Capabilities {
+            never_blocks: self.1,
+            ..userblk::Capabilities::default()
+        }
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_now(offset, buf);
@@ -234,11 +240,28 @@ fn async_device_stalled_clients_do_not_block_the_runtime() {
     rt.shutdown_timeout(Duration::from_secs(5));
 }
 
+/// An async device that never blocks: each connection's reader polls the futures itself and
+/// writes their replies; a stalled client blocks its own reader, never a worker.
+#[test]
+fn async_never_blocks_device_stalled_clients_do_not_block_the_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let hog_reads = Arc::new(AtomicU64::new(0));
+    let ram = SyncRam(Ram::new(Arc::clone(&hog_reads)), true);
+    let dev = AsyncDevice::with_runtime(ram, rt.handle().clone());
+    let (listening, uri) = listen(dev);
+    good_client_is_served_beside_stalled_ones(listening, &uri, &hog_reads, 4);
+    rt.shutdown_timeout(Duration::from_secs(5));
+}
+
 /// The same for a sync device, served by threads of each client's own.
 #[test]
 fn sync_device_stalled_clients_do_not_block_others() {
     let hog_reads = Arc::new(AtomicU64::new(0));
-    let dev = SyncRam(Ram::new(Arc::clone(&hog_reads)));
+    let dev = SyncRam(Ram::new(Arc::clone(&hog_reads)), false);
     let (listening, uri) = listen(dev);
     good_client_is_served_beside_stalled_ones(listening, &uri, &hog_reads, 4);
 }

@@ -23,8 +23,11 @@
 //! [`AsyncDevice`](crate::AsyncDevice)), [`serve`] hands the connections to `conn_async`: one
 //! thread per connection reads and checks requests exactly as here, lends each request's buffer
 //! to a task on the device's runtime and goes back to reading; the task completes the
-//! `InFlight`. Validation, the pool's byte bound, reply batching and the exactly-one-reply rule
-//! are this file's; serving returns once every task has finished.
+//! `InFlight`, which only queues the reply for the connection's writer thread (a tokio worker
+//! never waits on a socket). A device that never blocks has its futures polled by the reader
+//! itself, which writes the replies of those ready in batches. Validation, the pool's byte
+//! bound, reply batching and the exactly-one-reply rule are this file's; serving returns once
+//! every task has finished and every reply is written.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -39,7 +42,7 @@ use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
 use crate::proto::Request;
 use crate::proto::{Command, Cookie, Errno};
-use crate::server::conn_async::serve_async;
+use crate::server::conn_async::{serve_async, Calls};
 use crate::server::dispatch::{Dispatcher, IoResult};
 use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::server::reader::{Incoming, RequestReader};
@@ -168,12 +171,17 @@ impl<S: ConnStream> Group<S> {
 
     /// Writes the connection's pending replies (and `own` first); see [`Outbox::flush`].
     pub(super) fn flush(&self, conn: usize, own: Option<Done>) {
-        debug_assert!(!self.writer_threads, "only the writer thread writes");
         if let Err(e) = self.outboxes[conn].flush(&self.pool, own) {
             if !peer_gone(&e) {
                 self.fail(ServerError::Io { conn, source: e });
             }
         }
+    }
+
+    /// Holds a reply back for the next [`flush`](Self::flush) (the thread holding it writes it,
+    /// or waits for memory only after flushing); returns how many are held.
+    pub(super) fn hold(&self, conn: usize, done: Done) -> usize {
+        self.outboxes[conn].defer(done)
     }
 
     /// A connection's writer thread (with writer threads): writes its replies until
@@ -253,6 +261,15 @@ impl<S: ConnStream> InFlight<S> {
             self.buf = Some(b.into_buffer());
         }
         self.complete(result);
+    }
+
+    /// The reply to a request whose buffer was lent (see [`complete_lent`](Self::complete_lent)),
+    /// for the thread that has it to hold back.
+    pub(super) fn into_lent_done(mut self, result: IoResult, buf: Option<IoBuf>) -> Option<Done> {
+        if let Some(b) = buf {
+            self.buf = Some(b.into_buffer());
+        }
+        self.into_done(result)
     }
 
     /// Completes a BLOCK_STATUS request with its descriptors for `context`, or an error.
@@ -360,7 +377,8 @@ pub(super) struct Reading<S> {
 /// `options.batch_never_blocks` is off), the one calling the device keeping its turn at reading
 /// unless another request is waiting, so that calls overlap whenever requests queue up and a
 /// lone request costs no hand-off; `options.workers` otherwise (one, holding replies back, for
-/// `0` or `1`).
+/// `0` or `1`). An async device's connections get a reader and a writer thread each, its
+/// requests running as tasks on its runtime (see `conn_async`).
 ///
 /// ```
 /// use std::io::{Read, Write};
@@ -415,7 +433,11 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
             features,
             keep_idle_turn: false,
         };
-        return serve_async(device, &group, &readers, params, options.poison_reads);
+        let calls = Calls {
+            poison_reads: options.poison_reads,
+            inline: options.batch_never_blocks && dispatcher.device().capabilities().never_blocks,
+        };
+        return serve_async(device, &group, &readers, params, calls);
     }
     let never_blocks = dispatcher.device().capabilities().never_blocks;
     let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {

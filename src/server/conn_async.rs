@@ -15,7 +15,9 @@
 //! too. Serving returns once every connection has stopped, every task has finished and every
 //! reply has been written (or its connection has failed).
 
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use tokio::runtime::Handle;
@@ -24,7 +26,7 @@ use crate::async_device::{AsyncServing, DynAsync, IoBuf};
 use crate::link::net::wire::CMD_FLAG_REQ_ONE;
 use crate::server::conn::{next, ConnParams, ConnStream, Group, InFlight, Next, Reading};
 use crate::server::pool::lock;
-use crate::server::replies::encode_extents;
+use crate::server::replies::{encode_extents, REPLIES_PER_WRITE};
 use crate::server::{IoResult, ServerError};
 
 /// The tasks of one serve still running.
@@ -68,6 +70,18 @@ struct Task<S: ConnStream> {
     _running: Running,
 }
 
+/// How requests reach an async device.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Calls {
+    /// READ buffers are poisoned, not zeroed, before the device sees them.
+    pub(super) poison_reads: bool,
+    /// The device never blocks: the reader polls each request's future once itself (most are
+    /// ready at once, and cost no task and no hand-off to a worker), holds the replies of those
+    /// that are ready back and writes them in batches before it waits (for the socket or for
+    /// memory), and spawns a task only for a future that is not ready.
+    pub(super) inline: bool,
+}
+
 /// Serves the connections of `group` with the async device behind `device` (see the module
 /// documentation). Errors as for [`serve`](crate::server::serve).
 pub(super) fn serve_async<S: ConnStream>(
@@ -75,7 +89,7 @@ pub(super) fn serve_async<S: ConnStream>(
     group: &Arc<Group<S>>,
     readers: &[Mutex<Reading<S>>],
     params: ConnParams,
-    poison_reads: bool,
+    calls: Calls,
 ) -> Result<(), ServerError> {
     let device = device.0;
     let rt = device
@@ -97,16 +111,7 @@ pub(super) fn serve_async<S: ConnStream>(
                 .name(format!("userblk-conn{conn}"))
                 .spawn_scoped(s, move || {
                     let mut turn = lock(reading);
-                    read_requests(
-                        group,
-                        &mut turn,
-                        conn,
-                        device,
-                        rt,
-                        tasks,
-                        params,
-                        poison_reads,
-                    );
+                    read_requests(group, &mut turn, conn, device, rt, tasks, params, calls);
                     turn.finished = true;
                 });
             match spawned {
@@ -147,13 +152,51 @@ fn read_requests<S: ConnStream>(
     rt: &Handle,
     tasks: &Arc<Tasks>,
     params: ConnParams,
-    poison_reads: bool,
+    calls: Calls,
 ) {
+    // A future polled here may reach for the runtime (a timer, a socket).
+    let _runtime = calls.inline.then(|| rt.enter());
     loop {
-        // Waiting for memory needs nothing first: the writer thread writes what is queued.
-        match next(group, conn, &mut turn.r, &params, || {}) {
+        // Replies held back (inline calls) go out before waiting for the socket or for memory
+        // (their memory may be what is missing); the writer thread writes the tasks' replies.
+        let flush_held = || {
+            if calls.inline {
+                group.flush(conn, None);
+            }
+        };
+        if !turn.r.has_header() {
+            flush_held();
+        }
+        match next(group, conn, &mut turn.r, &params, flush_held) {
             Next::Stop => break,
             Next::Rejected(inflight, errno) => inflight.complete(Err(errno)),
+            Next::Request(mut inflight, io) if calls.inline => {
+                let buf = inflight.lend();
+                let device = Arc::clone(device);
+                let poison = calls.poison_reads;
+                let mut call = Box::pin(async move { device.dispatch(io, buf, poison).await });
+                if let Poll::Ready((result, buf)) =
+                    call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                {
+                    // Held back and written in batches, as the threads of a sync device that
+                    // never blocks do.
+                    if let Some(done) = inflight.into_lent_done(result, buf) {
+                        if group.hold(conn, done) >= REPLIES_PER_WRITE {
+                            group.flush(conn, None);
+                        }
+                    }
+                    continue;
+                }
+                // Not ready: a task polls it again (with a waker that works) from here on.
+                let task = Task {
+                    inflight,
+                    _running: tasks.start(),
+                };
+                rt.spawn(async move {
+                    let (result, buf) = call.await;
+                    finish(task, result, buf);
+                });
+            }
             Next::Request(mut inflight, io) => {
                 let buf = inflight.lend();
                 let task = Task {
@@ -161,8 +204,9 @@ fn read_requests<S: ConnStream>(
                     _running: tasks.start(),
                 };
                 let device = Arc::clone(device);
+                let poison = calls.poison_reads;
                 rt.spawn(async move {
-                    let (result, buf) = device.dispatch(io, buf, poison_reads).await;
+                    let (result, buf) = device.dispatch(io, buf, poison).await;
                     finish(task, result, buf);
                 });
             }
@@ -183,6 +227,9 @@ fn read_requests<S: ConnStream>(
                 });
             }
         }
+    }
+    if calls.inline {
+        group.flush(conn, None);
     }
 }
 

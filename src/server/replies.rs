@@ -231,11 +231,13 @@ struct Pending {
 /// writes the new reply too before it lets go. So no thread waits for another's `writev`, and
 /// replies that complete together leave together.
 ///
-/// A writer thread (an async device): whoever has a reply only queues it ([`queue`](Self::queue))
-/// and wakes the thread, which writes everything queued in one go
+/// A writer thread (an async device): a task that has a reply only queues it
+/// ([`queue`](Self::queue)) and wakes the thread, which writes everything queued in one go
 /// ([`write_until_closed`](Self::write_until_closed)). A client that stops reading blocks that
 /// thread alone; the replies queued meanwhile hold their pool memory, so the pool's byte bound
-/// stops the connection's reader, not the tasks.
+/// stops the connection's reader, not the tasks. (The reader of a device that never blocks
+/// defers the replies of the futures it found ready and flushes them itself, as the threads of a
+/// sync device do: it is a plain thread, and the writer thread takes what it leaves.)
 #[derive(Debug)]
 pub(super) struct Outbox<S> {
     writer: Mutex<Writer<S>>,
@@ -295,8 +297,6 @@ impl<S: Write> Outbox<S> {
     /// (their memory goes back) without writing.
     pub(super) fn write_until_closed(&self, pool: &BufferPool, failed: impl FnOnce(io::Error)) {
         let mut failed = Some(failed);
-        let mut guard = lock(&self.writer);
-        let w = &mut *guard;
         loop {
             let mut pending = lock(&self.pending);
             while pending.replies.is_empty() && !pending.closed {
@@ -307,8 +307,12 @@ impl<S: Write> Outbox<S> {
             if pending.replies.is_empty() {
                 return;
             }
-            std::mem::swap(&mut pending.replies, &mut w.taken);
             drop(pending);
+            // The reader may be writing (an inline device's replies, with `flush`): it writes
+            // what it finds pending, and what is left after it is ours.
+            let mut guard = lock(&self.writer);
+            let w = &mut *guard;
+            std::mem::swap(&mut lock(&self.pending).replies, &mut w.taken);
             // Still writing (no error yet)?
             if failed.is_some() {
                 if let Err(e) = write_replies(&mut w.stream, &w.taken) {

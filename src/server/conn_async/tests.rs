@@ -16,25 +16,36 @@ use rstest::rstest;
 use crate::async_device::{AsyncBlockDevice, AsyncDevice, IoBuf};
 use crate::proto::{encode_request, Command, Cookie, Errno, Reply, Request, REPLY_LEN};
 use crate::server::{export_of, serve, Dispatcher, ServerError, ServerOptions};
+use crate::Capabilities;
 
 const READ_LEN: u32 = 64 << 10;
 
 /// Reads that take a moment (an await, as a remote disk's), fill their buffer with a byte of
-/// their offset, and are counted; a read at `never_at` never completes.
+/// their offset, and are counted; a read at `never_at` never completes. With `never_blocks`,
+/// every other read is ready at once (the reader polls those itself, and spawns the others).
 struct Slow {
     reads: Arc<AtomicU64>,
     never_at: Option<u64>,
+    never_blocks: bool,
 }
 
 impl AsyncBlockDevice for Slow {
     fn blocks(&self) -> u64 {
         (64 << 20) / 512
     }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            never_blocks: self.never_blocks,
+            ..Capabilities::default()
+        }
+    }
     async fn read(&self, offset: u64, mut buf: IoBuf) -> (io::Result<()>, IoBuf) {
         if Some(offset) == self.never_at {
             std::future::pending::<()>().await;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        if !self.never_blocks || offset / u64::from(READ_LEN) % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         self.reads.fetch_add(1, Ordering::SeqCst);
         buf.fill(fill_byte(offset));
         (Ok(()), buf)
@@ -104,19 +115,15 @@ fn settled(reads: &AtomicU64) -> u64 {
     }
 }
 
-/// Reads every reply until EOF: (cookie, errno) of each, data checked.
-fn all_replies(client: &mut UnixStream) -> Vec<(u64, Option<Errno>)> {
+/// Reads `n` replies: (cookie, errno) of each, sorted by cookie, data checked.
+fn replies(client: &mut UnixStream, n: u64) -> Vec<(u64, Option<Errno>)> {
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut got = Vec::new();
-    loop {
+    for _ in 0..n {
         let mut header = [0u8; REPLY_LEN];
-        match client.read_exact(&mut header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return got,
-            Err(e) => panic!("reading replies: {e}"),
-        }
+        client.read_exact(&mut header).unwrap();
         let reply = Reply::parse(&header).unwrap();
         if reply.errno().is_none() {
             let mut data = vec![0u8; READ_LEN as usize];
@@ -126,27 +133,46 @@ fn all_replies(client: &mut UnixStream) -> Vec<(u64, Option<Errno>)> {
         }
         got.push((reply.cookie.0, reply.errno()));
     }
+    got.sort_unstable_by_key(|r| r.0);
+    got
+}
+
+/// DISC (unless sent already), then nothing more comes: the server closes.
+fn disc_and_eof(client: &mut UnixStream, disc_sent: bool) {
+    if !disc_sent {
+        client
+            .write_all(&Request::new(Command::Disc, Cookie(u64::MAX), 0, 0).encode())
+            .unwrap();
+    }
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} bytes after the last reply", rest.len());
 }
 
 /// The client sends READs (32 that fit in its budget with DISC behind them, or 64 that do not,
 /// so the reader waits for memory) and reads nothing: the writer blocks on the full socket.
 /// Then the client either reads everything (DISC: every request gets exactly one reply, then
 /// EOF) or vanishes (serving ends, every buffer back).
+/// For a device that never blocks, the reader writes the replies of the futures it found
+/// ready itself, and blocks on the socket in its turn.
 #[rstest]
 #[case::disc_then_read(32, 4 << 20, true, true)]
 #[case::disc_then_vanish(32, 4 << 20, true, false)]
 #[case::reader_waiting_for_memory_then_vanish(64, 1 << 20, false, false)]
+#[case::reader_waiting_for_memory_then_read(64, 1 << 20, false, true)]
 fn a_blocked_writer_ends_with_the_client(
     #[case] n: u64,
     #[case] budget: usize,
     #[case] disc: bool,
     #[case] read_back: bool,
+    #[values(false, true)] never_blocks: bool,
 ) {
     let rt = runtime();
     let count = Arc::new(AtomicU64::new(0));
     let slow = Slow {
         reads: Arc::clone(&count),
         never_at: None,
+        never_blocks,
     };
     let dev = AsyncDevice::with_runtime(slow, rt.handle().clone());
     let (mut client, server_end) = UnixStream::pair().unwrap();
@@ -171,10 +197,9 @@ fn a_blocked_writer_ends_with_the_client(
         "serving ended before its replies were written"
     );
     if read_back {
-        let mut got = all_replies(&mut client);
-        got.sort_unstable_by_key(|r| r.0);
         let want: Vec<_> = (0..n).map(|c| (c, None)).collect();
-        assert_eq!(got, want);
+        assert_eq!(replies(&mut client, n), want);
+        disc_and_eof(&mut client, disc);
         ended(&done).unwrap();
     } else {
         drop(client);
@@ -193,6 +218,7 @@ fn another_connection_failing_ends_a_blocked_writer() {
     let slow = Slow {
         reads: Arc::clone(&count),
         never_at: None,
+        never_blocks: false,
     };
     let dev = AsyncDevice::with_runtime(slow, rt.handle().clone());
     let (mut hog, hog_end) = UnixStream::pair().unwrap();
@@ -220,6 +246,7 @@ fn a_runtime_shut_down_answers_its_tasks_eio() {
     let slow = Slow {
         reads: Arc::clone(&count),
         never_at: Some(0),
+        never_blocks: false,
     };
     let dev = AsyncDevice::with_runtime(slow, rt.handle().clone());
     let (mut client, server_end) = UnixStream::pair().unwrap();
@@ -230,11 +257,10 @@ fn a_runtime_shut_down_answers_its_tasks_eio() {
     client
         .write_all(&Request::new(Command::Disc, Cookie(9), 0, 0).encode())
         .unwrap();
-    let mut got = all_replies(&mut client);
-    got.sort_unstable_by_key(|r| r.0);
     assert_eq!(
-        got,
+        replies(&mut client, 4),
         vec![(0, Some(Errno::EIO)), (1, None), (2, None), (3, None)]
     );
+    disc_and_eof(&mut client, true);
     ended(&done).unwrap();
 }
