@@ -153,8 +153,13 @@ pub trait AsyncBlockDevice: Send + Sync {
     /// Number of blocks. The size is fixed for the device's life.
     fn blocks(&self) -> u64;
 
-    /// What the device supports. Default: [`Capabilities::default`]. (`never_blocks` means
-    /// nothing here: the server runs an async device's requests as tasks whatever it says.)
+    /// What the device supports. Default: [`Capabilities::default`]. `never_blocks` here says
+    /// that polling a future never waits (its work is a quick copy; most are ready at their
+    /// first poll): the server then polls each request's future on the connection's reader
+    /// thread and writes the replies of those ready in batches, spawning a task only for a
+    /// future that is not ready (unless [`ServerOptions::batch_never_blocks`] is off).
+    ///
+    /// [`ServerOptions::batch_never_blocks`]: crate::ServerOptions::batch_never_blocks
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }

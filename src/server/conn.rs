@@ -23,8 +23,11 @@
 //! [`AsyncDevice`](crate::AsyncDevice)), [`serve`] hands the connections to `conn_async`: one
 //! thread per connection reads and checks requests exactly as here, lends each request's buffer
 //! to a task on the device's runtime and goes back to reading; the task completes the
-//! `InFlight`. Validation, the pool's byte bound, reply batching and the exactly-one-reply rule
-//! are this file's; serving returns once every task has finished.
+//! `InFlight`, which only queues the reply for the connection's writer thread (a tokio worker
+//! never waits on a socket). A device that never blocks has its futures polled by the reader
+//! itself, which writes the replies of those ready in batches. Validation, the pool's byte
+//! bound, reply batching and the exactly-one-reply rule are this file's; serving returns once
+//! every task has finished and every reply is written.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -39,7 +42,7 @@ use crate::link::net::wire::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_REQ_ONE};
 use crate::link::Export;
 use crate::proto::Request;
 use crate::proto::{Command, Cookie, Errno};
-use crate::server::conn_async::serve_async;
+use crate::server::conn_async::{serve_async, Calls};
 use crate::server::dispatch::{Dispatcher, IoResult};
 use crate::server::pool::{lock, Buffer, BufferPool};
 use crate::server::reader::{Incoming, RequestReader};
@@ -98,6 +101,9 @@ pub(super) struct ConnParams {
 #[derive(Debug)]
 pub(super) struct Group<S> {
     outboxes: Vec<Outbox<S>>,
+    /// Each connection's replies are written by a writer thread of its own (an async device:
+    /// whoever completes a request only queues its reply); otherwise by whoever has one.
+    writer_threads: bool,
     /// Clones of the connections, to shut them down without waiting for a writer.
     closers: Vec<S>,
     pub(super) pool: BufferPool,
@@ -107,11 +113,13 @@ pub(super) struct Group<S> {
 }
 
 impl<S: ConnStream> Group<S> {
-    /// The group for `streams`, and the reading side of each.
+    /// The group for `streams`, and the reading side of each; with `writer_threads`, replies
+    /// are only queued for each connection's writer thread (see [`Outbox`]).
     #[allow(clippy::type_complexity)]
     pub(super) fn new(
         streams: &[S],
         max_in_flight_bytes: usize,
+        writer_threads: bool,
     ) -> Result<(Arc<Group<S>>, Vec<Mutex<Reading<S>>>), ServerError> {
         let n = streams.len();
         let mut readers = Vec::with_capacity(n);
@@ -131,6 +139,7 @@ impl<S: ConnStream> Group<S> {
         }
         let group = Group {
             outboxes,
+            writer_threads,
             closers,
             pool: BufferPool::new(max_in_flight_bytes),
             stop: AtomicBool::new(false),
@@ -169,10 +178,38 @@ impl<S: ConnStream> Group<S> {
         }
     }
 
+    /// Holds a reply back for the next [`flush`](Self::flush) (the thread holding it writes it,
+    /// or waits for memory only after flushing); returns how many are held.
+    pub(super) fn hold(&self, conn: usize, done: Done) -> usize {
+        self.outboxes[conn].defer(done)
+    }
+
+    /// A connection's writer thread (with writer threads): writes its replies until
+    /// [`close_writers`](Self::close_writers) and none is left. A write error other than the
+    /// client's going away ends every connection, as on the threaded path.
+    pub(super) fn write_replies(&self, conn: usize) {
+        self.outboxes[conn].write_until_closed(&self.pool, |e| {
+            if !peer_gone(&e) {
+                self.fail(ServerError::Io { conn, source: e });
+            }
+        });
+    }
+
+    /// Tells every writer thread that no more replies will come: each ends once it has written
+    /// what is queued.
+    pub(super) fn close_writers(&self) {
+        for outbox in &self.outboxes {
+            outbox.close();
+        }
+    }
+
     /// Queues a reply and writes what is pending unless another thread is at it. Large READ
-    /// data is written by the thread that produced it, from its warm cache.
+    /// data is written by the thread that produced it, from its warm cache. With writer
+    /// threads, only queues it for the connection's writer: this never waits for a socket.
     pub(super) fn reply(&self, conn: usize, done: Done) {
-        if done.is_large() {
+        if self.writer_threads {
+            self.outboxes[conn].queue(done);
+        } else if done.is_large() {
             self.flush(conn, Some(done));
         } else {
             self.outboxes[conn].defer(done);
@@ -224,6 +261,15 @@ impl<S: ConnStream> InFlight<S> {
             self.buf = Some(b.into_buffer());
         }
         self.complete(result);
+    }
+
+    /// The reply to a request whose buffer was lent (see [`complete_lent`](Self::complete_lent)),
+    /// for the thread that has it to hold back.
+    pub(super) fn into_lent_done(mut self, result: IoResult, buf: Option<IoBuf>) -> Option<Done> {
+        if let Some(b) = buf {
+            self.buf = Some(b.into_buffer());
+        }
+        self.into_done(result)
     }
 
     /// Completes a BLOCK_STATUS request with its descriptors for `context`, or an error.
@@ -331,7 +377,8 @@ pub(super) struct Reading<S> {
 /// `options.batch_never_blocks` is off), the one calling the device keeping its turn at reading
 /// unless another request is waiting, so that calls overlap whenever requests queue up and a
 /// lone request costs no hand-off; `options.workers` otherwise (one, holding replies back, for
-/// `0` or `1`).
+/// `0` or `1`). An async device's connections get a reader and a writer thread each, its
+/// requests running as tasks on its runtime (see `conn_async`).
 ///
 /// ```
 /// use std::io::{Read, Write};
@@ -374,8 +421,10 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
     options: &ServerOptions,
     features: Features,
 ) -> Result<(), ServerError> {
-    let (group, readers) = Group::new(streams, options.max_in_flight_bytes)?;
-    if let Some(device) = dispatcher.device().asynchronous() {
+    let asynchronous = dispatcher.device().asynchronous();
+    let (group, readers) =
+        Group::new(streams, options.max_in_flight_bytes, asynchronous.is_some())?;
+    if let Some(device) = asynchronous {
         let params = ConnParams {
             export: *export,
             max_io: options.max_io_len,
@@ -384,7 +433,11 @@ pub(crate) fn serve_with<D: BlockDevice + ?Sized, S: ConnStream>(
             features,
             keep_idle_turn: false,
         };
-        return serve_async(device, &group, &readers, params, options.poison_reads);
+        let calls = Calls {
+            poison_reads: options.poison_reads,
+            inline: options.batch_never_blocks && dispatcher.device().capabilities().never_blocks,
+        };
+        return serve_async(device, &group, &readers, params, calls);
     }
     let never_blocks = dispatcher.device().capabilities().never_blocks;
     let (per_conn, hold_replies) = if options.batch_never_blocks && never_blocks {
@@ -673,7 +726,7 @@ mod tests {
         use std::io::Read;
 
         let (mut kernel, server) = UnixStream::pair().unwrap();
-        let (group, _readers) = Group::new(&[server], 1 << 20).unwrap();
+        let (group, _readers) = Group::new(&[server], 1 << 20, false).unwrap();
         let take = |cookie: u64, read: bool, len: usize| InFlight {
             group: Arc::clone(&group),
             conn: 0,

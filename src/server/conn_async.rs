@@ -1,16 +1,23 @@
 //! The NBD loop for an asynchronous device: each connection has one thread that reads requests,
 //! checks them and takes their memory from the pool as the threaded loop does, then hands each
-//! one, with its [`InFlight`], to a task on the device's tokio runtime and goes back to reading.
-//! The task awaits the device ([`dispatch_async`](crate::server::dispatch_async)) and completes
-//! the `InFlight`, whose reply joins the connection's outbox like any other; replies go out as
-//! futures complete, batched when they complete together.
+//! one, with its [`InFlight`], to a task on the device's tokio runtime and goes back to reading;
+//! and one thread that writes its replies. The task awaits the device
+//! ([`dispatch_async`](crate::server::dispatch_async)) and completes the `InFlight`, which only
+//! queues the reply and wakes the writer thread: a tokio worker never waits on a socket, so a
+//! client that stops reading its replies stalls its own writer thread and nothing else on the
+//! runtime. The writer writes everything queued in one `writev`, so replies that complete
+//! together leave together.
 //!
 //! What bounds the requests in flight: the kernel's queue depth, and the pool's bytes (a reader
-//! that finds the pool full waits, and the kernel with it). A task that panics answers EIO; a
-//! task the runtime drops (shut down under it) drops its `InFlight`, which answers EIO too.
-//! Serving returns once every connection has stopped and every task has finished.
+//! that finds the pool full waits, and the kernel with it; a reply's memory goes back once it is
+//! written, so a client that does not read stops its own reader). A task that panics answers
+//! EIO; a task the runtime drops (shut down under it) drops its `InFlight`, which answers EIO
+//! too. Serving returns once every connection has stopped, every task has finished and every
+//! reply has been written (or its connection has failed).
 
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use tokio::runtime::Handle;
@@ -19,7 +26,7 @@ use crate::async_device::{AsyncServing, DynAsync, IoBuf};
 use crate::link::net::wire::CMD_FLAG_REQ_ONE;
 use crate::server::conn::{next, ConnParams, ConnStream, Group, InFlight, Next, Reading};
 use crate::server::pool::lock;
-use crate::server::replies::encode_extents;
+use crate::server::replies::{encode_extents, REPLIES_PER_WRITE};
 use crate::server::{IoResult, ServerError};
 
 /// The tasks of one serve still running.
@@ -63,6 +70,18 @@ struct Task<S: ConnStream> {
     _running: Running,
 }
 
+/// How requests reach an async device.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Calls {
+    /// READ buffers are poisoned, not zeroed, before the device sees them.
+    pub(super) poison_reads: bool,
+    /// The device never blocks: the reader polls each request's future once itself (most are
+    /// ready at once, and cost no task and no hand-off to a worker), holds the replies of those
+    /// that are ready back and writes them in batches before it waits (for the socket or for
+    /// memory), and spawns a task only for a future that is not ready.
+    pub(super) inline: bool,
+}
+
 /// Serves the connections of `group` with the async device behind `device` (see the module
 /// documentation). Errors as for [`serve`](crate::server::serve).
 pub(super) fn serve_async<S: ConnStream>(
@@ -70,7 +89,7 @@ pub(super) fn serve_async<S: ConnStream>(
     group: &Arc<Group<S>>,
     readers: &[Mutex<Reading<S>>],
     params: ConnParams,
-    poison_reads: bool,
+    calls: Calls,
 ) -> Result<(), ServerError> {
     let device = device.0;
     let rt = device
@@ -78,31 +97,44 @@ pub(super) fn serve_async<S: ConnStream>(
         .map_err(|source| ServerError::Io { conn: 0, source })?;
     let tasks = Arc::new(Tasks::default());
     thread::scope(|s| {
+        let mut reading_threads = Vec::with_capacity(readers.len());
         for (conn, reading) in readers.iter().enumerate() {
             let (device, rt, tasks) = (&device, &rt, &tasks);
+            let writer = thread::Builder::new()
+                .name(format!("userblk-reply{conn}"))
+                .spawn_scoped(s, move || group.write_replies(conn));
+            if let Err(source) = writer {
+                group.fail(ServerError::Io { conn, source });
+                break;
+            }
             let spawned = thread::Builder::new()
                 .name(format!("userblk-conn{conn}"))
                 .spawn_scoped(s, move || {
                     let mut turn = lock(reading);
-                    read_requests(
-                        group,
-                        &mut turn,
-                        conn,
-                        device,
-                        rt,
-                        tasks,
-                        params,
-                        poison_reads,
-                    );
+                    read_requests(group, &mut turn, conn, device, rt, tasks, params, calls);
                     turn.finished = true;
                 });
-            if let Err(source) = spawned {
-                group.fail(ServerError::Io { conn, source });
-                break;
+            match spawned {
+                Ok(t) => reading_threads.push(t),
+                Err(source) => {
+                    group.fail(ServerError::Io { conn, source });
+                    break;
+                }
             }
         }
+        for t in reading_threads {
+            let _ = t.join();
+        }
+        // Every reply is queued once every task has finished (a task's `InFlight` is answered
+        // before it stops counting): the writers write what is left and end.
+        tasks.wait_idle();
+        group.close_writers();
     });
-    tasks.wait_idle();
+    debug_assert_eq!(
+        group.pool.in_flight(),
+        0,
+        "a request's memory never came back"
+    );
     let error = lock(&group.error).take();
     match error {
         Some(e) => Err(e),
@@ -120,13 +152,51 @@ fn read_requests<S: ConnStream>(
     rt: &Handle,
     tasks: &Arc<Tasks>,
     params: ConnParams,
-    poison_reads: bool,
+    calls: Calls,
 ) {
+    // A future polled here may reach for the runtime (a timer, a socket).
+    let _runtime = calls.inline.then(|| rt.enter());
     loop {
-        // Waiting for memory needs nothing first: tasks write their own replies.
-        match next(group, conn, &mut turn.r, &params, || {}) {
+        // Replies held back (inline calls) go out before waiting for the socket or for memory
+        // (their memory may be what is missing); the writer thread writes the tasks' replies.
+        let flush_held = || {
+            if calls.inline {
+                group.flush(conn, None);
+            }
+        };
+        if !turn.r.has_header() {
+            flush_held();
+        }
+        match next(group, conn, &mut turn.r, &params, flush_held) {
             Next::Stop => break,
             Next::Rejected(inflight, errno) => inflight.complete(Err(errno)),
+            Next::Request(mut inflight, io) if calls.inline => {
+                let buf = inflight.lend();
+                let device = Arc::clone(device);
+                let poison = calls.poison_reads;
+                let mut call = Box::pin(async move { device.dispatch(io, buf, poison).await });
+                if let Poll::Ready((result, buf)) =
+                    call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                {
+                    // Held back and written in batches, as the threads of a sync device that
+                    // never blocks do.
+                    if let Some(done) = inflight.into_lent_done(result, buf) {
+                        if group.hold(conn, done) >= REPLIES_PER_WRITE {
+                            group.flush(conn, None);
+                        }
+                    }
+                    continue;
+                }
+                // Not ready: a task polls it again (with a waker that works) from here on.
+                let task = Task {
+                    inflight,
+                    _running: tasks.start(),
+                };
+                rt.spawn(async move {
+                    let (result, buf) = call.await;
+                    finish(task, result, buf);
+                });
+            }
             Next::Request(mut inflight, io) => {
                 let buf = inflight.lend();
                 let task = Task {
@@ -134,8 +204,9 @@ fn read_requests<S: ConnStream>(
                     _running: tasks.start(),
                 };
                 let device = Arc::clone(device);
+                let poison = calls.poison_reads;
                 rt.spawn(async move {
-                    let (result, buf) = device.dispatch(io, buf, poison_reads).await;
+                    let (result, buf) = device.dispatch(io, buf, poison).await;
                     finish(task, result, buf);
                 });
             }
@@ -157,9 +228,15 @@ fn read_requests<S: ConnStream>(
             }
         }
     }
+    if calls.inline {
+        group.flush(conn, None);
+    }
 }
 
 fn finish<S: ConnStream>(task: Task<S>, result: IoResult, buf: Option<IoBuf>) {
     let Task { inflight, _running } = task;
     inflight.complete_lent(result, buf);
 }
+
+#[cfg(test)]
+mod tests;

@@ -86,7 +86,9 @@ pub struct ServerOptions {
     /// Serve a device whose capabilities say [`never_blocks`](Capabilities::never_blocks) with
     /// two threads per connection that take turns reading and hold replies back to write them
     /// in batches, whatever `workers` says: the least overhead per request, with device calls
-    /// still free to overlap. Default: `true`.
+    /// still free to overlap. For an async device that says `never_blocks`: poll each request's
+    /// future on the connection's reader thread, a task only for one that is not ready.
+    /// Default: `true`.
     pub batch_never_blocks: bool,
     /// Fill READ buffers with the public unfilled marker instead of zeroes before the device
     /// sees them, so that a test can find bytes a device did not write with

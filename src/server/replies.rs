@@ -1,11 +1,13 @@
 //! The sending side of a connection: replies queued by whichever thread has one, written in
-//! batches by one `writev`, by whoever finds the writer free; and their framing: simple replies
-//! (the kernel's), or structured reply chunks once a network client negotiated them
-//! (`doc/proto.md`, "Structured reply chunk message": data, hole, block status, error).
+//! batches by one `writev`, either by whoever finds the writer free (threads serving a sync
+//! device) or by the connection's own writer thread (an async device: a tokio worker only
+//! queues, and never waits on a socket); and their framing: simple replies (the kernel's), or
+//! structured reply chunks once a network client negotiated them (`doc/proto.md`, "Structured
+//! reply chunk message": data, hole, block status, error).
 
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, TryLockError};
+use std::sync::{Condvar, Mutex, TryLockError};
 
 use crate::device::Extent;
 use crate::link::net::wire::{chunk, ChunkHeader, REPLY_FLAG_DONE, STATE_HOLE, STATE_ZERO};
@@ -204,23 +206,43 @@ fn write_replies(w: &mut impl Write, replies: &[Done]) -> io::Result<()> {
     Ok(())
 }
 
-/// The writing end of a connection, with the list it swaps with `pending` (so that taking every
-/// pending reply never allocates).
+/// The writing end of a connection, with the list it swaps with the pending one (so that taking
+/// every pending reply never allocates).
 #[derive(Debug)]
 struct Writer<S> {
     stream: S,
     taken: Vec<Done>,
 }
 
+/// The replies waiting for the writer, and what a writer thread sleeps on.
+#[derive(Debug)]
+struct Pending {
+    replies: Vec<Done>,
+    /// The connection's writer thread waits for a reply (whoever queues one wakes it).
+    writer_asleep: bool,
+    /// No reply will be queued any more: the writer thread ends once it has written the rest.
+    closed: bool,
+}
+
 /// The sending side of one connection.
 ///
-/// Whoever has a reply puts it in `pending` and, if the writer is free, writes everything pending
-/// in one go; if the writer is busy its holder writes the new reply too before it lets go. So no
-/// thread waits for another's `writev`, and replies that complete together leave together.
+/// Shared writing (a sync device's threads): whoever has a reply puts it in `pending` and, if
+/// the writer is free, writes everything pending in one go; if the writer is busy its holder
+/// writes the new reply too before it lets go. So no thread waits for another's `writev`, and
+/// replies that complete together leave together.
+///
+/// A writer thread (an async device): a task that has a reply only queues it
+/// ([`queue`](Self::queue)) and wakes the thread, which writes everything queued in one go
+/// ([`write_until_closed`](Self::write_until_closed)). A client that stops reading blocks that
+/// thread alone; the replies queued meanwhile hold their pool memory, so the pool's byte bound
+/// stops the connection's reader, not the tasks. (The reader of a device that never blocks
+/// defers the replies of the futures it found ready and flushes them itself, as the threads of a
+/// sync device do: it is a plain thread, and the writer thread takes what it leaves.)
 #[derive(Debug)]
 pub(super) struct Outbox<S> {
     writer: Mutex<Writer<S>>,
-    pending: Mutex<Vec<Done>>,
+    pending: Mutex<Pending>,
+    wake: Condvar,
     /// The thread whose turn it is to read this connection waits for the socket or for memory:
     /// it wrote what was pending before it started waiting, and nobody will write a reply
     /// queued after that but the thread queueing it.
@@ -234,7 +256,12 @@ impl<S: Write> Outbox<S> {
                 stream,
                 taken: Vec::with_capacity(4 * REPLIES_PER_WRITE),
             }),
-            pending: Mutex::new(Vec::with_capacity(4 * REPLIES_PER_WRITE)),
+            pending: Mutex::new(Pending {
+                replies: Vec::with_capacity(4 * REPLIES_PER_WRITE),
+                writer_asleep: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
             reader_waiting: AtomicBool::new(false),
         }
     }
@@ -242,8 +269,60 @@ impl<S: Write> Outbox<S> {
     /// Queues a reply for the next [`flush`](Self::flush); returns how many are queued.
     pub(super) fn defer(&self, done: Done) -> usize {
         let mut pending = lock(&self.pending);
-        pending.push(done);
-        pending.len()
+        pending.replies.push(done);
+        pending.replies.len()
+    }
+
+    /// Queues a reply for the connection's writer thread, waking it if it sleeps. Never waits
+    /// for the socket: a tokio worker calls this.
+    pub(super) fn queue(&self, done: Done) {
+        let mut pending = lock(&self.pending);
+        pending.replies.push(done);
+        if std::mem::take(&mut pending.writer_asleep) {
+            drop(pending);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Tells the writer thread that nothing more will be queued: it writes what is left, and
+    /// ends.
+    pub(super) fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The writer thread: writes what is queued, in batches, until [`close`](Self::close) and
+    /// nothing is left. Every buffer written (or dropped after a failed write) goes back to
+    /// `pool`. The first write error goes to `failed` at once; then it goes on taking replies
+    /// (their memory goes back) without writing.
+    pub(super) fn write_until_closed(&self, pool: &BufferPool, failed: impl FnOnce(io::Error)) {
+        let mut failed = Some(failed);
+        loop {
+            let mut pending = lock(&self.pending);
+            while pending.replies.is_empty() && !pending.closed {
+                pending.writer_asleep = true;
+                pending = self.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
+            }
+            pending.writer_asleep = false;
+            if pending.replies.is_empty() {
+                return;
+            }
+            drop(pending);
+            // The reader may be writing (an inline device's replies, with `flush`): it writes
+            // what it finds pending, and what is left after it is ours.
+            let mut guard = lock(&self.writer);
+            let w = &mut *guard;
+            std::mem::swap(&mut lock(&self.pending).replies, &mut w.taken);
+            // Still writing (no error yet)?
+            if failed.is_some() {
+                if let Err(e) = write_replies(&mut w.stream, &w.taken) {
+                    if let Some(f) = failed.take() {
+                        f(e);
+                    }
+                }
+            }
+            pool.give(w.taken.drain(..).map(|d| d.buf));
+        }
     }
 
     /// Writes the pending replies (and `own`, first) unless another thread is at it (then that
@@ -268,7 +347,7 @@ impl<S: Write> Outbox<S> {
                 pool.give(std::iter::once(done.buf));
             }
             loop {
-                std::mem::swap(&mut *lock(&self.pending), &mut w.taken);
+                std::mem::swap(&mut lock(&self.pending).replies, &mut w.taken);
                 if w.taken.is_empty() {
                     break;
                 }
@@ -279,7 +358,7 @@ impl<S: Write> Outbox<S> {
             }
             drop(guard);
             // A reply queued while we were letting go would otherwise be stranded.
-            if lock(&self.pending).is_empty() {
+            if lock(&self.pending).replies.is_empty() {
                 return result;
             }
         }
