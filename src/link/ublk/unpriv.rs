@@ -215,8 +215,10 @@ pub fn remove_abandoned() -> Result<Vec<Abandoned>, UblkError> {
             ));
         } else {
             ctrl.mark_unprivileged(id);
-            ctrl.delete(id)?;
-            out.push(Abandoned::Deleted(id));
+            out.push(match ctrl.delete(id) {
+                Ok(()) => Abandoned::Deleted(id),
+                Err(e) => Abandoned::Kept(id, e.to_string()),
+            });
         }
     }
     Ok(out)
