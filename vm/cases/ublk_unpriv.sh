@@ -100,7 +100,10 @@ t_ublk_unpriv_serve() {
     grep -q "$UNPRIV_RULES is up to date" "$WORK/setup2.out"
     cat "$UNPRIV_RULES"
     [[ $(stat -c %a /dev/ublk-control) == 666 ]] || { ls -l /dev/ublk-control; echo "/dev/ublk-control is not mode 666"; return 1; }
-    as_user "$UNPRIV_UID" "$USERBLK_BIN" serve ram:64M --transport ublk >"$WORK/serve.out" 2>&1 &
+    # setpriv itself, not as_user: the background job must be the server (setpriv execs it), so
+    # that SERVE_PID gets the SIGTERM.
+    setpriv --reuid="$UNPRIV_UID" --regid="$UNPRIV_UID" --clear-groups \
+        "$USERBLK_BIN" serve ram:64M --transport ublk >"$WORK/serve.out" 2>&1 &
     SERVE_PID=$!
     wait_ublk
     local dev=$UBLK_DEV cdev=${UBLK_DEV/ublkb/ublkc}
