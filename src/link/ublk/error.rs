@@ -87,8 +87,8 @@ pub enum UblkError {
     #[error(
         "{path} is not accessible to this user (uid {uid}): an unprivileged ublk device needs \
          the one-time set-up `sudo userblk ublk-setup` (it loads ublk_drv and installs a udev \
-         rule opening {path} to users and handing each new device to its owner); or serve as \
-         root (CAP_SYS_ADMIN)"
+         rule opening {path} to users and handing each new device to its owner; after \
+         `--group NAME`, only that group's members); or serve as root (CAP_SYS_ADMIN)"
     )]
     ControlNotAccessible {
         /// The control node.
