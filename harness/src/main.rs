@@ -26,6 +26,11 @@ enum Cmd {
     Replay(cli::replay::Args),
     /// Serve a device on /dev/nbdN and record every request it receives into a trace file.
     Record(cli::record::Args),
+    /// Set up once, as root, that other users may serve unprivileged ublk devices (udev rule, ublk_drv).
+    UblkSetup(cli::ublk_setup::Args),
+    /// Give a new /dev/ublkcN and /dev/ublkbN to the device's owner (run by the udev rule of ublk-setup).
+    #[command(hide = true)]
+    UblkChown(cli::ublk_setup::ChownArgs),
     /// Run a command as root in a VM per test kernel (QEMU, virtme-ng) with nbd loaded; `vm setup` installs what it needs.
     Vm(cli::vm::Args),
 }
@@ -37,6 +42,8 @@ fn main() -> ExitCode {
         Cmd::Check(a) => cli::check::run(a),
         Cmd::Replay(a) => cli::replay::run(a),
         Cmd::Record(a) => cli::record::run(a),
+        Cmd::UblkSetup(a) => cli::ublk_setup::run_setup(a),
+        Cmd::UblkChown(a) => cli::ublk_setup::run_chown(a),
         Cmd::Vm(a) => cli::vm::run(a),
     }
 }

@@ -8,4 +8,5 @@ pub mod record;
 pub mod replay;
 pub mod serve;
 pub mod serve_ublk;
+pub mod ublk_setup;
 pub mod vm;

@@ -1,6 +1,7 @@
 //! [`Control`]: the control commands on `/dev/ublk-control` (ADD_DEV, SET_PARAMS, START_DEV,
-//! STOP_DEV, DEL_DEV, GET_FEATURES, GET_DEV_INFO, START/END_USER_RECOVERY), each waited for, each failure a typed
-//! [`UblkError`].
+//! STOP_DEV, DEL_DEV, GET_FEATURES, GET_DEV_INFO(2), START/END_USER_RECOVERY), each waited for,
+//! each failure a typed [`UblkError`]. Commands on an unprivileged device carry its char
+//! device's path first in their buffer, as the kernel requires (see [`unpriv`](super::unpriv)).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,6 +11,7 @@ use std::path::Path;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::sys::{self, CtrlCmd, CtrlRing, DevInfo, Params};
+use super::unpriv;
 use super::UblkError;
 
 /// The control node.
@@ -20,6 +22,9 @@ pub const CONTROL_PATH: &str = "/dev/ublk-control";
 pub(crate) struct Control {
     file: File,
     ring: CtrlRing,
+    /// The unprivileged devices this connection added (or was told of): their commands carry
+    /// the char device's path.
+    unprivileged: Vec<u32>,
 }
 
 impl Control {
@@ -37,9 +42,10 @@ impl Control {
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Err(UblkError::PermissionDenied {
-                    what: CONTROL_PATH.into(),
-                })
+                return Err(unpriv::control_refused(
+                    CONTROL_PATH,
+                    sys::effective_ids().0,
+                ))
             }
             Err(source) => {
                 return Err(UblkError::Io {
@@ -52,7 +58,39 @@ impl Control {
             op: "creating the ublk control ring (io_uring with 128-byte entries)",
             source,
         })?;
-        Ok(Control { file, ring })
+        Ok(Control {
+            file,
+            ring,
+            unprivileged: Vec::new(),
+        })
+    }
+
+    /// Commands on device `id` carry its char device's path from now on.
+    pub(crate) fn mark_unprivileged(&mut self, id: u32) {
+        if !self.unprivileged.contains(&id) {
+            self.unprivileged.push(id);
+        }
+    }
+
+    /// The command area for device `dev_id` with inline `data` and a buffer of `payload_len`
+    /// bytes (after the path when `with_path`); `addr` is filled when sent.
+    pub(crate) fn encode(
+        dev_id: u32,
+        data: u64,
+        with_path: bool,
+        payload_len: Option<usize>,
+    ) -> Result<CtrlCmd, UblkError> {
+        let path_len = if with_path { unpriv::DEV_PATH_SLOT } else { 0 };
+        let len = path_len + payload_len.unwrap_or(0);
+        let too_long = |_| UblkError::InvalidOption(format!("a {len}-byte control buffer"));
+        Ok(CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: u16::try_from(len).map_err(too_long)?,
+            data,
+            dev_path_len: u16::try_from(path_len).map_err(too_long)?,
+            ..CtrlCmd::default()
+        })
     }
 
     fn command(
@@ -63,11 +101,25 @@ impl Control {
         data: u64,
         buf: Option<Vec<u8>>,
     ) -> Result<Option<Vec<u8>>, UblkError> {
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            data,
-            ..CtrlCmd::default()
+        self.send(op, dev_id, data, buf)?
+            .map_err(|errno| UblkError::from_command(name, dev_id, errno))
+    }
+
+    /// Sends a command and waits for it: the buffer it wrote, or the errno the kernel answered.
+    fn send(
+        &mut self,
+        op: u32,
+        dev_id: u32,
+        data: u64,
+        buf: Option<Vec<u8>>,
+    ) -> Result<Result<Option<Vec<u8>>, i32>, UblkError> {
+        let with_path = (self.unprivileged.contains(&dev_id) && unpriv::carries_dev_path(op))
+            || op == sys::CMD_GET_DEV_INFO2;
+        let cmd = Control::encode(dev_id, data, with_path, buf.as_ref().map(Vec::len))?;
+        let buf = if with_path {
+            Some(unpriv::with_dev_path(dev_id, buf.as_deref()))
+        } else {
+            buf
         };
         let (res, buf) = self
             .ring
@@ -77,9 +129,13 @@ impl Control {
                 source,
             })?;
         if res < 0 {
-            return Err(UblkError::from_command(name, dev_id, -res));
+            return Ok(Err(-res));
         }
-        Ok(buf)
+        // What the command wrote follows the path.
+        Ok(Ok(match buf {
+            Some(mut b) if with_path => Some(b.split_off(unpriv::DEV_PATH_SLOT)),
+            other => other,
+        }))
     }
 
     /// The driver's `UBLK_F_*` features, or `None` before Linux 6.5 (no GET_FEATURES).
@@ -98,20 +154,39 @@ impl Control {
 
     /// Adds a device as `info` asks (`dev_id` `u32::MAX` for the kernel's choice) and returns
     /// what the kernel made of it (its id, queues clamped to the CPUs, buffer size, flags).
+    ///
+    /// A device asked unprivileged (`UBLK_F_UNPRIVILEGED_DEV`) that the kernel made so (it
+    /// clears the flag for CAP_SYS_ADMIN) gets the char device's path in its later commands.
     pub(crate) fn add(&mut self, info: &DevInfo) -> Result<DevInfo, UblkError> {
-        let buf = self.command(
-            "ADD_DEV",
+        let asked_unprivileged = info.flags & sys::F_UNPRIVILEGED_DEV != 0;
+        let answer = self.send(
             sys::CMD_ADD_DEV,
             info.dev_id,
             0,
             Some(info.as_bytes().to_vec()),
         )?;
-        buf.and_then(|b| DevInfo::read_from_bytes(&b).ok())
-            .ok_or(UblkError::Command {
-                command: "ADD_DEV",
-                dev_id: info.dev_id,
-                source: io::Error::other("no device information came back"),
-            })
+        let buf = match answer {
+            Ok(buf) => buf,
+            Err(errno) if asked_unprivileged => {
+                return Err(unpriv::add_dev_error(
+                    errno,
+                    info.dev_id,
+                    &unpriv::kernel_release(),
+                ))
+            }
+            Err(errno) => return Err(UblkError::from_command("ADD_DEV", info.dev_id, errno)),
+        };
+        let added =
+            buf.and_then(|b| DevInfo::read_from_bytes(&b).ok())
+                .ok_or(UblkError::Command {
+                    command: "ADD_DEV",
+                    dev_id: info.dev_id,
+                    source: io::Error::other("no device information came back"),
+                })?;
+        if added.flags & sys::F_UNPRIVILEGED_DEV != 0 {
+            self.mark_unprivileged(added.dev_id);
+        }
+        Ok(added)
     }
 
     pub(crate) fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<(), UblkError> {
@@ -167,6 +242,24 @@ impl Control {
         buf.and_then(|b| DevInfo::read_from_bytes(&b).ok())
             .ok_or(UblkError::Command {
                 command: "GET_DEV_INFO",
+                dev_id,
+                source: io::Error::other("no device information came back"),
+            })
+    }
+
+    /// The device's information by GET_DEV_INFO2, which carries the char device's path and
+    /// so works for unprivileged devices whoever asks (with read access to the node); kernels
+    /// before 6.3 lack it (EOPNOTSUPP or EINVAL) and get GET_DEV_INFO.
+    pub(crate) fn dev_info_with_path(&mut self, dev_id: u32) -> Result<DevInfo, UblkError> {
+        let len = size_of::<DevInfo>();
+        let buf = match self.send(sys::CMD_GET_DEV_INFO2, dev_id, 0, Some(vec![0u8; len]))? {
+            Ok(buf) => buf,
+            Err(nix::libc::EOPNOTSUPP | nix::libc::EINVAL) => return self.dev_info(dev_id),
+            Err(errno) => return Err(UblkError::from_command("GET_DEV_INFO2", dev_id, errno)),
+        };
+        buf.and_then(|b| DevInfo::read_from_bytes(&b).ok())
+            .ok_or(UblkError::Command {
+                command: "GET_DEV_INFO2",
                 dev_id,
                 source: io::Error::other("no device information came back"),
             })

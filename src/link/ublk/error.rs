@@ -25,7 +25,8 @@ pub enum UblkError {
     /// The caller may not do what it asked.
     #[error(
         "permission denied for {what}: ublk devices need CAP_SYS_ADMIN (run as root) unless \
-         created unprivileged, which needs Linux 6.3+ and read-write access to /dev/ublk-control"
+         created unprivileged, which needs Linux 6.3+ and the set-up `sudo userblk ublk-setup` \
+         (read-write access to /dev/ublk-control, and a udev rule handing each device to its owner)"
     )]
     PermissionDenied {
         /// What was refused, e.g. "ADD_DEV" or "/dev/ublk-control".
@@ -82,6 +83,63 @@ pub enum UblkError {
     /// The device stopped before it was started (a queue failed, or stop was asked early).
     #[error("the ublk device stopped before it started")]
     NotStarted,
+    /// `/dev/ublk-control` exists but this user (not root) may not open it.
+    #[error(
+        "{path} is not accessible to this user (uid {uid}): an unprivileged ublk device needs \
+         the one-time set-up `sudo userblk ublk-setup` (it loads ublk_drv and installs a udev \
+         rule opening {path} to users and handing each new device to its owner; after \
+         `--group NAME`, only that group's members); or serve as root (CAP_SYS_ADMIN)"
+    )]
+    ControlNotAccessible {
+        /// The control node.
+        path: String,
+        /// This process's effective user id.
+        uid: u32,
+    },
+    /// A user other than root asked for a device, and the kernel has no unprivileged devices.
+    #[error(
+        "this kernel ({release}) does not let a user other than root add ublk devices \
+         (UBLK_F_UNPRIVILEGED_DEV needs Linux 6.3 or later): serve as root (CAP_SYS_ADMIN)"
+    )]
+    UnprivilegedUnsupported {
+        /// The running kernel's release (`uname -r`).
+        release: String,
+    },
+    /// The kernel's limit of unprivileged devices is reached.
+    #[error(
+        "the kernel's limit of unprivileged ublk devices is reached (ublk_drv parameter \
+         ublks_max, default 64): stop one, or raise it as root, e.g. \
+         `echo 128 > /sys/module/ublk_drv/parameters/ublks_max`"
+    )]
+    UnprivilegedLimit,
+    /// An unprivileged device's node did not become this user's in time: no udev rule hands
+    /// it over (or udevd is not running).
+    #[error(
+        "{path} did not become usable by this user (uid {uid}, gid {gid}) within {secs} s \
+         ({now}): nothing hands new unprivileged ublk devices to their owner; run \
+         `sudo userblk ublk-setup` once (it installs the udev rule that does), and check that \
+         udevd runs; {}",
+        if *.deleted {
+            "the device was deleted"
+        } else {
+            "this user could not delete it (its node is not theirs): the set-up, run as root, \
+             also deletes devices their server left behind"
+        }
+    )]
+    NodeNotHandedOver {
+        /// `/dev/ublkcN` or `/dev/ublkbN`.
+        path: String,
+        /// This process's effective user id.
+        uid: u32,
+        /// This process's effective group id.
+        gid: u32,
+        /// How long it waited.
+        secs: u64,
+        /// What the node looked like at the end, e.g. "it is owned by 0:6 with mode 660".
+        now: String,
+        /// Whether the device could be deleted afterwards.
+        deleted: bool,
+    },
 }
 
 impl UblkError {

@@ -23,6 +23,12 @@
 //!
 //! Set-up failures are typed [`UblkError`]s that say what to do: `ModuleNotLoaded`
 //! (`modprobe ublk_drv`), `ControlMissing`, `PermissionDenied`, `IdTaken`, `Unsupported`.
+//!
+//! A user other than root gets an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`, Linux 6.3+;
+//! [`UblkOptions::unprivileged`]) once root has run `userblk ublk-setup` (a udev rule opening
+//! `/dev/ublk-control` and handing each device's nodes to its owner, with [`device_owner`]);
+//! without it the errors say so (`ControlNotAccessible`, `NodeNotHandedOver`,
+//! `UnprivilegedUnsupported`).
 
 mod ctrl;
 mod error;
@@ -31,6 +37,7 @@ mod handle;
 mod mount;
 mod queue;
 mod sys;
+mod unpriv;
 
 pub use ctrl::CONTROL_PATH;
 pub use error::UblkError;
@@ -38,6 +45,7 @@ pub use mount::{
     block_device_path, char_device_path, mount, Mounted, UblkHandle, UblkOptions,
     DEFAULT_MAX_IO_BYTES, DEFAULT_QUEUE_DEPTH,
 };
+pub use unpriv::{device_owner, remove_abandoned, Abandoned, NODE_HANDOVER_TIMEOUT};
 
 /// Whether the ublk driver can be used here: `/dev/ublk-control` exists (after trying
 /// `modprobe ublk_drv` when `load` is set and it does not).

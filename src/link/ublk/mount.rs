@@ -16,6 +16,7 @@ use super::frame;
 pub use super::handle::UblkHandle;
 use super::queue::{run_queue, QueueConfig};
 use super::sys::{self, DevInfo};
+use super::unpriv;
 use super::UblkError;
 use crate::device::BlockDevice;
 use crate::link::signals::SignalWatch;
@@ -61,6 +62,7 @@ pub struct UblkOptions {
     unmount_on_signals: bool,
     recoverable: bool,
     recover: Option<u32>,
+    unprivileged: Option<bool>,
     server: ServerOptions,
 }
 
@@ -84,6 +86,7 @@ impl UblkOptions {
             unmount_on_signals: false,
             recoverable: false,
             recover: None,
+            unprivileged: None,
             server: ServerOptions::default(),
         }
     }
@@ -152,6 +155,20 @@ impl UblkOptions {
         self
     }
 
+    /// Ask for an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`, Linux 6.3+), owned by this
+    /// process's user and group. Default: when not running as root. Root gets a privileged
+    /// device whatever this says (the kernel clears the flag for CAP_SYS_ADMIN).
+    ///
+    /// Needs the one-time set-up `sudo userblk ublk-setup`: `/dev/ublk-control` open to the
+    /// user, and a udev rule that hands the new `/dev/ublkcN` and `/dev/ublkbN` to their owner
+    /// (waited for up to [`NODE_HANDOVER_TIMEOUT`](super::NODE_HANDOVER_TIMEOUT); without it the
+    /// device is deleted and the error says what to run). Such a device cannot be
+    /// [`recoverable`](Self::recoverable), and only its owner (or root) may open `/dev/ublkbN`.
+    pub fn unprivileged(mut self, on: bool) -> UblkOptions {
+        self.unprivileged = Some(on);
+        self
+    }
+
     /// The server's tuning (`poison_reads` and `max_io_len` apply; ublk has no connections).
     pub fn server_options(mut self, options: ServerOptions) -> UblkOptions {
         self.server = options;
@@ -197,11 +214,23 @@ impl UblkOptions {
                 self.max_io_bytes
             )));
         }
-        let flags = if self.recoverable {
+        let mut flags = if self.recoverable {
             sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE
         } else {
             0
         };
+        // No user copy or zero copy is ever asked: the kernel refuses them unprivileged.
+        if unpriv::wants_unprivileged(self.unprivileged, sys::effective_ids().0) {
+            if self.recoverable || self.recover.is_some() {
+                return Err(UblkError::InvalidOption(
+                    "a recoverable device needs root: the kernel does not let an unprivileged \
+                     ublk device (one a user other than root adds) recover"
+                        .into(),
+                ));
+            }
+            flags |= sys::F_UNPRIVILEGED_DEV;
+            flags &= !(sys::F_USER_COPY | sys::F_SUPPORT_ZERO_COPY);
+        }
         Ok(DevInfo {
             flags,
             nr_hw_queues: self.queues.max(1),
@@ -495,9 +524,17 @@ fn serve_inner<D: BlockDevice + ?Sized>(
                     since: "6.1",
                 }));
             }
+            if asked.flags & sys::F_UNPRIVILEGED_DEV != 0
+                && features.is_some_and(|f| f & sys::F_UNPRIVILEGED_DEV == 0)
+            {
+                return Err(ublk(UblkError::UnprivilegedUnsupported {
+                    release: unpriv::kernel_release(),
+                }));
+            }
             ctrl.add(&asked).map_err(ublk)?
         }
     };
+    let unprivileged = info.flags & sys::F_UNPRIVILEGED_DEV != 0;
     let mut added = Added {
         ctrl,
         id: info.dev_id,
@@ -510,6 +547,14 @@ fn serve_inner<D: BlockDevice + ?Sized>(
         s.queues = info.nr_hw_queues;
         s.depth = info.queue_depth;
     });
+    if unprivileged {
+        // The kernel checks every later command against the char device's permissions: it must
+        // be this user's first (udev's doing), else the device is deleted, if this user can.
+        let node = char_device_path(id);
+        if let Err(e) = unpriv::wait_usable(&node, unpriv::NODE_HANDOVER_TIMEOUT) {
+            return Err(ublk(unpriv::deleted(e, added.delete().is_ok())));
+        }
+    }
     if !recovering {
         let params = frame::params(&export, buf_len);
         added.ctrl.set_params(id, &params).map_err(ublk)?;
@@ -577,11 +622,24 @@ fn serve_inner<D: BlockDevice + ?Sized>(
                 Ok(()) => {
                     // From here the device is this server's to delete.
                     added.deleted = false;
-                    handle.update(|s| {
-                        s.export = Some(export);
-                        s.live = true;
-                    });
-                    handle.wait_until(|s| s.stop || s.queue_ended);
+                    // An unprivileged device's user needs /dev/ublkbN handed over too.
+                    let usable = match unprivileged {
+                        true => unpriv::wait_usable(
+                            &block_device_path(id),
+                            unpriv::NODE_HANDOVER_TIMEOUT,
+                        ),
+                        false => Ok(()),
+                    };
+                    match usable {
+                        Ok(()) => {
+                            handle.update(|s| {
+                                s.export = Some(export);
+                                s.live = true;
+                            });
+                            handle.wait_until(|s| s.stop || s.queue_ended);
+                        }
+                        Err(e) => first_error = Some(e),
+                    }
                 }
                 Err(e) => first_error = Some(e),
             }
@@ -610,7 +668,9 @@ fn serve_inner<D: BlockDevice + ?Sized>(
     drop(cdev);
     let deleted = added.delete();
     let unmounted = dispatcher.unmount();
-    served.map_err(ublk)?;
+    served
+        .map_err(|e| unpriv::deleted(e, deleted.is_ok()))
+        .map_err(ublk)?;
     deleted.map_err(ublk)?;
     unmounted
 }
@@ -681,6 +741,30 @@ mod tests {
             .dev_info()
             .unwrap_err();
         assert!(err.to_string().contains("multiple of 4096"), "{err}");
+    }
+
+    #[test]
+    fn unprivileged_add_dev() {
+        let info = UblkOptions::new().unprivileged(true).dev_info().unwrap();
+        assert_eq!(info.flags, sys::F_UNPRIVILEGED_DEV);
+        let info = UblkOptions::new().unprivileged(false).dev_info().unwrap();
+        assert_eq!(info.flags & sys::F_UNPRIVILEGED_DEV, 0);
+        let info = UblkOptions::new()
+            .unprivileged(false)
+            .recoverable(true)
+            .dev_info()
+            .unwrap();
+        assert_eq!(
+            info.flags,
+            sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE
+        );
+        for options in [
+            UblkOptions::new().unprivileged(true).recoverable(true),
+            UblkOptions::new().unprivileged(true).recover(3),
+        ] {
+            let err = options.dev_info().unwrap_err().to_string();
+            assert!(err.contains("a recoverable device needs root"), "{err}");
+        }
     }
 
     /// Where the kernel has no ublk (this machine's tests, 6.1), mounting fails with an error

@@ -51,6 +51,14 @@ pub(crate) const CMD_START_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x10, CTRL_C
 pub(crate) const CMD_END_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x11, CTRL_CMD_SIZE);
 /// `UBLK_U_CMD_GET_FEATURES` (Linux 6.5+).
 pub(crate) const CMD_GET_FEATURES: u32 = ioc(IOC_READ, 0x13, CTRL_CMD_SIZE);
+/// `UBLK_U_CMD_GET_DEV_INFO2` (Linux 6.3+): GET_DEV_INFO whose buffer starts with the char
+/// device's path, whether or not the device is unprivileged.
+pub(crate) const CMD_GET_DEV_INFO2: u32 = ioc(IOC_READ, 0x12, CTRL_CMD_SIZE);
+/// `UBLK_F_UNPRIVILEGED_DEV` (Linux 6.3+): a device a user other than root adds and owns.
+pub(crate) const F_UNPRIVILEGED_DEV: u64 = 1 << 5;
+/// `UBLK_F_SUPPORT_ZERO_COPY` and `UBLK_F_USER_COPY`: refused for unprivileged devices.
+pub(crate) const F_SUPPORT_ZERO_COPY: u64 = 1 << 0;
+pub(crate) const F_USER_COPY: u64 = 1 << 7;
 /// `UBLK_U_IO_FETCH_REQ`.
 pub(crate) const IO_FETCH_REQ: u32 = ioc(IOC_READ_WRITE, 0x20, IO_CMD_SIZE);
 /// `UBLK_U_IO_COMMIT_AND_FETCH_REQ`.
@@ -546,6 +554,12 @@ pub(crate) fn set_io_flusher() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The effective user and group ids of this process.
+pub(crate) fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments, cannot fail and touch no memory of ours.
+    unsafe { (nix::libc::geteuid(), nix::libc::getegid()) }
 }
 
 #[cfg(test)]
