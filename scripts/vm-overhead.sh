@@ -12,9 +12,11 @@
 #          mkfs.ext4, a file round trip, fsck, stop): a short real workload
 # RUNS rounds, interleaved (round 1: A B, round 2: B A, ...), one VM at a time (each boot takes
 # /run/lock/userblk-vm.lock, as vm/run.sh does; time spent waiting for it is not counted).
-# Prints every boot's wall and CPU time, then per kernel and workload the medians of A and B and
-# B/A. The CPU time (user + system of the boot's processes, QEMU's TCG threads above all) is the
-# steadier figure on a machine that other work shares: wall time there follows the load.
+# Prints every boot's wall time, CPU time (user + system of the boot's processes, QEMU's TCG
+# threads above all) and host time (the wall time less the guest's uptime at power-off: what the
+# tool, vng and QEMU's start add), then per kernel and workload the medians of A and B and B/A.
+# On a machine that other work shares, wall time follows the load: interleaving spreads it over
+# A and B alike, and CPU and host time show less of it.
 #
 # Usage: scripts/vm-overhead.sh [--runs N] [--kernel SERIES]... [--workload true|mkfs]... [--keep]
 #   defaults: --runs 3, both 6.1 and 6.12, both workloads; --keep: keep each boot's output and
@@ -36,7 +38,7 @@ while (($#)); do
         --kernel) kernels+=("${2:?--kernel needs a series}"); shift 2 ;;
         --workload) workloads+=("${2:?--workload needs true or mkfs}"); shift 2 ;;
         --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-overhead.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -77,8 +79,9 @@ workload_cmd() {
     esac
 }
 
-# boot TOOL SERIES WORKLOAD: one timed boot; prints "WALL CPU" (seconds; CPU: user + system of
-# every process of the boot, QEMU included); status of the boot.
+# boot TOOL SERIES WORKLOAD: one timed boot; prints "WALL CPU GUEST" (seconds; CPU: user + system
+# of every process of the boot, QEMU included; GUEST: the guest's uptime at power-off); status
+# of the boot.
 boot() {
     local tool=$1 series=$2 workload=$3 dir rc t
     dir=$(mktemp -d "$tmp/$tool-$series-$workload.XXXX")
@@ -103,11 +106,17 @@ boot() {
         tail -n 15 "$dir/out" >&2
     fi
     read -r -a t <"$dir/time"
-    awk -v r="${t[0]}" -v u="${t[1]}" -v s="${t[2]}" 'BEGIN { printf "%.1f %.1f\n", r, u + s }'
+    # The guest kernel's clock when it powered off: how long the guest lived. The rest of the
+    # wall time is the host's (vng, QEMU's start, the tool itself).
+    local g
+    g=$(cat "$dir"/vm-console.log "$dir"/*/console.log 2>/dev/null |
+        sed -n 's/^\[ *\([0-9.]*\)\] reboot: Power down.*/\1/p' | tail -n 1)
+    awk -v r="${t[0]}" -v u="${t[1]}" -v s="${t[2]}" -v g="${g:-0}" \
+        'BEGIN { printf "%.1f %.1f %.1f\n", r, u + s, g }'
     return "$rc"
 }
 
-declare -A wall=() cpu=()
+declare -A wall=() cpu=() host=()
 status=0
 echo "== $runs rounds; A = old vm/lib.sh ($OLD_COMMIT), B = userblk vm"
 for ((r = 1; r <= runs; r++)); do
@@ -118,11 +127,13 @@ for ((r = 1; r <= runs; r++)); do
             for tool in "${order[@]}"; do
                 ok=ok
                 out=$(boot "$tool" "$series" "$w") || { ok=FAILED; status=1; }
-                read -r s c <<<"$out"
+                read -r s c g <<<"$out"
+                h=$(awk -v s="$s" -v g="$g" 'BEGIN { printf "%.1f", s - g }')
                 wall[$tool/$series/$w]+="$s "
                 cpu[$tool/$series/$w]+="$c "
-                printf 'round %d  kernel %-5s %-5s %s  wall %6s s  cpu %6s s  load %s  %s\n' "$r" "$series" "$w" \
-                    "$tool" "$s" "$c" "$(cut -d' ' -f1 /proc/loadavg)" "$ok"
+                host[$tool/$series/$w]+="$h "
+                printf 'round %d  kernel %-5s %-5s %s  wall %6s s  cpu %6s s  guest %6s s  host %5s s  load %s  %s\n' \
+                    "$r" "$series" "$w" "$tool" "$s" "$c" "$g" "$h" "$(cut -d' ' -f1 /proc/loadavg)" "$ok"
             done
         done
     done
@@ -130,16 +141,18 @@ done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", b / a }'; }
-echo "== medians of $runs boots (seconds): wall time, and CPU time (user + system, QEMU included:"
-echo "   less sensitive than wall time to the other processes on the machine)"
-printf '%-7s %-9s %8s %8s %7s   %8s %8s %7s\n' kernel workload "wall A" "wall B" "B/A" "cpu A" "cpu B" "B/A"
+echo "== medians of $runs boots (seconds). wall: the whole boot; cpu: user + system time of its"
+echo "   processes (QEMU's above all), steadier than wall time on a shared machine; host: wall time"
+echo "   less the guest's uptime at power-off, i.e. what the tool, vng and QEMU's start add"
+printf '%-6s %-8s %7s %7s %6s  %7s %7s %6s  %6s %6s\n' kernel workload "wall A" "wall B" "B/A" "cpu A" "cpu B" "B/A" \
+    "host A" "host B"
 for series in "${kernels[@]}"; do
     for w in "${workloads[@]}"; do
         k=$series/$w
         wa=$(median <<<"${wall[A/$k]}") wb=$(median <<<"${wall[B/$k]}")
         ca=$(median <<<"${cpu[A/$k]}") cb=$(median <<<"${cpu[B/$k]}")
-        printf '%-7s %-9s %8s %8s %7s   %8s %8s %7s\n' "$series" "$w" "$wa" "$wb" "$(ratio "$wa" "$wb")" \
-            "$ca" "$cb" "$(ratio "$ca" "$cb")"
+        printf '%-6s %-8s %7s %7s %6s  %7s %7s %6s  %6s %6s\n' "$series" "$w" "$wa" "$wb" "$(ratio "$wa" "$wb")" \
+            "$ca" "$cb" "$(ratio "$ca" "$cb")" "$(median <<<"${host[A/$k]}")" "$(median <<<"${host[B/$k]}")"
     done
 done
 ((keep)) && echo "logs: $tmp"

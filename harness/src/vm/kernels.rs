@@ -155,7 +155,15 @@ fn trim_zeroes(d: &[u8]) -> &[u8] {
 /// nothing else has it.
 fn special_flavour(release: &str) -> bool {
     const UBUNTU: &[&str] = &[
-        "-azure", "-aws", "-gcp", "-gke", "-oracle", "-ibm", "-kvm", "-lowlatency", "-nvidia",
+        "-azure",
+        "-aws",
+        "-gcp",
+        "-gke",
+        "-oracle",
+        "-ibm",
+        "-kvm",
+        "-lowlatency",
+        "-nvidia",
         "-realtime",
     ];
     ["-cloud-", "-rt-", "-dbg"]
