@@ -44,29 +44,34 @@ fi
 echo "== building on the host (the guest runs these binaries from the host's file system)"
 cd "$ROOT"
 export CARGO_TARGET_DIR="$ROOT/target"
-cargo build --release --workspace --bins --examples --quiet
-USERBLK=$CARGO_TARGET_DIR/release/userblk
-if ((setup)); then
-    "$USERBLK" vm setup
-fi
 
-# The test binaries the guest runs, by the JSON cargo prints for them.
-test_binary() {
-    cargo test --release "$@" --no-run --message-format=json 2>/dev/null | python3 -c 'import json,sys
+# The executables of the test targets cargo builds, from the JSON it prints.
+test_executables() {
+    python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and "test" in m.get("target", {}).get("kind", []) and m.get("executable"):
         print(m["executable"])'
 }
-# harness/tests/kernel.rs, run in the guest with USERBLK_TEST_NBD set.
-kernel_tests=$(test_binary -p userblk-harness --test kernel)
+# One cargo command for the binaries, the examples and harness/tests/kernel.rs (run in the guest
+# with USERBLK_TEST_NBD set): a second command for the test alone (`cargo test -p
+# userblk-harness`) resolves dependency features differently and builds userblk and the harness
+# a second time.
+kernel_tests=$(cargo build --release --workspace --bins --examples --test kernel --quiet \
+    --message-format=json-render-diagnostics | test_executables)
 [[ -x $kernel_tests ]] || { echo "vm/run.sh: could not build the kernel test binary" >&2; exit 1; }
-# The driver template's kernel test (a standalone crate; the same target directory shares the
-# build of userblk). It checks what `userblk check --kernel` checks, through the entry point a
+USERBLK=$CARGO_TARGET_DIR/release/userblk
+if ((setup)); then
+    "$USERBLK" vm setup
+fi
+
+# The driver template's kernel test (a standalone crate, with its own lock file: its userblk is a
+# build of its own). It checks what `userblk check --kernel` checks, through the entry point a
 # driver author calls: off by default, to keep the suite's time.
 template_tests=
 if ((template)); then
-    template_tests=$(test_binary --manifest-path examples/driver-template/Cargo.toml --test kernel)
+    template_tests=$(cargo test --release --manifest-path examples/driver-template/Cargo.toml --test kernel --no-run \
+        --message-format=json 2>/dev/null | test_executables)
     [[ -x $template_tests ]] || { echo "vm/run.sh: could not build the driver template's kernel test" >&2; exit 1; }
 fi
 

@@ -150,11 +150,26 @@ fn trim_zeroes(d: &[u8]) -> &[u8] {
 }
 
 /// Flavours that are not the distribution's generic kernel (Debian's `-cloud-amd64` and
-/// `-rt-amd64`): picked for a series only when nothing else has it.
+/// `-rt-amd64`; Ubuntu's cloud and special kernels, such as the `-azure` one a GitHub runner
+/// boots, whose ABI number is larger than the generic kernel's): picked for a series only when
+/// nothing else has it.
 fn special_flavour(release: &str) -> bool {
+    const UBUNTU: &[&str] = &[
+        "-azure",
+        "-aws",
+        "-gcp",
+        "-gke",
+        "-oracle",
+        "-ibm",
+        "-kvm",
+        "-lowlatency",
+        "-nvidia",
+        "-realtime",
+    ];
     ["-cloud-", "-rt-", "-dbg"]
         .iter()
         .any(|f| release.contains(f))
+        || UBUNTU.iter().any(|f| release.ends_with(f))
 }
 
 /// The test kernels in `boot` (`vmlinuz-RELEASE` files whose modules under `modules_root` have
@@ -339,6 +354,19 @@ mod tests {
         assert!(ks[1].has_module("ublk_drv") && !ks[0].has_module("ublk_drv"));
         assert!(ks[0].has_module("nbd"));
         assert_eq!(ks[1].short_name(), "6.12");
+    }
+
+    #[test]
+    fn ubuntu_prefers_the_generic_kernel_to_a_cloud_one_of_its_series() {
+        // A GitHub runner: its own -azure kernel, and the generic kernel setup installs; the
+        // azure one has the larger ABI number.
+        let d = fake(&[
+            ("6.8.0-1017-azure", Some(&["nbd"])),
+            ("6.8.0-49-generic", Some(&["nbd", "ublk_drv"])),
+            ("6.11.0-1018-azure", Some(&["nbd"])),
+        ]);
+        let ks = installed(&d.path().join("boot"), &d.path().join("modules"));
+        assert_eq!(releases(&ks), ["6.8.0-49-generic", "6.11.0-1018-azure"]);
     }
 
     #[test]
