@@ -332,14 +332,11 @@ enum Kind {
     Async,
 }
 
+/// A queue served on a thread of its own.
+type Serving = JoinHandle<io::Result<QueueStats>>;
+
 /// The queue for a slow device of `kind`, and what opens its gate.
-fn slow(
-    kind: Kind,
-) -> (
-    FakeKernel,
-    JoinHandle<io::Result<QueueStats>>,
-    Box<dyn Fn()>,
-) {
+fn slow(kind: Kind) -> (FakeKernel, Serving, Box<dyn Fn()>) {
     match kind {
         Kind::Workers => {
             let gate = Arc::new(Gate::default());
