@@ -9,7 +9,14 @@
 //! sudo modprobe nbd
 //! sudo cargo run --example remote_disk -- --nbd /dev/nbd0   # on a real NBD device until Ctrl+C
 //! sudo cargo run --example remote_disk -- --nbd /dev/nbd0 --blocking   # behind the sync trait
+//! sudo modprobe ublk_drv
+//! sudo cargo run --example remote_disk -- --ublk         # as /dev/ublkbN (Linux 6.0+), async
+//! sudo cargo run --example remote_disk -- --ublk --blocking --workers 8   # sync, 8 threads a queue
 //! ```
+//!
+//! Through ublk the async device's requests are tasks on the runtime, each tag's buffer lent to
+//! it; behind the sync trait (`--blocking`), each queue's worker threads call it one request at
+//! a time each (`--workers`, default twice the CPUs between 4 and 16).
 
 #[path = "remote_disk/remote.rs"]
 mod remote;
@@ -22,6 +29,7 @@ use nix::sys::signal::{SigSet, Signal};
 use remote::{RemoteDisk, Storage, DEFAULT_LATENCY};
 use userblk::link::loopback::Op;
 use userblk::link::nbd::MountOptions;
+use userblk::link::ublk::UblkOptions;
 use userblk::{AsyncDevice, LoopbackKernel};
 
 const SIZE: u64 = 256 << 20;
@@ -29,6 +37,9 @@ const SIZE: u64 = 256 << 20;
 fn main() -> Result<(), Box<dyn Error>> {
     let mut latency = DEFAULT_LATENCY;
     let mut nbd: Option<PathBuf> = None;
+    let mut ublk = false;
+    let mut workers: Option<usize> = None;
+    let mut queues = 1u16;
     let mut blocking = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -38,16 +49,23 @@ fn main() -> Result<(), Box<dyn Error>> {
                 latency = Duration::from_secs_f64(ms / 1000.0);
             }
             "--nbd" => nbd = Some(args.next().ok_or("--nbd needs a device")?.into()),
+            "--ublk" => ublk = true,
+            "--workers" => workers = Some(args.next().ok_or("--workers needs a count")?.parse()?),
+            "--queues" => queues = args.next().ok_or("--queues needs a count")?.parse()?,
             "--blocking" => blocking = true,
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--latency-ms MS, --nbd DEV, --blocking)"
+                    "unknown argument {other:?} (--latency-ms MS, --nbd DEV | --ublk [--queues N] \
+                     [--workers N], --blocking)"
                 )
                 .into())
             }
         }
     }
-    if nbd.is_some() {
+    if nbd.is_some() && ublk {
+        return Err("--nbd and --ublk: choose one".into());
+    }
+    if nbd.is_some() || ublk {
         // Ctrl+C and SIGTERM are for the mount's signal watch, which waits for them in a thread
         // of its own: blocked here, before the runtime's threads and the storage's start, they
         // reach no other thread (one that left them unblocked would take them, and a SIGINT
@@ -61,16 +79,36 @@ fn main() -> Result<(), Box<dyn Error>> {
     let storage = Storage::start(rt.handle(), SIZE, latency)?;
     let disk = rt.block_on(RemoteDisk::connect(storage.path(), storage.size()))?;
     let device = AsyncDevice::with_runtime(disk, rt.handle().clone());
+    let mode = if blocking { "sync trait" } else { "async" };
     match nbd {
+        None if ublk => {
+            let mut options = UblkOptions::new().queues(queues).unmount_on_signals(true);
+            if let Some(n) = workers {
+                options = options.workers(n);
+            }
+            let ready = |handle: &userblk::link::ublk::UblkHandle| {
+                println!(
+                    "remote_disk: {} MiB at {:?} latency on {} (ublk, {mode}); Ctrl+C to stop",
+                    SIZE >> 20,
+                    latency,
+                    handle.device().display(),
+                );
+            };
+            if blocking {
+                options.mount(device.blocking(), ready)?;
+            } else {
+                options.mount(device, ready)?;
+            }
+            println!("remote_disk: unmounted");
+        }
         Some(path) => {
             let mount = MountOptions::new().device(&path).unmount_on_signals(true);
             let ready = |handle: &userblk::link::nbd::MountHandle| {
                 println!(
-                    "remote_disk: {} MiB at {:?} latency on {} ({}); Ctrl+C to stop",
+                    "remote_disk: {} MiB at {:?} latency on {} ({mode}); Ctrl+C to stop",
                     SIZE >> 20,
                     latency,
                     handle.device().display(),
-                    if blocking { "sync trait" } else { "async" }
                 );
             };
             if blocking {

@@ -22,8 +22,13 @@
 # kernel's other ceiling), remote-sync, remote-async (examples/remote_disk on /dev/nbd5 at
 # REMOTE_LATENCY_MS per request, behind the sync trait (--blocking) or as an async device; 4 KiB
 # randread at QD 1, 32 and 128, no prefill: its storage answers after the latency whatever it
-# holds). Extra ones, for profiling: nbdkit-2c (two connections), ramdisk-wW-cC
-# (examples/bench_ramdisk with W server workers and C connections).
+# holds); remote-ublk-sync, remote-ublk-async (the same example through ublk, /dev/ublkbN: 16
+# worker threads a queue behind the sync trait, or tasks), remote-ublk-serial (the sync trait with
+# one worker: a queue's requests one at a time, as before the queues served them together).
+# Extra ones, for profiling: nbdkit-2c (two connections), ramdisk-wW-cC
+# (examples/bench_ramdisk with W server workers and C connections), ublk-1q-plain and
+# ublk-1q-coop (ublk-1q with the queue ring set up without DEFER_TASKRUN/SINGLE_ISSUER, or with
+# COOP_TASKRUN alone: USERBLK_UBLK_RING).
 #
 # Writes to $RESULTS:
 #   targets                  one line per target: "NAME ok", "NAME FAIL reason" or "NAME SKIP reason"
@@ -245,14 +250,21 @@ ublk_missing() {
     [[ -e /dev/ublk-control ]] || echo "kernel $(uname -r) has no ublk driver (ublk_drv, CONFIG_BLK_DEV_UBLK)"
 }
 
-# userblk serve over ublk with QUEUES queues; DEV is the /dev/ublkbN it prints. Status 3: no ublk.
+# userblk serve over ublk with QUEUES queues (the queue ring's set-up flags RING: defer, coop,
+# plain); DEV is the /dev/ublkbN it prints. Status 3: no ublk.
 setup_ublk() {
-    local queues=$1 missing i
+    local queues=$1 ring=${2:-defer} missing
     missing=$(ublk_missing)
     [[ -z $missing ]] || { echo "SKIP: $missing"; return 3; }
-    "$USERBLK_BIN" serve "ram:$SIZE_BYTES" --transport ublk --queues "$queues" >"$WORK/serve.out" 2>&1 &
+    USERBLK_UBLK_RING=$ring "$USERBLK_BIN" serve "ram:$SIZE_BYTES" --transport ublk --queues "$queues" >"$WORK/serve.out" 2>&1 &
     SERVER_PID=$!
     BG_PIDS+=("$SERVER_PID")
+    wait_ublk
+}
+
+# Waits for the /dev/ublkbN the server printed in $WORK/serve.out.
+wait_ublk() {
+    local i
     for ((i = 0; i < 300; i++)); do
         DEV=$(grep -o '/dev/ublkb[0-9]*' "$WORK/serve.out" | head -n 1 || true)
         if [[ -n $DEV && -b $DEV ]]; then
@@ -291,6 +303,23 @@ setup_remote() {
     wait_connected "$DEV" "$SERVER_PID" "$WORK/serve.out" || return 1
     cat "$WORK/serve.out"
     # Its size is its own (256 MiB): fio stays within it.
+    local dev_size
+    dev_size=$(blockdev --getsize64 "$DEV")
+    ((dev_size < FIO_SIZE)) && FIO_SIZE=$dev_size
+    return 0
+}
+# examples/remote_disk through ublk with ARGS (--blocking --workers N: the sync trait; none:
+# async); it stops on SIGTERM as `userblk serve` does (teardown_ublk).
+setup_remote_ublk() {
+    local missing
+    missing=$(ublk_missing)
+    [[ -z $missing ]] || { echo "SKIP: $missing"; return 3; }
+    # shellcheck disable=SC2068
+    "$USERBLK_EXAMPLES/remote_disk" --ublk --latency-ms "$REMOTE_LATENCY_MS" $@ \
+        >"$WORK/serve.out" 2>&1 &
+    SERVER_PID=$!
+    BG_PIDS+=("$SERVER_PID")
+    wait_ublk || return 1
     local dev_size
     dev_size=$(blockdev --getsize64 "$DEV")
     ((dev_size < FIO_SIZE)) && FIO_SIZE=$dev_size
@@ -402,6 +431,14 @@ run_target() {
         null_blk) setup=(setup_null_blk) teardown=teardown_null_blk ;;
         ublk-1q) setup=(setup_ublk 1) teardown=teardown_ublk ;;
         ublk-2q) setup=(setup_ublk 2) teardown=teardown_ublk ;;
+        ublk-1q-plain) setup=(setup_ublk 1 plain) teardown=teardown_ublk ;;
+        ublk-1q-coop) setup=(setup_ublk 1 coop) teardown=teardown_ublk ;;
+        remote-ublk-sync) setup=(setup_remote_ublk --blocking --workers 16) teardown=teardown_ublk
+            workloads=$REMOTE_WORKLOADS prefill=0 ;;
+        remote-ublk-serial) setup=(setup_remote_ublk --blocking --workers 1) teardown=teardown_ublk
+            workloads=$REMOTE_WORKLOADS prefill=0 ;;
+        remote-ublk-async) setup=(setup_remote_ublk) teardown=teardown_ublk
+            workloads=$REMOTE_WORKLOADS prefill=0 ;;
         remote-sync) setup=(setup_remote --blocking) teardown=teardown_remote
             workloads=$REMOTE_WORKLOADS prefill=0 ;;
         remote-async) setup=(setup_remote "") teardown=teardown_remote
@@ -449,7 +486,7 @@ kept=()
 if ! modprobe nbd nbds_max=16; then
     for t in $TARGETS; do
         case $t in
-            brd | null_blk | ublk-*) kept+=("$t") ;;
+            brd | null_blk | ublk-* | remote-ublk-*) kept+=("$t") ;;
             *) echo "$t FAIL modprobe nbd failed" >>"$RESULTS/targets" ;;
         esac
     done
@@ -457,7 +494,7 @@ if ! modprobe nbd nbds_max=16; then
 fi
 
 for t in $TARGETS; do
-    if [[ ! $t =~ ^(userblk-1c|userblk-2c|nbdkit|nbdkit-2c|sequential|ublk-1q|ublk-2q|brd|null_blk|remote-sync|remote-async|ramdisk-w[0-9]+-c[1-9][0-9]*)$ ]]; then
+    if [[ ! $t =~ ^(userblk-1c|userblk-2c|nbdkit|nbdkit-2c|sequential|ublk-1q|ublk-2q|ublk-1q-plain|ublk-1q-coop|brd|null_blk|remote-sync|remote-async|remote-ublk-sync|remote-ublk-serial|remote-ublk-async|ramdisk-w[0-9]+-c[1-9][0-9]*)$ ]]; then
         echo "$t FAIL unknown target" >>"$RESULTS/targets"
         continue
     fi

@@ -10,6 +10,11 @@
 #                            ceilings
 #   remote-sync, remote-async  examples/remote_disk on /dev/nbd5 (storage behind a socket, 1 ms per
 #                            request) behind the sync trait (--blocking) and as an async device
+#   remote-ublk-sync, remote-ublk-async, remote-ublk-serial  the same example through ublk
+#                            (/dev/ublkbN): 16 workers a queue behind the sync trait, tasks, or one
+#                            worker (a queue's requests one at a time: the old queue loop's bound)
+#   (profiling) ublk-1q-plain, ublk-1q-coop  ublk-1q with the queue ring set up without
+#                            DEFER_TASKRUN + SINGLE_ISSUER (COOP_TASKRUN alone, or no flag)
 # Workloads: 4 KiB randread and randwrite at QD 32 and QD 1, 1 MiB sequential read and write at
 # QD 8, after a prefill of the whole device; the remote disk: 4 KiB randread at QD 1, 32, 128.
 # Prints a table, each of ours against nbdkit, sequential, brd and null_blk (ublk also against
@@ -190,6 +195,8 @@ T = [t for t in status if not t.startswith("remote-")]
 REMOTE = [t for t in status if t.startswith("remote-")]
 OURS = [t for t in T if t.startswith(("userblk", "ramdisk", "ublk"))]
 UBLK = [t for t in T if t.startswith("ublk")]
+REMOTE_UBLK = [t for t in REMOTE if t.startswith("remote-ublk-")]
+REMOTE = [t for t in REMOTE if t not in REMOTE_UBLK] + REMOTE_UBLK
 NBD_OURS = [t for t in OURS if not t.startswith("ublk")]
 
 def load(t, w):
@@ -298,7 +305,8 @@ for ours, b, w, need, why in goals:
         print(f"  {kind} >= {need}x {b} on {hdr}: " + ("; ".join(parts) if parts else "not measured"))
 
 if REMOTE:
-    print(f"\nremote disk (examples/remote_disk on NBD, 1 connection), 4 KiB randread: IOPS (mean latency)")
+    print(f"\nremote disk (examples/remote_disk; remote-*: NBD, 1 connection; remote-ublk-*: ublk, 1 queue), "
+          f"4 KiB randread: IOPS (mean latency)")
     print("target".ljust(tw) + "".join(h.rjust(cw) for _, _, h in RW))
     for t in REMOTE:
         cells = []
@@ -314,6 +322,16 @@ if REMOTE:
     if r is not None:
         print(f"  issue 12, the kernel in the same direction as the loopback (async faster at QD128): "
               f"{'MET' if r > 1 else 'NOT MET'}")
+    for a, b in (("remote-ublk-async", "remote-ublk-sync"), ("remote-ublk-sync", "remote-ublk-serial"),
+                 ("remote-ublk-async", "remote-ublk-serial"), ("remote-ublk-async", "remote-async"),
+                 ("remote-ublk-sync", "remote-sync")):
+        cells = [(h, ratio(a, b, w)) for w, _, h in RW]
+        if any(r is not None for _, r in cells):
+            print(f"{a}/{b}: " + ", ".join(f"{h} {r:.2f}x" for h, r in cells if r is not None))
+    r = ratio("remote-ublk-async", "remote-ublk-serial", "randread-4k")
+    if r is not None:
+        print(f"  ublk queue serves requests together (remote-ublk-async >= 4x one at a time at QD32): "
+              f"{'MET' if r >= 4 else 'NOT MET'}")
 
 limit = (size >> 10) + 64 * 1024
 for t in status:

@@ -9,7 +9,11 @@
 //! - Each request is checked by the same [`validate_io`](crate::server::validate_io) and
 //!   dispatched by the same [`Dispatcher`](crate::server::Dispatcher) as NBD's: FUA, errno
 //!   mapping and caught panics are the same on both transports; only the framing differs.
-//! - One thread per hardware queue (default 1 queue of depth 64, as libublk and rublk).
+//! - One thread per hardware queue (default 1 queue of depth 64, as libublk and rublk), with
+//!   every request of the queue in flight together: served inline on that thread for a device
+//!   that never blocks (RAM), by a pool of worker threads per queue for any other sync device
+//!   ([`UblkOptions::workers`]), as tasks on its runtime for an async device
+//!   ([`AsyncDevice`](crate::AsyncDevice)).
 //! - The device's life: ADD_DEV, SET_PARAMS (block size, size, read-only, volatile cache and
 //!   FUA, discard and write-zeroes limits, all from the device's capabilities), the queues'
 //!   FETCH_REQ, START_DEV; then STOP_DEV and DEL_DEV on [`UblkHandle::unmount`], on SIGINT or
@@ -36,6 +40,9 @@ pub(crate) mod frame;
 mod handle;
 mod mount;
 mod queue;
+#[cfg(test)]
+mod queue_tests;
+mod serving;
 mod sys;
 mod unpriv;
 

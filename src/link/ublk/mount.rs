@@ -15,6 +15,7 @@ use super::ctrl::Control;
 use super::frame;
 pub use super::handle::UblkHandle;
 use super::queue::{run_queue, QueueConfig};
+use super::serving::How;
 use super::sys::{self, DevInfo};
 use super::unpriv;
 use super::UblkError;
@@ -169,9 +170,22 @@ impl UblkOptions {
         self
     }
 
-    /// The server's tuning (`poison_reads` and `max_io_len` apply; ublk has no connections).
+    /// The server's tuning: `workers`, `batch_never_blocks`, `poison_reads` and `max_io_len`
+    /// apply (ublk has no connections, and its memory is each tag's buffer).
     pub fn server_options(mut self, options: ServerOptions) -> UblkOptions {
         self.server = options;
+        self
+    }
+
+    /// Threads serving each queue of a sync device, each calling the device for one request
+    /// at a time, up to the queue depth: what [`ServerOptions::workers`] is for NBD, and the
+    /// same default (twice the CPUs, between 4 and 16). `0` or `1`: the queue's own thread
+    /// serves its requests one at a time. A device that
+    /// [never blocks](crate::Capabilities::never_blocks) is served on the queue's thread, its
+    /// requests batched, and an async device ([`AsyncDevice`](crate::AsyncDevice)) as tasks on
+    /// its runtime, whatever this says.
+    pub fn workers(mut self, n: usize) -> UblkOptions {
+        self.server.workers = n;
         self
     }
 
@@ -563,6 +577,8 @@ fn serve_inner<D: BlockDevice + ?Sized>(
     let dispatcher = Dispatcher::new(device).poison_reads(options.server.poison_reads);
     let max_io_len = options.server.max_io_len.min(buf_len);
     let queues = info.nr_hw_queues;
+    let how = How::for_device(device, &options.server, info.queue_depth);
+    let how = &how;
     let served: Result<(), UblkError> = thread::scope(|s| {
         let mut threads = Vec::with_capacity(usize::from(queues));
         let mut first_error = None;
@@ -586,7 +602,7 @@ fn serve_inner<D: BlockDevice + ?Sized>(
                             s.queues_settled += 1;
                         });
                     };
-                    let r = run_queue(cdev, &cfg, dispatcher, ready);
+                    let r = run_queue(cdev, &cfg, dispatcher, how, ready);
                     handle.update(|s| {
                         s.queue_ended = true;
                         if !was_ready {

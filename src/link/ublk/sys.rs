@@ -2,23 +2,29 @@
 //! `include/uapi/linux/ublk_cmd.h` (as in Linux 6.12), the control ring (`IORING_SETUP_SQE128`,
 //! the 32-byte `ublksrv_ctrl_cmd` in the SQE's 80-byte command area), a queue's ring (plain
 //! 64-byte SQEs: the 16-byte `ublksrv_io_cmd` fits the SQE's own command area), the read-only
-//! mapping of a queue's I/O descriptors from `/dev/ublkcN`, and the queue's data buffers.
+//! mapping of a queue's I/O descriptors from `/dev/ublkcN`, and the eventfd that wakes a queue
+//! thread.
 //!
 //! Facts checked against the 6.12 driver (`drivers/block/ublk_drv.c`): control commands are
 //! refused without `IO_URING_F_SQE128`; `FETCH_REQ` and `COMMIT_AND_FETCH_REQ` must carry the
-//! buffer address (no `UBLK_F_USER_COPY`, no `NEED_GET_DATA`); all commands of a queue must come
-//! from one task; the descriptor array of queue `q` is mapped at
+//! buffer address (no `UBLK_F_USER_COPY`, no `NEED_GET_DATA`), and COMMIT_AND_FETCH_REQ's
+//! address replaces the tag's before the request completes (`ublk_fill_io_cmd` then
+//! `ublk_commit_completion`), so a READ's data is copied from the address committed with it and
+//! the next WRITE's data into that same address (`ublk_unmap_io`, `ublk_map_io`); all commands
+//! of a queue must come from the task whose FETCH_REQs made it ready (`ubq_daemon`: others get
+//! EINVAL); the descriptor array of queue `q` is mapped at
 //! `q * round_up(UBLK_MAX_QUEUE_DEPTH * 24, PAGE_SIZE)` with length
 //! `round_up(depth * 24, PAGE_SIZE)`, read-only.
 
 use std::ffi::c_void;
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// `_IOC(dir, 'u', nr, size)` as `<asm-generic/ioctl.h>` encodes it.
@@ -337,93 +343,56 @@ impl Drop for IoDescs {
     }
 }
 
-/// The data buffers of one queue: `depth` buffers of `buf_len` bytes, anonymous memory whose
-/// pages are only backed once touched. The kernel copies a WRITE's data into a tag's buffer
-/// before completing its fetch, and a READ's data out of it when the server commits; in between
-/// the buffer is the server's alone.
+/// An eventfd another thread signals to wake a queue thread waiting in its ring (a poll on it
+/// is kept armed there): what a worker or a task that completed a request calls, so that the
+/// queue thread commits it. Non-blocking: a signal never waits, and draining never blocks.
 #[derive(Debug)]
-pub(crate) struct IoBufs {
-    base: NonNull<c_void>,
-    len: usize,
-    buf_len: usize,
-    depth: u16,
-    /// A command using these buffers may still be in flight: never unmap them.
-    leak: bool,
-}
+pub(crate) struct EventFd(OwnedFd);
 
-// SAFETY: anonymous private memory owned by this value.
-unsafe impl Send for IoBufs {}
-
-impl IoBufs {
-    pub(crate) fn new(depth: u16, buf_len: usize) -> io::Result<IoBufs> {
-        let len = usize::from(depth)
-            .checked_mul(buf_len)
-            .filter(|&n| n > 0)
-            .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EINVAL))?;
-        let length = NonZeroUsize::new(len).ok_or_else(|| io::Error::from_raw_os_error(22))?;
-        // SAFETY: a new private anonymous mapping at an address of the kernel's choice.
-        let base = unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
-            )
-        }?;
-        Ok(IoBufs {
-            base,
-            len,
-            buf_len,
-            depth,
-            leak: false,
-        })
-    }
-
-    /// The address of `tag`'s buffer, for the kernel.
-    pub(crate) fn addr(&self, tag: u16) -> u64 {
-        self.base.as_ptr() as u64 + u64::from(tag) * self.buf_len as u64
-    }
-
-    /// `tag`'s buffer, while the server owns it (between its fetch's completion and its commit).
-    pub(crate) fn get_mut(&mut self, tag: u16) -> &mut [u8] {
-        let tag = tag.min(self.depth.saturating_sub(1));
-        // SAFETY: `tag < depth` (clamped), so the slice lies inside the mapping; `&mut self`
-        // makes it the only reference; the kernel does not access a tag's buffer while the
-        // server owns the tag (see the type's documentation), and the queue loop only asks for
-        // the buffer of a tag whose fetch completed and that it has not committed yet.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.base
-                    .as_ptr()
-                    .cast::<u8>()
-                    .add(usize::from(tag) * self.buf_len),
-                self.buf_len,
-            )
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes integer arguments only and returns a new descriptor or -1.
+        let fd = unsafe { nix::libc::eventfd(0, nix::libc::EFD_NONBLOCK | nix::libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds 1 to the counter, which makes the fd readable (a full counter, after 2^64 - 2
+    /// signals nobody drained, is readable already: the error is ignored).
+    pub(crate) fn signal(&self) {
+        let _ = nix::unistd::write(&self.0, &1u64.to_ne_bytes());
+    }
+
+    /// Resets the counter (nothing to do if it is zero).
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(&self.0, &mut buf);
     }
 }
 
-impl Drop for IoBufs {
-    fn drop(&mut self) {
-        if self.leak {
-            return;
-        }
-        // SAFETY: exactly the mapping made in `new`; a queue drops its buffers after its ring
-        // (fields drop in declaration order in `QueueIo`), and marks them `leak` when a command
-        // using them may still be in flight.
-        let _ = unsafe { munmap(self.base, self.len) };
-    }
-}
-
-/// The io_uring of one queue. Commands carry a tag's buffer address: [`QueueIo`] keeps ring and
-/// buffers together and drops the ring first.
-pub(crate) struct QueueRing {
+/// The io_uring of one queue, its descriptors, and the eventfd that wakes it. Commands carry the
+/// address of a buffer the queue loop owns; the loop keeps each buffer until the kernel is done
+/// with it (the tag's next completion), and leaks the buffers of commands that may still be in
+/// flight when it ends on an error.
+pub(crate) struct QueueIo {
     ring: IoUring<squeue::Entry, cqueue::Entry>,
+    pub(crate) descs: IoDescs,
+    wake: Arc<EventFd>,
+    /// The set-up flags the kernel took (see [`RingFlags`]).
+    flags: RingFlags,
+    cdev: i32,
+    q_id: u16,
 }
 
-impl std::fmt::Debug for QueueRing {
+impl std::fmt::Debug for QueueIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueRing").finish_non_exhaustive()
+        f.debug_struct("QueueIo")
+            .field("q_id", &self.q_id)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
     }
 }
 
@@ -434,49 +403,130 @@ pub(crate) struct Completion {
     pub(crate) result: i32,
 }
 
-/// A queue's ring, descriptors and buffers, in the order they must be dropped (the ring's close
-/// cancels the commands still in flight before the buffers go).
-#[derive(Debug)]
-pub(crate) struct QueueIo {
-    ring: QueueRing,
-    pub(crate) descs: IoDescs,
-    pub(crate) bufs: IoBufs,
-    cdev: i32,
-    q_id: u16,
+/// The `user_data` of the poll on the wake eventfd (tags are below 2^16).
+const WAKE: u64 = 1 << 32;
+
+/// The set-up flags of a queue's ring that cut task-work wake-ups: with `Defer`,
+/// `IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER | COOP_TASKRUN` (6.1+; the kernel's work for the
+/// ring, ublk's dispatch of a request included, runs when the queue thread waits in it, never
+/// by interrupting it); `Coop`, `COOP_TASKRUN` alone (5.19+); `Plain`, none. The kernel
+/// refusing a flag falls back to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RingFlags {
+    Plain,
+    Coop,
+    Defer,
+}
+
+impl RingFlags {
+    /// What to ask for: `USERBLK_UBLK_RING=plain|coop|defer` (for measuring one against the
+    /// other), `Defer` otherwise.
+    pub(crate) fn wanted() -> RingFlags {
+        match std::env::var("USERBLK_UBLK_RING").as_deref() {
+            Ok("plain") => RingFlags::Plain,
+            Ok("coop") => RingFlags::Coop,
+            _ => RingFlags::Defer,
+        }
+    }
+
+    fn build(self, entries: u32) -> io::Result<IoUring<squeue::Entry, cqueue::Entry>> {
+        let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
+        b.setup_cqsize(entries * 2);
+        match self {
+            RingFlags::Plain => {}
+            RingFlags::Coop => {
+                b.setup_coop_taskrun();
+            }
+            RingFlags::Defer => {
+                b.setup_coop_taskrun()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun();
+            }
+        }
+        b.build(entries)
+    }
 }
 
 impl QueueIo {
     /// Sets up queue `q_id` of the device whose char device is `cdev` (kept open by the caller
-    /// for as long as this value lives).
+    /// for as long as this value lives), on the calling thread: the one that must send every
+    /// command of the queue.
     pub(crate) fn new(
         cdev: BorrowedFd<'_>,
         q_id: u16,
         depth: u16,
-        buf_len: usize,
+        flags: RingFlags,
     ) -> io::Result<QueueIo> {
-        let entries = u32::from(depth).next_power_of_two().max(4);
-        let ring = IoUring::<squeue::Entry, cqueue::Entry>::builder()
-            .setup_cqsize(entries * 2)
-            .build(entries)?;
+        // Every tag's command, and the poll on the wake eventfd.
+        let entries = (u32::from(depth) + 1).next_power_of_two().max(4);
+        let mut flags = flags;
+        let ring = loop {
+            match flags.build(entries) {
+                Ok(ring) => break ring,
+                Err(e)
+                    if e.raw_os_error() == Some(nix::libc::EINVAL) && flags != RingFlags::Plain =>
+                {
+                    flags = if flags == RingFlags::Defer {
+                        RingFlags::Coop
+                    } else {
+                        RingFlags::Plain
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let descs = IoDescs::map(cdev.as_fd(), q_id, depth)?;
-        let bufs = IoBufs::new(depth, buf_len)?;
-        Ok(QueueIo {
-            ring: QueueRing { ring },
+        let mut io = QueueIo {
+            ring,
             descs,
-            bufs,
+            wake: Arc::new(EventFd::new()?),
+            flags,
             cdev: cdev.as_raw_fd(),
             q_id,
-        })
+        };
+        io.arm_wake()?;
+        Ok(io)
     }
 
-    /// Queues FETCH_REQ (`result: None`) or COMMIT_AND_FETCH_REQ with `result` for `tag`; sent
-    /// with the next [`wait`](Self::wait).
-    pub(crate) fn queue_cmd(&mut self, tag: u16, result: Option<i32>) -> io::Result<()> {
+    /// What another thread signals to wake [`wait`](Self::wait).
+    pub(crate) fn wake(&self) -> Arc<EventFd> {
+        Arc::clone(&self.wake)
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry this queue pushes refers to no memory but a buffer its owner
+            // keeps until the command completes (see `queue_cmd`), and to descriptors (the char
+            // device, which the caller keeps open while `self` lives, and the eventfd, owned by
+            // `self` and shared through an `Arc`).
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what is queued to the kernel first.
+            self.submit(0)?;
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry =
+            opcode::PollAdd::new(types::Fd(self.wake.0.as_raw_fd()), nix::libc::POLLIN as u32)
+                .build()
+                .user_data(WAKE);
+        self.push(&entry)
+    }
+
+    /// Queues FETCH_REQ (`result: None`) or COMMIT_AND_FETCH_REQ with `result` for `tag`, with
+    /// the tag's buffer at `addr`; sent with the next [`wait`](Self::wait).
+    ///
+    /// The kernel copies a committed READ's data from `addr`, and the next WRITE's data on this
+    /// tag into it (6.12's `__ublk_ch_uring_cmd` stores the address before completing the
+    /// request): the buffer must stay valid, and untouched, until the tag's next completion.
+    pub(crate) fn queue_cmd(&mut self, tag: u16, result: Option<i32>, addr: u64) -> io::Result<()> {
         let cmd = IoCmd {
             q_id: self.q_id,
             tag,
             result: result.unwrap_or(0),
-            addr: self.bufs.addr(tag),
+            addr,
         };
         let op = if result.is_some() {
             IO_COMMIT_AND_FETCH_REQ
@@ -489,30 +539,18 @@ impl QueueIo {
             .cmd(area)
             .build()
             .user_data(u64::from(tag));
-        loop {
-            // SAFETY: the command refers to `tag`'s buffer in `self.bufs`, which outlives the
-            // ring (dropped first, see `Drop`), and to `self.cdev`, which the caller keeps open
-            // while `self` lives.
-            if unsafe { self.ring.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            // Full: hand what is queued to the kernel first.
-            self.submit(0)?;
-        }
+        self.push(&entry)
     }
 
     fn submit(&mut self, want: usize) -> io::Result<()> {
         loop {
-            match self.ring.ring.submit_and_wait(want) {
+            match self.ring.submit_and_wait(want) {
                 Ok(_) => return Ok(()),
                 Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EINTR)) => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EBUSY)) && want > 0 => {
                     return Ok(())
                 }
-                Err(e) => {
-                    self.poison();
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -523,21 +561,27 @@ impl QueueIo {
         self.submit(0)
     }
 
-    /// Submits what is queued, waits for at least one completion, and appends every completion
-    /// available to `out`.
+    /// Submits what is queued, waits for at least one completion or a wake-up, and appends
+    /// every completion available to `out` (a wake-up adds nothing: its poll is re-armed).
     pub(crate) fn wait(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.submit(1)?;
-        out.extend(self.ring.ring.completion().map(|cqe| Completion {
-            tag: u16::try_from(cqe.user_data()).unwrap_or(u16::MAX),
-            result: cqe.result(),
-        }));
+        let mut woken = false;
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == WAKE {
+                woken = true;
+                continue;
+            }
+            out.push(Completion {
+                tag: u16::try_from(cqe.user_data()).unwrap_or(u16::MAX),
+                result: cqe.result(),
+            });
+        }
+        if woken {
+            // Drained before the poll is armed again: a signal after this fires the new poll.
+            self.wake.drain();
+            self.arm_wake()?;
+        }
         Ok(())
-    }
-
-    /// Marks that a command may still be in flight (the loop ended with tags not aborted):
-    /// the buffers are then leaked rather than unmapped.
-    pub(crate) fn poison(&mut self) {
-        self.bufs.leak = true;
     }
 }
 
@@ -593,12 +637,19 @@ mod tests {
     }
 
     #[test]
-    fn buffers_are_distinct_and_writable() {
-        let mut bufs = IoBufs::new(4, 8192).unwrap();
-        assert_eq!(bufs.addr(1) - bufs.addr(0), 8192);
-        bufs.get_mut(3).fill(7);
-        assert!(bufs.get_mut(2).iter().all(|&b| b == 0));
-        assert!(bufs.get_mut(3).iter().all(|&b| b == 7));
-        assert!(IoBufs::new(0, 4096).is_err());
+    fn an_eventfd_signal_is_drained() {
+        let e = EventFd::new().unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            e.0.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ready = |fds: &mut [nix::poll::PollFd]| nix::poll::poll(fds, 0u16).unwrap();
+        assert_eq!(ready(&mut fds), 0);
+        e.signal();
+        e.signal();
+        assert_eq!(ready(&mut fds), 1);
+        e.drain();
+        assert_eq!(ready(&mut fds), 0);
+        e.drain(); // nothing to drain: no error, no wait
     }
 }
