@@ -20,10 +20,11 @@
 //! cargo bench --bench async_mem -- --secs 2 --rounds 5
 //! ```
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+#[path = "common/random_reads.rs"]
+mod random_reads;
 
-use userblk::link::loopback::Op;
+use std::time::Duration;
+
 use userblk::{
     AsyncDevice, BlockDevice, LoopbackKernel, LoopbackOptions, MemDevice, ServerOptions,
 };
@@ -32,17 +33,6 @@ const SIZE: u64 = 256 << 20;
 const DEPTHS: [usize; 3] = [1, 32, 128];
 
 /// xorshift offsets, 4 KiB aligned.
-struct Offsets(u64);
-
-impl Offsets {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % (SIZE / 4096)) * 4096
-    }
-}
-
 /// CPU time consumed so far by the server's threads (userblk's connection and reply threads,
 /// and the tokio workers the async device's tasks run on), in nanoseconds.
 fn server_cpu_ns() -> u64 {
@@ -70,29 +60,9 @@ fn server_cpu_ns() -> u64 {
 /// Reads per second at `qd` for `dur`, and the server's CPU microseconds per read.
 fn drive(kernel: &LoopbackKernel, qd: usize, dur: Duration) -> (f64, f64) {
     let cpu = server_cpu_ns();
-    let mut offsets = Offsets(0x9e37_79b9_7f4a_7c15);
-    let mut ring = VecDeque::with_capacity(qd);
-    let start = Instant::now();
-    let mut done = 0u64;
-    while start.elapsed() < dur {
-        while ring.len() < qd {
-            ring.push_back(
-                kernel
-                    .submit(Op::read(offsets.next(), 4096))
-                    .expect("submit"),
-            );
-        }
-        if let Some(t) = ring.pop_front() {
-            kernel.recycle(kernel.wait(t).expect("read failed"));
-            done += 1;
-        }
-    }
-    for t in ring {
-        kernel.wait(t).expect("read failed");
-        done += 1;
-    }
+    let (done, took) = random_reads::drive(kernel, SIZE, qd, dur);
     let cpu_us = server_cpu_ns().saturating_sub(cpu) as f64 / 1e3 / done as f64;
-    (done as f64 / start.elapsed().as_secs_f64(), cpu_us)
+    (done as f64 / took.as_secs_f64(), cpu_us)
 }
 
 fn kernel(device: impl BlockDevice + 'static, qd: usize, batch: bool) -> LoopbackKernel {

@@ -20,52 +20,22 @@
 #[path = "../examples/remote_disk/remote.rs"]
 mod remote;
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+#[path = "common/random_reads.rs"]
+mod random_reads;
+
+use std::time::Duration;
 
 use remote::{RemoteDisk, Storage, DEFAULT_LATENCY};
-use userblk::link::loopback::Op;
 use userblk::{AsyncDevice, BlockDevice, LoopbackKernel, LoopbackOptions, ServerOptions};
 
 const SIZE: u64 = 256 << 20;
 const DEPTHS: [usize; 3] = [1, 32, 128];
 
 /// xorshift offsets, 4 KiB aligned.
-struct Offsets(u64);
-
-impl Offsets {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % (SIZE / 4096)) * 4096
-    }
-}
-
 /// Reads per second at `qd` for `dur`.
 fn drive(kernel: &LoopbackKernel, qd: usize, dur: Duration) -> f64 {
-    let mut offsets = Offsets(0x9e37_79b9_7f4a_7c15);
-    let mut ring = VecDeque::with_capacity(qd);
-    let start = Instant::now();
-    let mut done = 0u64;
-    while start.elapsed() < dur {
-        while ring.len() < qd {
-            ring.push_back(
-                kernel
-                    .submit(Op::read(offsets.next(), 4096))
-                    .expect("submit"),
-            );
-        }
-        if let Some(t) = ring.pop_front() {
-            kernel.recycle(kernel.wait(t).expect("read failed"));
-            done += 1;
-        }
-    }
-    for t in ring {
-        kernel.wait(t).expect("read failed");
-        done += 1;
-    }
-    done as f64 / start.elapsed().as_secs_f64()
+    let (done, took) = random_reads::drive(kernel, SIZE, qd, dur);
+    done as f64 / took.as_secs_f64()
 }
 
 fn kernel(device: impl BlockDevice + 'static, qd: usize) -> LoopbackKernel {
